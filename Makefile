@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv as needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.demo --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 --dist loadfile
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.attribution
+
+clean:
+	rm -rf $(VENV) runs

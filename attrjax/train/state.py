@@ -1,0 +1,62 @@
+"""Train state and the optimizers of PAPER.md §5 (SGD + momentum + coupled weight decay, step schedules)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; checkpointed as one pytree."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @classmethod
+    def create(cls, variables: dict, tx: optax.GradientTransformation) -> "TrainState":
+        params = variables["params"]
+        return cls(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def learning_rate_schedule(base_lr: float, num_steps: int, *, kind: str = "constant", warmup_steps: int = 0,
+                           boundaries: Sequence[int] = (), decay_factor: float = 0.1) -> optax.Schedule:
+    """``constant``, ``step`` (x decay_factor at each step in ``boundaries``, the paper's lr_decay) or ``cosine``."""
+    if kind == "constant":
+        return optax.constant_schedule(base_lr)
+    if kind == "step":
+        return optax.piecewise_constant_schedule(base_lr, {int(b): decay_factor for b in boundaries})
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, base_lr, max(warmup_steps, 1), max(num_steps, warmup_steps + 1))
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; use 'constant', 'step' or 'cosine'")
+
+
+def sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9,
+        weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    """PyTorch's SGD: coupled L2 (g <- g + wd * w) then heavy-ball momentum (dampening 0, no Nesterov)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum if momentum else None))
+
+
+def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
+    """Optimizer from a config with ``name`` (sgd|adamw), ``learning_rate``, ``momentum``, ``weight_decay`` and
+    schedule fields ``schedule``, ``warmup_steps``, ``boundaries`` (steps), ``decay_factor``."""
+    schedule = learning_rate_schedule(config.learning_rate, num_steps, kind=config.schedule,
+                                      warmup_steps=config.get("warmup_steps", 0),
+                                      boundaries=config.get("boundaries", ()),
+                                      decay_factor=config.get("decay_factor", 0.1))
+    if config.name == "sgd":
+        return sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")
