@@ -10,12 +10,12 @@ import pytest
 
 from attrjax import metrics
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Independent references.
 
 
 def reference_average_precision(labels, scores):
-    """sklearn's average_precision_score: sum_n (R_n - R_{n-1}) P_n over the distinct thresholds, descending."""
+    """sklearn's average_precision_score: sum_n (R_n - R_{n-1}) P_n over distinct thresholds, descending."""
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
     num_positive = labels.sum()
     if num_positive == 0:
@@ -75,7 +75,7 @@ def tied_scores(rng, shape):
     return np.round(rng.normal(size=shape), 1).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Classification.
 
 
@@ -141,11 +141,12 @@ def test_f1_samples_hand_computed():
     f1 = metrics.f1_samples(logits, labels)
     chex.assert_shape(f1, (5,))
     np.testing.assert_allclose(f1, [0.5, 0.4, 0.0, 0.0, 1.0], rtol=1e-6)
-    # threshold=0 is probability 0.5: row 0 adds class 1 (TP 2 -> 4/5); row 2 predicts {2, 3} (0.0 >= 0), no TP.
-    np.testing.assert_allclose(metrics.f1_samples(logits, labels, threshold=0.0)[:3], [0.8, 0.4, 0.0], rtol=1e-6)
+    # threshold=0 is probability 0.5: row 0 adds class 1 (TP 2 -> 4/5); row 2 predicts {2, 3}, no TP.
+    f1_at_zero = metrics.f1_samples(logits, labels, threshold=0.0)
+    np.testing.assert_allclose(f1_at_zero[:3], [0.8, 0.4, 0.0], rtol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Localisation.
 
 
@@ -315,7 +316,7 @@ def test_summarize_localization_with_nothing_counted_is_nan():
     assert summary["num_counted"] == 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Transformations.
 
 
@@ -332,7 +333,8 @@ def test_metrics_under_jit_and_vmap():
     eager_auc = np.stack([metrics.mask_auc(m, k) for m, k in zip(maps, masks)])
     chex.assert_trees_all_close(jax.jit(jax.vmap(metrics.mask_auc))(maps, masks), eager_auc, rtol=1e-6)
     # tolerance may be traced, so one compilation serves every radius.
-    pointing = jax.jit(jax.vmap(lambda m, k, r: metrics.pointing_game(m, k, tolerance=r), in_axes=(0, 0, None)))
+    pointing = jax.jit(jax.vmap(lambda m, k, r: metrics.pointing_game(m, k, tolerance=r),
+                                in_axes=(0, 0, None)))
     for radius in [0.0, 2.0]:
         eager_hits = np.stack([metrics.pointing_game(m, k, tolerance=radius) for m, k in zip(maps, masks)])
         chex.assert_trees_all_close(pointing(maps, masks, radius), eager_hits)

@@ -1,13 +1,13 @@
 """Multi-label classification metrics (PAPER.md §6.1), batched and jit-able.
 
 The paper's "mAP" is the *sample-averaged* AP: per image, the AP of its K class scores against its K labels,
-averaged over images, i.e. ``jnp.nanmean(sample_average_precision(scores, labels))`` (the paper prints it x100;
-these functions return fractions in [0, 1]). The standard VOC class-wise mAP is
-``jnp.nanmean(class_average_precision(scores, labels))``. Undefined APs are NaN so that ``jnp.nanmean`` leaves them
-out; there is deliberately no ``mean_ap`` wrapper around it.
+averaged over images, i.e. ``jnp.nanmean(sample_average_precision(scores, labels))`` (the paper prints it
+x100; these functions return fractions in [0, 1]). The standard VOC class-wise mAP is
+``jnp.nanmean(class_average_precision(scores, labels))``. Undefined APs are NaN so that ``jnp.nanmean``
+leaves them out; there is deliberately no ``mean_ap`` wrapper around it.
 
-Labels may be bool or numeric; entries > 0 are positives. Scores may be any monotone score (logits rank the same
-as probabilities).
+Labels may be bool or numeric; entries > 0 are positives. Scores may be any monotone score (logits rank the
+same as probabilities).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def _average_precision(scores: jax.Array, positive: jax.Array) -> jax.Array:
 
     scores: (N,) float, positive: (N,) bool -> () float, NaN without positives.
 
-    AP = mean over positives i of precision(score_i), where precision(t) = #positives with score >= t divided by
-    #items with score >= t. This equals sklearn's sum_n (R_n - R_{n-1}) P_n over distinct thresholds, because the
-    positives tied at a threshold each contribute that threshold's precision. O(N log N): one sort, then
-    searchsorted counts the items below each score.
+    AP = mean over positives i of precision(score_i), where precision(t) = #positives with score >= t divided
+    by #items with score >= t. This equals sklearn's sum_n (R_n - R_{n-1}) P_n over distinct thresholds,
+    because the positives tied at a threshold each contribute that threshold's precision. O(N log N): one
+    sort, then searchsorted counts the items below each score.
     """
     n = scores.shape[0]
     order = jnp.argsort(scores)
@@ -83,8 +83,8 @@ def class_average_precision(scores: jax.Array, labels: jax.Array) -> jax.Array:
       labels: (B, K) bool or {0, 1}; entries > 0 are positives.
 
     Returns:
-      (K,) float: the AP of each class's ranking of the B images (sklearn's step-wise definition with ties), NaN
-      for classes without a positive image. Class-wise mAP is ``jnp.nanmean(result)``.
+      (K,) float: the AP of each class's ranking of the B images (sklearn's step-wise definition with ties),
+      NaN for classes without a positive image. Class-wise mAP is ``jnp.nanmean(result)``.
     """
     scores, positive = _scores_and_positives(scores, labels)
     return jax.vmap(_average_precision, in_axes=1)(scores, positive)
@@ -95,7 +95,8 @@ def f1_samples(logits: jax.Array, labels: jax.Array, *, threshold: float = 0.5) 
     """Per-sample F1 of thresholded predictions (sklearn ``f1_score(average='samples')`` before the mean).
 
     The paper predicts class k where ``logit_k >= 0.5``: the threshold is on the *logit*, i.e. a sigmoid
-    probability of 0.622, not 0.5. Keep the default to compare with the paper; ``threshold=0.0`` is probability 0.5.
+    probability of 0.622, not 0.5. Keep the default to compare with the paper; ``threshold=0.0`` is
+    probability 0.5.
 
     Args:
       logits: (B, K) float.
@@ -110,4 +111,5 @@ def f1_samples(logits: jax.Array, labels: jax.Array, *, threshold: float = 0.5) 
     predicted = logits >= threshold
     true_positives = jnp.sum(predicted & positive, axis=-1)
     num_predicted_or_true = jnp.sum(predicted, axis=-1) + jnp.sum(positive, axis=-1)
-    return jnp.where(num_predicted_or_true > 0, 2 * true_positives / jnp.maximum(num_predicted_or_true, 1), 0.0)
+    f1 = 2 * true_positives / jnp.maximum(num_predicted_or_true, 1)
+    return jnp.where(num_predicted_or_true > 0, f1, 0.0)

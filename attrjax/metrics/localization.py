@@ -1,8 +1,8 @@
 """Localisation quality of attribution maps against segmentation masks (PAPER.md §6.2), batched and jit-able.
 
-Both metrics only depend on the order of the map values, so the reference code's min-max normalisation of each
-map before scoring is a no-op here and is not applied. Maps must already be at mask resolution (resize them first,
-e.g. with ``jax.image.resize``).
+Both metrics only depend on the order of the map values, so the reference code's min-max normalisation of
+each map before scoring (order-preserving up to float rounding) is not applied. Maps must already be at mask
+resolution (resize them first, e.g. with ``jax.image.resize``).
 """
 
 from __future__ import annotations
@@ -24,27 +24,32 @@ def _maps_and_masks(maps, masks) -> tuple[jax.Array, jax.Array]:
     return maps, masks.astype(bool)
 
 
-@jax.jit
 def pointing_game(maps: jax.Array, masks: jax.Array, *, tolerance: float = 0) -> jax.Array:
     """Pointing-game hits: does each map's maximum fall on its mask?
 
-    The maximum point is the FIRST arg-max in row-major order (the reference code's ``argmax`` of the flattened
-    map): among tied maxima, the one with the smallest row, then the smallest column, alone decides the hit.
+    The maximum point is the FIRST arg-max in row-major order (the reference code's ``argmax`` of the
+    flattened map): among tied maxima, the one with the smallest row, then the smallest column, alone decides
+    the hit.
 
     Args:
       maps: (B, H, W) float attribution maps.
       masks: (B, H, W) bool object masks (nonzero = inside).
       tolerance: a hit also counts when a mask pixel lies within this Euclidean distance, in pixels, of the
         maximum point (inclusive). The paper uses 0; the standard pointing game of Zhang et al. uses 15 px at
-        VOC resolution. May be a traced scalar.
+        VOC resolution. May be a traced scalar; a Python number is checked to be >= 0.
 
     Returns:
-      (B,) float: 1.0 for a hit, 0.0 for a miss, NaN where the mask is empty or the map contains NaN (undefined,
-      so ``jnp.nanmean`` leaves those images out instead of counting them as misses).
+      (B,) float: 1.0 for a hit, 0.0 for a miss, NaN where the mask is empty or the map contains NaN
+      (undefined, so ``jnp.nanmean`` leaves those images out instead of counting them as misses).
     """
-    maps, masks = _maps_and_masks(maps, masks)
     if isinstance(tolerance, (int, float)) and tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    return _pointing_game(maps, masks, tolerance)
+
+
+@jax.jit
+def _pointing_game(maps: jax.Array, masks: jax.Array, tolerance: jax.Array) -> jax.Array:
+    maps, masks = _maps_and_masks(maps, masks)
     batch, height, width = maps.shape
     row, col = jnp.divmod(jnp.argmax(maps.reshape(batch, -1), axis=-1), width)
     # The disk of radius `tolerance` around each maximum; with tolerance 0 it is the maximum pixel alone.
@@ -60,8 +65,8 @@ def _roc_auc(scores: jax.Array, positive: jax.Array) -> jax.Array:
 
     Mann-Whitney: AUC = (sum of the positives' average ranks - P(P+1)/2) / (P * N_neg). The positive-positive
     part of the rank sum is exactly P(P+1)/2 and cancels analytically, leaving, per positive, the negatives
-    strictly below it plus half the negatives tied with it. Summing those small counts instead of ranks of order
-    H*W keeps float32 accurate for large maps. O(N log N): one sort, then searchsorted.
+    strictly below it plus half the negatives tied with it. Summing those small counts instead of ranks of
+    order H*W keeps float32 accurate for large maps. O(N log N): one sort, then searchsorted.
     """
     n = scores.shape[0]
     order = jnp.argsort(scores)
@@ -84,16 +89,16 @@ def _roc_auc(scores: jax.Array, positive: jax.Array) -> jax.Array:
 def mask_auc(maps: jax.Array, masks: jax.Array) -> jax.Array:
     """ROC-AUC of each map's pixel scores as a detector of its mask's pixels.
 
-    Equals sklearn's ``roc_auc_score(mask.ravel(), map.ravel())`` (the reference's ``roc_curve`` + ``auc``): the
-    probability that a random mask pixel outscores a random non-mask pixel, ties counting one half.
+    Equals sklearn's ``roc_auc_score(mask.ravel(), map.ravel())`` (the reference's ``roc_curve`` + ``auc``):
+    the probability that a random mask pixel outscores a random non-mask pixel, ties counting one half.
 
     Args:
       maps: (B, H, W) float attribution maps.
       masks: (B, H, W) bool object masks (nonzero = inside).
 
     Returns:
-      (B,) float in [0, 1]; NaN where the mask is empty or covers the whole map (the AUC is undefined) or the map
-      contains NaN.
+      (B,) float in [0, 1]; NaN where the mask is empty or covers the whole map (the AUC is undefined) or the
+      map contains NaN.
     """
     maps, masks = _maps_and_masks(maps, masks)
     batch = maps.shape[0]
@@ -118,22 +123,23 @@ def class_masks(segmentation: jax.Array, num_classes: int) -> jax.Array:
     return segmentation[:, None, :, :] == class_ids[None, :, None, None]
 
 
-@jax.jit
 def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Array, *,
                         tolerance: float = 0) -> dict[str, jax.Array]:
-    """Pointing game and mask AUC of every (image, class) pair of a batch, in one call (PAPER.md §6.2).
+    """Pointing game and mask AUC of every (image, class) pair of a batch (PAPER.md §6.2).
 
-    A pair counts when the class is present in the segmentation AND predicted (logit > 0) AND its map is finite,
-    as in the reference evaluation. Pairs with a non-finite map are skipped before anything else (they are
-    neither counted nor "present but not predicted").
+    Wrap it in ``jax.jit`` to evaluate all classes of a batch in one compiled call.
 
-    Unlike the reference code, each class is judged against its own mask only: the reference accumulates the hit
-    pixels of all ground-truth classes processed so far in an image, so a maximum on an earlier class's object
-    counts as a hit. That quirk is deliberately not replicated.
+    A pair counts when the class is present in the segmentation AND predicted (logit > 0) AND its map is
+    finite, as in the reference evaluation. Pairs with a non-finite map are skipped before anything else
+    (they are neither counted nor "present but not predicted").
+
+    Unlike the reference code, each class is judged against its own mask only: the reference accumulates the
+    hit pixels of all ground-truth classes processed so far in an image, so a maximum on an earlier class's
+    object counts as a hit. That quirk is deliberately not replicated.
 
     Args:
-      maps: (B, K, H, W) float maps, one per class (e.g. ``jax.vmap`` of an attribution over classes), already at
-        the segmentation's resolution.
+      maps: (B, K, H, W) float maps, one per class (e.g. ``jax.vmap`` of an attribution over classes), already
+        at the segmentation's resolution.
       segmentation: (B, H, W) int, 0 = background, c + 1 = class c, other values belong to no class (see
         ``class_masks``).
       logits: (B, K) float; class c is predicted where ``logits[:, c] > 0``.
@@ -151,8 +157,8 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
     check_rank("maps", maps, 4)
     batch, num_classes, height, width = maps.shape
     if segmentation.shape != (batch, height, width):
-        raise ValueError(f"segmentation must have shape (B, H, W) = {(batch, height, width)} for maps of shape "
-                         f"{maps.shape}, got {segmentation.shape}")
+        raise ValueError(f"segmentation must have shape (B, H, W) = {(batch, height, width)} for maps of "
+                         f"shape {maps.shape}, got {segmentation.shape}")
     if logits.shape != (batch, num_classes):
         raise ValueError(f"logits must have shape (B, K) = {(batch, num_classes)} for maps of shape "
                          f"{maps.shape}, got {logits.shape}")
@@ -162,8 +168,9 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
     finite = jnp.all(jnp.isfinite(maps), axis=(2, 3))
     counted = present & predicted & finite
     pairs = (batch * num_classes, height, width)
-    hit = pointing_game(maps.reshape(pairs), masks.reshape(pairs), tolerance=tolerance).reshape(batch, num_classes)
-    auc = mask_auc(maps.reshape(pairs), masks.reshape(pairs)).reshape(batch, num_classes)
+    pair_maps, pair_masks = maps.reshape(pairs), masks.reshape(pairs)
+    hit = pointing_game(pair_maps, pair_masks, tolerance=tolerance).reshape(batch, num_classes)
+    auc = mask_auc(pair_maps, pair_masks).reshape(batch, num_classes)
     return {
         "hit": jnp.where(counted, hit, jnp.nan),
         "auc": jnp.where(counted, auc, jnp.nan),
@@ -182,11 +189,11 @@ def summarize_localization(scores: dict[str, jax.Array]) -> dict[str, float | in
         concatenating batches).
 
     Returns:
-      Python numbers: ``pointing_accuracy`` = hits / counted pairs; ``mean_auc`` over counted pairs whose AUC is
-      defined (the reference would give NaN as soon as one mask covers a whole image); ``num_counted`` (the
-      reference's correctly predicted GT classes); ``num_present_not_predicted`` (its incorrectly predicted ones,
-      finite maps only); ``num_skipped_nonfinite`` (present pairs whose map had a NaN/inf). Rates are NaN when
-      there is nothing to average.
+      Python numbers: ``pointing_accuracy`` = hits / counted pairs; ``mean_auc`` over counted pairs whose AUC
+      is defined (the reference would give NaN as soon as one mask covers a whole image); ``num_counted`` (the
+      reference's correctly predicted GT classes); ``num_present_not_predicted`` (its incorrectly predicted
+      ones, finite maps only); ``num_skipped_nonfinite`` (present pairs whose map had a NaN/inf). Rates are
+      NaN when there is nothing to average.
     """
     counted = np.asarray(scores["counted"], bool)
     present = np.asarray(scores["present"], bool)

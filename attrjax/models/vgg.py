@@ -200,11 +200,10 @@ def check_compatible(teacher: VGG, student: VGG, layers: Sequence[str] = ()):
                          "distillation needs the same class axis")
     if teacher.image_size != student.image_size:
         raise ValueError(f"teacher expects {teacher.image_size} px images but the student {student.image_size} px")
-    for layer in layers:
-        sizes = (layer_spatial_size(teacher, layer), layer_spatial_size(student, layer))
-        if sizes[0] != sizes[1]:
-            raise ValueError(f"teacher and student maps at {layer!r} differ in size ({sizes[0]} vs {sizes[1]}); "
-                             "match at a layer with the same spatial resolution")
+    for layer in layers:  # a layer name fixes its stage, so equal image sizes give equal map sizes
+        for role, model in (("teacher", teacher), ("student", student)):
+            if layer not in model.layers:
+                raise ValueError(f"the {role} has no layer {layer!r}; it has: {', '.join(model.layers)}")
 
 
 __all__ = ["VGG", "VGG_LAYOUTS", "vgg", "scale_widths", "layer_names", "last_conv_layer", "init_variables",
