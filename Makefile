@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.demo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.train_step

@@ -1,0 +1,154 @@
+"""The train step and loop: one compile, sharded == single device, exact resume, clear errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attrjax.models import init_variables, vgg
+from attrjax.train import (Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd,
+                           shard_batch, train)
+
+KWARGS = dict(num_classes=4, image_size=16, attribution_layer="pool2")
+
+
+def _models():
+    return vgg(((8,), (8,)), **KWARGS), vgg(((2,), (4,)), **KWARGS)
+
+
+def _batches(batch_size=8, seed=0):
+    """A pure function of the step, as the trainer requires."""
+
+    def batches(start_step):
+        step = start_step
+        while True:
+            rng = np.random.default_rng([seed, step])
+            yield {"image": rng.normal(size=(batch_size, 16, 16, 3)).astype(np.float32),
+                   "labels": (rng.random((batch_size, 4)) > 0.5).astype(np.float32)}
+            step += 1
+
+    return batches
+
+
+MATCHED = Objective(kd="binary", matching="weighted", matching_weight=100.0, matching_layer="pool2", drop_rate=0.25)
+
+
+def test_step_compiles_once_and_learns():
+    teacher, student = _models()
+    tx = sgd(0.05)
+    mesh = data_mesh()
+    step = jit_train_step(chex.assert_max_traces(make_train_step(student, tx, MATCHED, teacher), n=1), mesh)
+    state = replicate(TrainState.create(init_variables(student, jax.random.key(1)), tx), mesh)
+    teacher_vars = replicate(init_variables(teacher, jax.random.key(0)), mesh)
+    batch = shard_batch(next(_batches()(0)), mesh)
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, teacher_vars, batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 8
+    assert losses[-1] < losses[0]
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+    teacher, student = _models()
+    teacher_vars = init_variables(teacher, jax.random.key(0))
+    common = dict(rng=jax.random.key(5), teacher=teacher, teacher_variables=teacher_vars, log=lambda _: None,
+                  checkpoint_every=3)
+
+    def run(num_steps, directory):
+        return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, _batches(), num_steps,
+                     checkpoint_dir=str(directory), **common)[0]
+
+    uninterrupted = run(7, tmp_path / "a")
+    run(4, tmp_path / "b")  # "interrupted" after step 4; the newest checkpoint is step 4 (forced at the end)
+    resumed = run(7, tmp_path / "b")
+    assert int(resumed.step) == 7
+    chex.assert_trees_all_equal(jax.device_get(resumed.params), jax.device_get(uninterrupted.params))
+    chex.assert_trees_all_equal(jax.device_get(resumed.batch_stats), jax.device_get(uninterrupted.batch_stats))
+
+
+def test_restoring_into_another_architecture_fails_clearly(tmp_path):
+    teacher, student = _models()
+    train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 2,
+          rng=jax.random.key(0), checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None)
+    with pytest.raises(ValueError, match="does not fit"):
+        train(teacher, init_variables(teacher, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
+              rng=jax.random.key(0), checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None)
+
+
+def test_non_finite_inputs_are_rejected():
+    _, student = _models()
+
+    def poisoned(start_step):
+        batch = next(_batches()(start_step))
+        batch["image"][0, 0, 0, 0] = np.nan
+        yield batch
+
+    with pytest.raises(ValueError, match="non-finite"):
+        train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), poisoned, 1,
+              rng=jax.random.key(0), log=lambda _: None)
+
+
+def test_bad_objectives_are_rejected():
+    teacher, student = _models()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        make_train_step(student, sgd(0.1), Objective(kd="binary"))
+    with pytest.raises(ValueError, match="matching='weighted'"):
+        Objective(matching="activation", drop_rate=0.3)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Objective(matching="weighted", drop_rate=1.0)
+    with pytest.raises(ValueError, match="classes"):
+        make_train_step(vgg(((2,), (4,)), num_classes=5, image_size=16), sgd(0.1), Objective(kd="binary"), teacher)
+
+
+
+def test_sharded_step_on_four_devices_equals_single_device_step():
+    """Runs in a subprocess: the virtual device count must be set before JAX starts."""
+    script = textwrap.dedent("""
+        import jax, numpy as np
+        import chex
+        from tests.test_train import _models, _batches, MATCHED
+        from attrjax.models import init_variables
+        from attrjax.train import TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
+        assert jax.device_count() == 4, jax.devices()
+        teacher, student = _models()
+        tx = sgd(0.05)
+        results = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = data_mesh(devices)
+            step = jit_train_step(make_train_step(student, tx, MATCHED, teacher), mesh)
+            state = replicate(TrainState.create(init_variables(student, jax.random.key(1)), tx), mesh)
+            teacher_vars = replicate(init_variables(teacher, jax.random.key(0)), mesh)
+            for batch in zip(range(3), _batches()(0)):
+                state, metrics = step(state, teacher_vars, shard_batch(batch[1], mesh), jax.random.key(2))
+            results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(metrics["loss"])))
+        chex.assert_trees_all_close(results[0][:2], results[1][:2], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
+        try:
+            shard_batch({"image": np.zeros((6, 16, 16, 3), np.float32)}, data_mesh())
+        except ValueError as error:
+            assert "not divisible by the 4 devices" in str(error)
+        else:
+            raise AssertionError("an indivisible batch was accepted")
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+
+
+def test_objective_without_matching_trains_the_teacher_task():
+    _, student = _models()
+    state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(),
+                           4, rng=jax.random.key(0), log_every=2, log=lambda _: None)
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(h["matching_loss"] == 0 for h in history)
+    assert jnp.isfinite(history[-1]["loss"])
