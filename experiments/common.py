@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import importlib
 import json
@@ -10,12 +11,20 @@ import os
 import zlib
 
 import jax
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 import ml_collections
 import numpy as np
 
 from attrjax import data as attr_data
 from attrjax.models import VGG, init_variables, vgg
 from attrjax.train import Objective, TrainState, checkpoint_manager, make_optimizer, restore_latest, train
+
+
+def quiet_tfds():
+    """Experiments print their own progress: silence TFDS's progress bars and its per-load config warning."""
+    tfds.disable_progress_bar()
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def load_config(name: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
@@ -58,10 +67,11 @@ def data_dir(config, workdir: str) -> str:
 
 def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray]]:
     """Builds the dataset if needed and returns every split as in-memory arrays."""
+    quiet_tfds()
     if config.data.name != "shapes":
         raise ValueError(f"dataset {config.data.name!r} has no builder yet; the embedded default is 'shapes'")
-    shapes = attr_data.ShapesConfig(image_size=config.data.image_size, num_classes=config.data.num_classes,
-                                    context_cue=config.data.context_cue)
+    shapes = attr_data.ShapesConfig(**{field.name: config.data[field.name]
+                                       for field in dataclasses.fields(attr_data.ShapesConfig)})
     sizes = dict(num_train=config.data.num_train, num_val=config.data.num_val,
                  num_localization=config.data.num_localization, seed=config.seed)
     attr_data.build_shapes(data_dir(config, workdir), shapes=shapes, **sizes)
@@ -72,7 +82,7 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray]]:
 def build_model(model_config, config) -> VGG:
     return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
                width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
-               dropout_rate=model_config.dropout_rate)
+               dropout_rate=model_config.dropout_rate, head_pooling=model_config.get("head_pooling", "flatten"))
 
 
 def eval_batches(arrays: dict, config):

@@ -1,0 +1,45 @@
+"""Datasets (the embedded synthetic shapes, as a TFDS array_record builder) and the NumPy input pipeline."""
+
+import importlib
+
+from attrjax.data.pipeline import (
+    SHAPES_NORMALIZATION,
+    VOC_NORMALIZATION,
+    Normalization,
+    eval_batches,
+    normalize,
+    train_batches,
+)
+from attrjax.data.shapes import CLASS_NAMES, ShapesConfig, render_example, render_split
+
+# The builder module is imported on first use rather than here: `python -m attrjax.data.builder` imports this
+# package first, and an eager import would load the builder twice (runpy warns, and TFDS would see the dataset
+# class defined twice).
+_BUILDER_EXPORTS = (
+    "SPLITS", "AttrjaxShapes", "ShapesBuilderConfig", "build_shapes", "load_split", "split_seed"
+)
+
+
+def __getattr__(name: str):
+    if name in _BUILDER_EXPORTS:
+        return getattr(importlib.import_module("attrjax.data.builder"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "CLASS_NAMES",
+    "SHAPES_NORMALIZATION",
+    "VOC_NORMALIZATION",
+    "Normalization",
+    "ShapesConfig",
+    "eval_batches",
+    "normalize",
+    "render_example",
+    "render_split",
+    "train_batches",
+    *_BUILDER_EXPORTS,
+]

@@ -24,9 +24,10 @@ VGG_LAYOUTS: dict[str, StageWidths] = {
     "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
     "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
-    # The first three stages of VGG16: at 64 px its last pool is 8x8, so the paper's structure (match at the last
-    # pool, evaluate Grad-CAM at the last conv, a purely linear head) holds at laptop scale.
+    # The first three stages of VGG16 / VGG11: at 64 px their last pool is 8x8, so the paper's structure (match at
+    # the last pool, evaluate Grad-CAM at the last conv, a purely linear head) holds at laptop scale.
     "vgg16_s3": ((64, 64), (128, 128), (256, 256, 256)),
+    "vgg11_s3": ((64,), (128,), (256, 256)),
 }
 
 # PyTorch's default Conv/Linear init, which the paper's students use: U(+-1/sqrt(fan_in)) for weights and biases.
@@ -63,6 +64,9 @@ class VGG(nn.Module):
       image_size: the square input side the head was built for (the flatten size depends on it).
       attribution_layer: the default split point of ``features``/``head``.
       dropout_rate: dropout before the classifier (0.5 in the paper).
+      head_pooling: ``flatten`` (the paper: C,H,W flatten into the classifier, position-specific weights) or
+        ``avg`` (global average pooling first: translation-invariant, far fewer classifier weights; learns much
+        faster from small data where objects appear anywhere).
       dtype: computation dtype (parameters stay float32).
     """
 
@@ -71,6 +75,7 @@ class VGG(nn.Module):
     image_size: int
     attribution_layer: str = "pool5"
     dropout_rate: float = 0.5
+    head_pooling: str = "flatten"
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
@@ -84,7 +89,7 @@ class VGG(nn.Module):
                                                         name="bn" + name[4:]))
             in_channels = width
         self.dropout = nn.Dropout(self.dropout_rate)
-        fan_in = in_channels * self.final_spatial_size**2
+        fan_in = in_channels * (self.final_spatial_size**2 if self.head_pooling == "flatten" else 1)
         self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_torch_kernel_init,
                                    bias_init=_torch_bias_init(fan_in))
 
@@ -109,6 +114,8 @@ class VGG(nn.Module):
                              f"stages: it needs at least {2 ** len(self.stage_widths)} px")
         if self.attribution_layer not in self.layers:
             raise ValueError(self._unknown_layer_message(self.attribution_layer))
+        if self.head_pooling not in ("flatten", "avg"):
+            raise ValueError(f"head_pooling must be 'flatten' or 'avg', got {self.head_pooling!r}")
 
     def _unknown_layer_message(self, layer: str) -> str:
         return f"unknown attribution layer {layer!r}; this VGG has: {', '.join(self.layers)}"
@@ -139,7 +146,10 @@ class VGG(nn.Module):
         start = self._split_index(layer)
         for name in self.layers[start + 1:]:
             a = self._apply_point(name, a, train)
-        flat = jnp.transpose(a, (0, 3, 1, 2)).reshape(a.shape[0], -1)  # C,H,W order, as PyTorch flattens
+        if self.head_pooling == "avg":
+            flat = jnp.mean(a, axis=(1, 2))
+        else:
+            flat = jnp.transpose(a, (0, 3, 1, 2)).reshape(a.shape[0], -1)  # C,H,W order, as PyTorch flattens
         flat = self.dropout(flat, deterministic=not train)
         return self.classifier(flat)
 
@@ -157,7 +167,7 @@ class VGG(nn.Module):
 
 def vgg(layout: str | StageWidths = "vgg16", *, num_classes: int = 20, image_size: int = 227,
         width_divisor: int = 1, attribution_layer: str | None = None, dropout_rate: float = 0.5,
-        dtype: jnp.dtype = jnp.float32) -> VGG:
+        head_pooling: str = "flatten", dtype: jnp.dtype = jnp.float32) -> VGG:
     """Builds a VGG from a named layout (``VGG_LAYOUTS``) or explicit stage widths.
 
     ``width_divisor`` 2/4/8 gives the paper's VGG16_VOC_x2/x4/x8 students. ``attribution_layer`` defaults to the
@@ -171,7 +181,8 @@ def vgg(layout: str | StageWidths = "vgg16", *, num_classes: int = 20, image_siz
     if attribution_layer is None:
         attribution_layer = f"pool{len(widths)}"
     return VGG(stage_widths=widths, num_classes=num_classes, image_size=image_size,
-               attribution_layer=attribution_layer, dropout_rate=dropout_rate, dtype=dtype)
+               attribution_layer=attribution_layer, dropout_rate=dropout_rate, head_pooling=head_pooling,
+               dtype=dtype)
 
 
 def last_conv_layer(model: VGG) -> str:

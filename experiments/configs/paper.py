@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.data = dict(
-        name="voc2012", data_dir="", image_size=227, num_classes=20, context_cue=0.0,
+        name="voc2012", data_dir="", image_size=227, num_classes=20, min_objects=1, max_objects=3,
+        min_object_size=0.25, max_object_size=0.45, context_cue=0.0,
         num_train=5717, num_val=5823, num_localization=1449, batch_size=64, crop_padding=0,
     )
     config.matching_layer = "pool5"  # 7x7 at 227 px

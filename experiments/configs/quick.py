@@ -1,8 +1,18 @@
-"""The laptop preset behind `make demo`: a 64 px synthetic dataset, a 3-stage VGG16 teacher and x4 students.
+"""The laptop preset behind `make demo`: a 64 px synthetic dataset, a 3-stage VGG16 teacher and 4x narrower students.
 
 Layer choice (DESIGN.md "Numbers to aim at"): at 64 px VGG16's pool5 is 2x2, too coarse to localise, so the demo
-uses the first three VGG16 stages. Its last pool (pool3, 8x8) plays the paper's pool5 (matching layer) and its last
-conv (conv3_3, 16x16) the paper's conv5_3 (Grad-CAM evaluation layer); the head stays purely linear as in the paper.
+uses the first three VGG16 stages. Their last pool (pool3, 8x8) plays the paper's pool5 (the matching layer) and
+their last conv (conv3_3, 16x16) the paper's conv5_3 (the Grad-CAM evaluation layer).
+
+What had to change from the paper's recipe to converge in minutes on 2 CPU cores (measured on this machine):
+- the head averages pool3 globally before the linear classifier (``head_pooling="avg"``): with the paper's flatten
+  head, objects anywhere in the image must be learnt separately at each of the 64 positions; a 400-step SGD teacher
+  stayed at the label prior (sample mAP 0.56), while the same teacher with the average head reached 0.77 in 300 Adam
+  steps;
+- AdamW instead of SGD (SGD lr 0.1 reached 0.70 in 700 steps; Adam 2e-3 0.79 in 600 and 0.995 in 2000);
+- objects of 0.35-0.55 of the image side, at most 2 per image (0.83 vs 0.79 at 600 steps).
+The head stays linear after the matching layer, so the teacher's sensitivities depend only on the class, as in
+the paper.
 """
 
 import ml_collections
@@ -12,21 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = dict(
-        name="shapes", data_dir="", image_size=64, num_classes=6, context_cue=0.0,
-        num_train=6000, num_val=1000, num_localization=500, batch_size=64, crop_padding=4,
+        name="shapes", data_dir="", image_size=64, num_classes=6, min_objects=1, max_objects=2,
+        min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
+        num_train=6000, num_val=1000, num_localization=500, batch_size=32, crop_padding=4,
     )
     config.matching_layer = "pool3"
     config.eval_layer = "conv3_3"
-    config.teacher = dict(
-        layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, num_steps=400,
-        optimizer=dict(name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-                       warmup_steps=20),
-    )
-    student = dict(
-        layout="vgg16_s3", width_divisor=16, dropout_rate=0.5, num_steps=300,
-        optimizer=dict(name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-                       warmup_steps=20),
-    )
+    optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
+    config.teacher = dict(layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
+                          num_steps=1200, optimizer=optimizer)
+    student = dict(layout="vgg16_s3", width_divisor=16, dropout_rate=0.5, head_pooling="avg", num_steps=1000,
+                   optimizer=optimizer)
     kd = dict(labels="multilabel", kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
         kd=dict(student, objective=dict(kd)),
@@ -36,6 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     # of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0
     config.eval = dict(batch_size=100, tolerance=0, figure_images=6)
-    config.checkpoint_every = 200
-    config.log_every = 50
+    config.checkpoint_every = 250
+    config.log_every = 100
     return config

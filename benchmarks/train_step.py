@@ -1,0 +1,162 @@
+"""Speed of the jitted distillation train step (teacher forward + student forward/backward + matching loss).
+
+    python -m benchmarks.train_step [--objective kd_match] [--steps 10] [--out result.json]
+
+Defaults are DESIGN.md's paper pair: full-width VGG16 teacher, VGG16/8 student, batch 16, 64 px, 20 classes,
+matched at conv4_3 (8x8 at 64 px; pool5 would be 2x2). Prints one JSON object: the step time, XLA's FLOP count of
+one step, the achieved GFLOP/s and its fraction of this machine's measured fp32 matmul peak, the compile time and
+the number of compilations (1 expected: compiled once, never retraced over the timed steps). The 2048^3 matmul is
+timed interleaved with the steps (one of each per round), so a change in machine load hits both alike:
+``matmul_peak_gflops`` is its best round, ``fraction_of_matmul_median`` compares medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import jax
+import numpy as np
+
+from attrjax.models import VGG, init_variables, layer_spatial_size, vgg
+from attrjax.train.sharding import data_mesh, replicate, shard_batch
+from attrjax.train.state import TrainState, sgd
+from attrjax.train.step import Objective, jit_train_step, make_train_step
+from benchmarks import common
+
+STOCHASTIC_DROP_RATE = 0.3  # the paper preset's stochastic_drop_rate
+
+
+def make_objective(kind: str, layer: str) -> Objective:
+    """The four students of the paper's protocol: labels only, KD, KD + matching, KD + stochastic matching."""
+    if kind == "task":
+        return Objective()
+    if kind == "kd":
+        # matching_layer is set although nothing is matched: the step splits the teacher there even without
+        # matching, and the default 'pool5' does not exist in 3-stage layouts (vgg16_s3).
+        return Objective(kd="binary", matching_layer=layer)
+    matching = dict(kd="binary", matching="weighted", matching_weight=100.0, matching_layer=layer)
+    if kind == "kd_match":
+        return Objective(**matching)
+    if kind == "kd_stochastic":
+        return Objective(**matching, drop_rate=STOCHASTIC_DROP_RATE)
+    raise ValueError(f"unknown objective {kind!r}")
+
+
+def conv_forward_gflop(model: VGG, batch: int) -> float:
+    """Analytic forward GFLOPs (2 per multiply-add) of all convs plus the classifier, padded taps included: a
+    cross-check of XLA's count, which skips the taps that fall on the zero padding (about 11% fewer at 64 px)."""
+    flops, size, in_channels = 0, model.image_size, 3
+    for stage in model.stage_widths:
+        for width in stage:
+            flops += 2 * size * size * 9 * in_channels * width
+            in_channels = width
+        size //= 2
+    flops += 2 * in_channels * size * size * model.num_classes
+    return batch * flops / 1e9
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="vgg16", help="teacher layout (attrjax.models.VGG_LAYOUTS)")
+    parser.add_argument("--teacher-divisor", type=int, default=1)
+    parser.add_argument("--student", default="vgg16", help="student layout")
+    parser.add_argument("--student-divisor", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=20)
+    parser.add_argument("--layer", default="conv4_3", help="matching layer (both networks)")
+    parser.add_argument("--objective", choices=("task", "kd", "kd_match", "kd_stochastic"), default="kd_match")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps (after 2 warm-up), each followed by one timed matmul")
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    common.add_output_flag(parser)
+    return parser.parse_args(argv)
+
+
+def build_models(args: argparse.Namespace) -> tuple[VGG, VGG]:
+    """(teacher, student) from the command line."""
+    teacher = vgg(args.teacher, num_classes=args.num_classes, image_size=args.image_size,
+                  width_divisor=args.teacher_divisor)
+    student = vgg(args.student, num_classes=args.num_classes, image_size=args.image_size,
+                  width_divisor=args.student_divisor)
+    return teacher, student
+
+
+def setup(args: argparse.Namespace, objective: Objective):
+    """The jitted step and its mesh-placed arguments ``(state, teacher_variables, batch, rng)``."""
+    teacher, student = build_models(args)
+    tx = sgd(0.01)
+    mesh = data_mesh()
+    state = replicate(TrainState.create(init_variables(student, jax.random.key(1)), tx), mesh)
+    teacher_variables = replicate(init_variables(teacher, jax.random.key(0)), mesh)
+    rng_np = np.random.default_rng(0)
+    batch = shard_batch({
+        "image": rng_np.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32),
+        "labels": (rng_np.random((args.batch, args.num_classes)) < 0.3).astype(np.float32),
+    }, mesh)
+    rng = jax.random.key(2)
+    step = jit_train_step(make_train_step(student, tx, objective, teacher), mesh)
+    return step, jax.block_until_ready((state, teacher_variables, batch, rng))
+
+
+def run(args: argparse.Namespace) -> dict:
+    teacher, student = build_models(args)
+    objective = make_objective(args.objective, args.layer)
+    step, (state, teacher_variables, batch, rng) = setup(args, objective)
+    with common.count_compiles() as compiles_ahead:
+        compiled, compile_s = common.compile_ahead(step, state, teacher_variables, batch, rng)
+    gflop = common.xla_flops(compiled) / 1e9
+
+    carry = {"state": state}
+
+    def one_step():
+        carry["state"], metrics = step(carry["state"], teacher_variables, batch, rng)
+        return metrics
+
+    matmul, matmul_flops = common.matmul_call(args.peak_size)
+    with common.count_compiles() as compiles_running:
+        times = common.interleaved_times({"step": one_step, "matmul": matmul}, rounds=args.steps, warmup=2)
+    metrics = jax.device_get(one_step())
+
+    step_s = statistics.median(times["step"])
+    peak = matmul_flops / min(times["matmul"]) / 1e9
+    matmul_median = matmul_flops / statistics.median(times["matmul"]) / 1e9
+    achieved = gflop / step_s
+    layer_size = layer_spatial_size(student, args.layer) if objective.matching else None
+    return {
+        "benchmark": "train_step",
+        "config": {
+            "teacher": args.teacher, "teacher_divisor": args.teacher_divisor,
+            "student": args.student, "student_divisor": args.student_divisor,
+            "batch": args.batch, "image_size": args.image_size, "num_classes": args.num_classes,
+            "objective": args.objective, "matching_layer": args.layer if objective.matching else None,
+            "matching_map_size": layer_size, "drop_rate": objective.drop_rate, "steps": args.steps,
+            **common.environment(),
+        },
+        "step_ms": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times["step"]),
+        "step_ms_max": 1e3 * max(times["step"]),
+        "images_per_s": args.batch / step_s,
+        "gflop_per_step": gflop,
+        "teacher_forward_gflop": conv_forward_gflop(teacher, args.batch),
+        "student_forward_gflop": conv_forward_gflop(student, args.batch),
+        "achieved_gflops": achieved,
+        "matmul_peak_gflops": peak,
+        "fraction_of_peak": achieved / peak,
+        "fraction_of_matmul_median": achieved / matmul_median,
+        "compile_s": compile_s,
+        "num_compiles": compiles_ahead[0] + compiles_running[0],
+        "compiles_during_steps": compiles_running[0],
+        "jit_cache_size": step._cache_size(),
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.emit(common.round_floats(run(args)), args.out)
+
+
+if __name__ == "__main__":
+    main()

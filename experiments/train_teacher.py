@@ -1,0 +1,28 @@
+"""Train the full network (the teacher) on the task loss alone (PAPER.md §5.1).
+
+    python -m experiments.train_teacher --config quick --workdir runs/demo
+"""
+
+from __future__ import annotations
+
+import time
+
+from attrjax.train import Objective
+from experiments import common
+
+
+def run(config, workdir: str, splits: dict | None = None) -> float:
+    """Trains (or resumes) the teacher into ``workdir/teacher``; returns the seconds spent."""
+    splits = common.load_splits(config, workdir) if splits is None else splits
+    started = time.perf_counter()
+    common.train_model("teacher", config.teacher, Objective(), config, workdir, splits["train"])
+    return time.perf_counter() - started
+
+
+def main():
+    args = common.arg_parser(__doc__.splitlines()[0]).parse_args()
+    run(common.load_config(args.config, args.set), args.workdir)
+
+
+if __name__ == "__main__":
+    main()
