@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax.attribution import grad_cam_all_classes, minmax_normalize, resize_maps
-from attrjax.metrics import (class_average_precision, f1_samples, localization_scores, sample_average_precision,
-                             summarize_localization)
+from attrjax.metrics import (class_average_precision, class_masks, f1_samples, localization_scores, map_cosine,
+                             same_peak, sample_average_precision, summarize_localization)
 from attrjax.models import VGG
 
 
@@ -23,16 +23,26 @@ def make_predict_fn(model: VGG) -> Callable:
     return jax.jit(lambda variables, images: model.apply(variables, images))
 
 
+def _all_class_grad_cam(model: VGG, layer: str) -> Callable:
+    """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: Grad-CAM of every class at ``layer``."""
+
+    def attribute(variables, images):
+        feats = model.apply(variables, images, layer=layer, method=VGG.features)
+        return grad_cam_all_classes(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), feats)
+
+    return attribute
+
+
 def make_attribution_fn(model: VGG, layer: str) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
     Maps are Grad-CAM at ``layer`` for every class, bilinearly upsampled to the image size and min-max normalised
     per map (PAPER.md §6.2 steps 1-3).
     """
+    grad_cams = _all_class_grad_cam(model, layer)
 
     def attribute(variables, images):
-        feats = model.apply(variables, images, layer=layer, method=VGG.features)
-        maps, logits = grad_cam_all_classes(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), feats)
+        maps, logits = grad_cams(variables, images)
         return minmax_normalize(resize_maps(maps, images.shape[1])), logits
 
     return jax.jit(attribute)
@@ -83,3 +93,31 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     scores = {key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]}
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
     return summarize_localization(scores), examples
+
+
+def agreement_report(model: VGG, variables: dict, reference: VGG, reference_variables: dict,
+                     batches: Iterable[dict], *, layer: str) -> dict:
+    """How closely ``model``'s Grad-CAM follows ``reference``'s (e.g. a student's vs its teacher's).
+
+    Over every (image, class) pair whose class is present in the image's mask, at the layer's own resolution
+    (no upsampling): the mean cosine similarity of the two maps and the fraction of pairs whose maps peak at the
+    same position. Unlike pointing accuracy, both models are judged on the same pairs whatever they predict.
+    """
+    grad_cams, reference_grad_cams = _all_class_grad_cam(model, layer), _all_class_grad_cam(reference, layer)
+
+    @jax.jit
+    def compare(variables, reference_variables, images):
+        maps, _ = grad_cams(variables, images)
+        reference_maps, _ = reference_grad_cams(reference_variables, images)
+        return map_cosine(maps, reference_maps), same_peak(maps, reference_maps)
+
+    cosines, peaks = [], []
+    for batch in batches:
+        cosine, peak = compare(variables, reference_variables, batch["image"])
+        num_classes = cosine.shape[-1]
+        present = np.asarray(class_masks(batch["mask"], num_classes).any(axis=(2, 3))) & batch["valid"][:, None]
+        cosines.append(np.asarray(cosine)[present])
+        peaks.append(np.asarray(peak)[present])
+    cosines, peaks = np.concatenate(cosines), np.concatenate(peaks)
+    return {"map_cosine": float(np.nanmean(cosines)), "same_peak": float(np.mean(peaks)),
+            "num_agreement_pairs": int(len(peaks))}

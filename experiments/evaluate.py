@@ -13,14 +13,15 @@ import jax
 import numpy as np
 
 from attrjax import data as attr_data
-from attrjax.evaluation import classification_report, localization_report, predict
+from attrjax.evaluation import agreement_report, classification_report, localization_report, predict
 from experiments import common
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid
 
 COLUMNS = [("params", "params", "{:,}"), ("sample_map", "sample mAP", "{:.3f}"), ("class_map", "class mAP", "{:.3f}"),
            ("f1", "F1", "{:.3f}"), ("pointing_accuracy", "pointing acc.", "{:.3f}"), ("mean_auc", "mask AUC", "{:.3f}"),
-           ("num_counted", "pairs", "{}")]
+           ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
+           ("same_peak", "same peak as teacher", "{:.3f}")]
 
 
 def evaluate_model(model, variables, splits, config, *, keep_maps: int):
@@ -53,10 +54,14 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     splits = common.load_splits(config, workdir) if splits is None else splits
     models = {"teacher": config.teacher, **student_runs(config)}
     results, figure_maps = {}, {}
+    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
     for name, model_config in models.items():
         model, variables = common.load_trained(name, model_config, config, workdir)
         results[name], examples = evaluate_model(model, variables, splits, config,
                                                  keep_maps=config.eval.figure_images)
+        results[name].update(agreement_report(model, variables, teacher, teacher_variables,
+                                              common.eval_batches(splits["localization"], config),
+                                              layer=config.eval_layer))
         figure_maps[name] = examples["maps"]
         if name == "teacher":
             teacher_examples = examples
@@ -67,7 +72,8 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(f"# attrjax results\n\nGrad-CAM at `{config.eval_layer}`, matching at `{config.matching_layer}`. "
                 "Pointing accuracy and mask AUC are over the (image, class) pairs of the localisation split whose "
-                "class is present in the mask and predicted (logit > 0).\n\n" + table + "\n")
+                "class is present in the mask and predicted (logit > 0). Cosine and same-peak compare each "
+                "model's Grad-CAM with the teacher's on every present pair.\n\n" + table + "\n")
     # Each figure row shows the present class that the teacher scores highest.
     present = present_classes(teacher_examples["mask"], config.data.num_classes)
     classes = np.argmax(np.where(present, teacher_examples["logits"], -np.inf), axis=-1)

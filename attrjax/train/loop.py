@@ -18,6 +18,7 @@ from attrjax.train.step import Objective, jit_train_step, make_train_step
 # ``batches(start_step)`` yields the batches of steps start_step, start_step + 1, ...: a pure function of the step,
 # so that a resumed run sees exactly the batches an uninterrupted one would.
 BatchesFrom = Callable[[int], Iterator[dict]]
+STEP_INPUTS = ("image", "labels")  # what the step reads; other keys (e.g. masks) stay on the host
 
 
 def check_batch(batch: dict, step: int):
@@ -53,7 +54,7 @@ def train(student: VGG, variables: dict, tx: optax.GradientTransformation, objec
     history, tick, images_seen = [], time.perf_counter(), 0
     batch_iter = batches(start)
     for step in range(start + 1, num_steps + 1):
-        batch = next(batch_iter)
+        batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
         check_batch(batch, step)
         state, metrics = step_fn(state, teacher_variables, shard_batch(batch, mesh), rng)
         images_seen += len(batch["image"])

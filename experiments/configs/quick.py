@@ -1,4 +1,4 @@
-"""The laptop preset behind `make demo`: a 64 px synthetic dataset, a 3-stage VGG16 teacher and 4x narrower students.
+"""The laptop preset behind `make demo`: a 64 px synthetic dataset, a 3-stage VGG16 teacher and 2x narrower students.
 
 Layer choice (DESIGN.md "Numbers to aim at"): at 64 px VGG16's pool5 is 2x2, too coarse to localise, so the demo
 uses the first three VGG16 stages. Their last pool (pool3, 8x8) plays the paper's pool5 (the matching layer) and
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
     config.teacher = dict(layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
                           num_steps=1200, optimizer=optimizer)
-    student = dict(layout="vgg16_s3", width_divisor=16, dropout_rate=0.5, head_pooling="avg", num_steps=1000,
+    student = dict(layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=1000,
                    optimizer=optimizer)
     kd = dict(labels="multilabel", kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
