@@ -13,6 +13,10 @@ What had to change from the paper's recipe to converge in minutes on 2 CPU cores
 - objects of 0.35-0.55 of the image side, at most 2 per image (0.83 vs 0.79 at 600 steps).
 The head stays linear after the matching layer, so the teacher's sensitivities depend only on the class, as in
 the paper.
+
+Matching weight: the paper's README uses lambda = 100. Here it overwhelmed the KD loss of the small student
+(sample mAP 0.70 vs 0.82 for plain KD, F1 0.08), while lambda = 10 kept its accuracy (0.81) and still moved its
+Grad-CAM to the teacher's (cosine 0.82 vs 0.48 for plain KD).
 """
 
 import ml_collections
@@ -36,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     kd = dict(labels="multilabel", kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
         kd=dict(student, objective=dict(kd)),
-        kd_match=dict(student, objective=dict(kd, matching="weighted", matching_weight=100.0)),
+        kd_match=dict(student, objective=dict(kd, matching="weighted", matching_weight=10.0)),
     )
     # Stochastic matching (PAPER.md §2.6) as a switch: adds a third student whose teacher maps drop this fraction
     # of channels each step (the paper's README uses 0.3).
