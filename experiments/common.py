@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import zlib
+from typing import Callable
 
 import jax
 import tensorflow_datasets as tfds
@@ -59,6 +60,12 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. "
                         "teacher.num_steps=100")
     return parser
+
+
+def main_for(run: Callable, doc: str):
+    """The command line of an experiment module: ``run(config, workdir)`` with --config, --workdir and --set."""
+    args = arg_parser(doc.splitlines()[0]).parse_args()
+    run(load_config(args.config, args.set), args.workdir)
 
 
 def data_dir(config, workdir: str) -> str:

@@ -30,8 +30,7 @@ def run(config, workdir: str) -> dict:
 
 
 def main():
-    args = common.arg_parser(__doc__.splitlines()[0]).parse_args()
-    run(common.load_config(args.config, args.set), args.workdir)
+    common.main_for(run, __doc__)
 
 
 if __name__ == "__main__":

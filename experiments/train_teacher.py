@@ -20,8 +20,7 @@ def run(config, workdir: str, splits: dict | None = None) -> float:
 
 
 def main():
-    args = common.arg_parser(__doc__.splitlines()[0]).parse_args()
-    run(common.load_config(args.config, args.set), args.workdir)
+    common.main_for(run, __doc__)
 
 
 if __name__ == "__main__":

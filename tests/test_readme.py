@@ -1,0 +1,19 @@
+"""The README's functional-API example runs as written."""
+
+import os
+import re
+
+import chex
+import jax.numpy as jnp
+
+
+def test_readme_python_example_runs():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    namespace = {}
+    exec(blocks[0], namespace)  # noqa: S102 - the README's own code
+    chex.assert_shape(namespace["teacher_maps"], (8, 7, 7))
+    chex.assert_shape(namespace["grads"], (7, 7, 16, 20))
+    assert float(jnp.abs(namespace["grads"]).sum()) > 0
