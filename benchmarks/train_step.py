@@ -32,9 +32,7 @@ def make_objective(kind: str, layer: str) -> Objective:
     if kind == "task":
         return Objective()
     if kind == "kd":
-        # matching_layer is set although nothing is matched: the step splits the teacher there even without
-        # matching, and the default 'pool5' does not exist in 3-stage layouts (vgg16_s3).
-        return Objective(kd="binary", matching_layer=layer)
+        return Objective(kd="binary")
     matching = dict(kd="binary", matching="weighted", matching_weight=100.0, matching_layer=layer)
     if kind == "kd_match":
         return Objective(**matching)

@@ -152,3 +152,12 @@ def test_objective_without_matching_trains_the_teacher_task():
     assert [h["step"] for h in history] == [2, 4]
     assert all(h["matching_loss"] == 0 for h in history)
     assert jnp.isfinite(history[-1]["loss"])
+
+
+def test_kd_without_matching_works_for_layouts_without_the_default_layer():
+    """Objective's default matching_layer (pool5) does not exist in a 2-stage VGG; plain KD must not need it."""
+    teacher, student = _models()
+    state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(kd="binary"),
+                           _batches(), 2, rng=jax.random.key(0), teacher=teacher,
+                           teacher_variables=init_variables(teacher, jax.random.key(0)), log=lambda _: None)
+    assert int(state.step) == 2 and jnp.isfinite(history[-1]["loss"])

@@ -82,7 +82,7 @@ def _task_loss(objective: Objective, student_logits, teacher_logits, labels):
 def _teacher_outputs(teacher: VGG, teacher_variables, images, objective: Objective, channel_key):
     """Teacher logits (B,K) and, when matching, its (B,H,W) map for its top-1 class; all constants."""
     teacher_variables = jax.lax.stop_gradient(teacher_variables)
-    layer = objective.matching_layer
+    layer = objective.matching_layer if objective.matching else None  # KD alone: any split gives the logits
     feats = teacher.apply(teacher_variables, images, layer=layer, method=VGG.features)
 
     def head(a):
