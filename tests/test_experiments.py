@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import common, demo, evaluate
+from experiments import common, demo
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
@@ -30,11 +30,15 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[kd_match] step 3/3" in out and "matching_loss" in out
 
-    # A second run finds every model finished: it trains nothing and reproduces the results.
-    again = evaluate.run(config, str(tmp_path))
-    assert "resuming" not in capsys.readouterr().out or True
+    # A second run finds every model finished: it restores them, trains nothing and reproduces the results.
+    again = demo.run(config, str(tmp_path))
+    out = capsys.readouterr().out
+    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3), ("kd_match_stochastic", 3)):
+        assert f"[{name}] resuming from the checkpoint of step {steps}" in out
+    assert "] step " not in out
     for name in results:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
+        np.testing.assert_allclose(again[name]["map_cosine"], results[name]["map_cosine"])
 
 
 def test_config_overrides_and_errors():
