@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax.attribution import grad_cam_all_classes, minmax_normalize, resize_maps
-from attrjax.metrics import (class_average_precision, class_masks, f1_samples, localization_scores, map_cosine,
+from attrjax.metrics import (class_average_precision, f1_samples, localization_scores, map_cosine,
                              same_peak, sample_average_precision, summarize_localization)
 from attrjax.models import VGG
 
@@ -33,6 +33,11 @@ def _all_class_grad_cam(model: VGG, layer: str) -> Callable:
     return attribute
 
 
+def _evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
+    """Raw maps (B,K,h,w) -> bilinearly upsampled to the image and min-max normalised (PAPER.md §6.2 steps 1-3)."""
+    return minmax_normalize(resize_maps(raw_maps, image_size))
+
+
 def make_attribution_fn(model: VGG, layer: str) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
@@ -43,7 +48,7 @@ def make_attribution_fn(model: VGG, layer: str) -> Callable:
 
     def attribute(variables, images):
         maps, logits = grad_cams(variables, images)
-        return minmax_normalize(resize_maps(maps, images.shape[1])), logits
+        return _evaluation_maps(maps, images.shape[1]), logits
 
     return jax.jit(attribute)
 
@@ -69,55 +74,51 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
     }
 
 
-def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str,
-                        tolerance: float = 0, keep_maps: int = 0) -> tuple[dict, dict]:
-    """Pointing accuracy and mask AUC of Grad-CAM at ``layer`` over (image, class) pairs (PAPER.md §6.2).
+def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
+                        keep_maps: int = 0, reference: tuple[VGG, dict] | None = None) -> tuple[dict, dict]:
+    """Pointing accuracy and mask AUC of Grad-CAM at ``layer`` over (image, class) pairs (PAPER.md §6.2), in one
+    pass that computes each batch's maps once.
 
     A pair counts when the class is in the image's mask and the model predicts it (logit > 0).
 
+    Args:
+      reference: optional ``(model, variables)`` (e.g. the teacher) whose Grad-CAM at the same layer the maps are
+        compared with on every pair whose class is present, whatever either model predicts: ``map_cosine`` (mean
+        cosine similarity at the layer's own resolution) and ``same_peak`` (fraction of pairs whose maps peak at
+        the same position).
+
     Returns:
-      ``(summary, examples)``: the summary dict of ``summarize_localization``; ``examples`` holds the first
-      ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits`` for figures.
+      ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries);
+      ``examples`` holds the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
     """
-    attribute = make_attribution_fn(model, layer)
-    score_fn = jax.jit(lambda maps, seg, logits: localization_scores(maps, seg, logits, tolerance=tolerance))
+    grad_cams = _all_class_grad_cam(model, layer)
+    reference_grad_cams = _all_class_grad_cam(reference[0], layer) if reference is not None else None
+
+    @jax.jit
+    def evaluate_batch(variables, reference_variables, images, segmentation):
+        raw_maps, logits = grad_cams(variables, images)
+        maps = _evaluation_maps(raw_maps, images.shape[1])
+        scores = localization_scores(maps, segmentation, logits, tolerance=tolerance)
+        if reference_grad_cams is not None:
+            reference_maps, _ = reference_grad_cams(reference_variables, images)
+            scores.update(map_cosine=map_cosine(raw_maps, reference_maps),
+                          same_peak=same_peak(raw_maps, reference_maps))
+        return maps, logits, scores
+
+    reference_variables = reference[1] if reference is not None else None
     per_batch, kept = [], []
     for batch in batches:
-        maps, logits = attribute(variables, batch["image"])
-        scores = score_fn(maps, batch["mask"], logits)
+        maps, logits, scores = evaluate_batch(variables, reference_variables, batch["image"], batch["mask"])
         valid = np.asarray(batch["valid"])
         per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
         if sum(len(k["maps"]) for k in kept) < keep_maps:
             kept.append({key: np.asarray(value)[valid] for key, value in
                          {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
     scores = {key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]}
+    summary = summarize_localization(scores)
+    if reference is not None:
+        present = scores["present"]
+        summary.update(map_cosine=float(np.nanmean(scores["map_cosine"][present])),
+                       same_peak=float(np.mean(scores["same_peak"][present])))
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
-    return summarize_localization(scores), examples
-
-
-def agreement_report(model: VGG, variables: dict, reference: VGG, reference_variables: dict,
-                     batches: Iterable[dict], *, layer: str) -> dict:
-    """How closely ``model``'s Grad-CAM follows ``reference``'s (e.g. a student's vs its teacher's).
-
-    Over every (image, class) pair whose class is present in the image's mask, at the layer's own resolution
-    (no upsampling): the mean cosine similarity of the two maps and the fraction of pairs whose maps peak at the
-    same position. Unlike pointing accuracy, both models are judged on the same pairs whatever they predict.
-    """
-    grad_cams, reference_grad_cams = _all_class_grad_cam(model, layer), _all_class_grad_cam(reference, layer)
-
-    @jax.jit
-    def compare(variables, reference_variables, images):
-        maps, _ = grad_cams(variables, images)
-        reference_maps, _ = reference_grad_cams(reference_variables, images)
-        return map_cosine(maps, reference_maps), same_peak(maps, reference_maps)
-
-    cosines, peaks = [], []
-    for batch in batches:
-        cosine, peak = compare(variables, reference_variables, batch["image"])
-        num_classes = cosine.shape[-1]
-        present = np.asarray(class_masks(batch["mask"], num_classes).any(axis=(2, 3))) & batch["valid"][:, None]
-        cosines.append(np.asarray(cosine)[present])
-        peaks.append(np.asarray(peak)[present])
-    cosines, peaks = np.concatenate(cosines), np.concatenate(peaks)
-    return {"map_cosine": float(np.nanmean(cosines)), "same_peak": float(np.mean(peaks)),
-            "num_agreement_pairs": int(len(peaks))}
+    return summary, examples

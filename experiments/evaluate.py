@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from attrjax import data as attr_data
-from attrjax.evaluation import agreement_report, classification_report, localization_report, predict
+from attrjax.evaluation import classification_report, localization_report, predict
 from experiments import common
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid
@@ -24,14 +24,14 @@ COLUMNS = [("params", "params", "{:,}"), ("sample_map", "sample mAP", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
 
 
-def evaluate_model(model, variables, splits, config, *, keep_maps: int):
+def evaluate_model(model, variables, splits, config, *, keep_maps: int, teacher: tuple):
     """The row of one model, and the first ``keep_maps`` localisation images with their maps."""
     started = time.perf_counter()
     logits, labels = predict(model, variables, common.eval_batches(splits["val"], config))
     report = classification_report(logits, labels)
     localization, examples = localization_report(model, variables, common.eval_batches(splits["localization"], config),
                                                  layer=config.eval_layer, tolerance=config.eval.tolerance,
-                                                 keep_maps=keep_maps)
+                                                 keep_maps=keep_maps, reference=teacher)
     report.update(localization)
     report["params"] = int(sum(x.size for x in jax.tree.leaves(variables["params"])))
     report["eval_s"] = time.perf_counter() - started
@@ -54,14 +54,11 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     splits = common.load_splits(config, workdir) if splits is None else splits
     models = {"teacher": config.teacher, **student_runs(config)}
     results, figure_maps = {}, {}
-    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    teacher = common.load_trained("teacher", config.teacher, config, workdir)
     for name, model_config in models.items():
         model, variables = common.load_trained(name, model_config, config, workdir)
         results[name], examples = evaluate_model(model, variables, splits, config,
-                                                 keep_maps=config.eval.figure_images)
-        results[name].update(agreement_report(model, variables, teacher, teacher_variables,
-                                              common.eval_batches(splits["localization"], config),
-                                              layer=config.eval_layer))
+                                                 keep_maps=config.eval.figure_images, teacher=teacher)
         figure_maps[name] = examples["maps"]
         if name == "teacher":
             teacher_examples = examples
