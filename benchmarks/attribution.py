@@ -30,8 +30,9 @@ from attrjax.evaluation import make_attribution_fn
 from attrjax.models import VGG, init_variables, last_conv_layer, layer_spatial_size, vgg
 from benchmarks import common
 
+# "demo" is the teacher of experiments/configs/quick.py; "paper" the full VGG16 at the paper's 227 px.
 PRESETS = {
-    "demo": dict(layout="vgg16_s3", width_divisor=2, image_size=64, num_classes=6, batch=64),
+    "demo": dict(layout="vgg16_s3", width_divisor=4, image_size=64, num_classes=6, batch=64),
     "paper": dict(layout="vgg16", width_divisor=1, image_size=227, num_classes=20, batch=4),
 }
 
