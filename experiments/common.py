@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ast
+import dataclasses
 import importlib
 import json
 import os
@@ -12,10 +12,10 @@ import zlib
 from typing import Callable
 
 import jax
-import tensorflow_datasets as tfds
-from absl import logging as absl_logging
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 from attrjax import data as attr_data
 from attrjax.models import VGG, init_variables, vgg
@@ -89,7 +89,7 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray]]:
 def build_model(model_config, config) -> VGG:
     return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
                width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
-               dropout_rate=model_config.dropout_rate, head_pooling=model_config.get("head_pooling", "flatten"))
+               dropout_rate=model_config.dropout_rate, head_pooling=model_config.head_pooling)
 
 
 def eval_batches(arrays: dict, config):
