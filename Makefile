@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+ARGS ?=
 
 .PHONY: demo test bench clean
 
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.demo --workdir $(WORKDIR)
+	$(PY) -m experiments.demo --workdir $(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile
