@@ -20,7 +20,7 @@ import jax
 from attrjax.attribution import sensitivities_and_logits, top1_target, weighted_collapse
 from attrjax.models import VGG
 from benchmarks import common
-from benchmarks.train_step import build_models, make_objective, parse_args, setup
+from benchmarks.train_step import build_models, make_objective, pair_config, parse_args, setup
 
 OBJECTIVES = ("task", "kd", "kd_match", "kd_stochastic")
 
@@ -70,10 +70,7 @@ def run(args) -> dict:
     return {
         "benchmark": "step_breakdown",
         "config": {
-            "teacher": args.teacher, "teacher_divisor": args.teacher_divisor,
-            "student": args.student, "student_divisor": args.student_divisor,
-            "batch": args.batch, "image_size": args.image_size, "num_classes": args.num_classes,
-            "matching_layer": args.layer, "rounds": args.steps, **common.environment(),
+            **pair_config(args), "matching_layer": args.layer, "rounds": args.steps, **common.environment(),
         },
         "components": components,
         "matmul_peak_gflops": peak,

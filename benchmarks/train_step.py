@@ -72,6 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def pair_config(args: argparse.Namespace) -> dict:
+    """The teacher/student/input part of a benchmark's JSON ``config``."""
+    return {"teacher": args.teacher, "teacher_divisor": args.teacher_divisor, "student": args.student,
+            "student_divisor": args.student_divisor, "batch": args.batch, "image_size": args.image_size,
+            "num_classes": args.num_classes}
+
+
 def build_models(args: argparse.Namespace) -> tuple[VGG, VGG]:
     """(teacher, student) from the command line."""
     teacher = vgg(args.teacher, num_classes=args.num_classes, image_size=args.image_size,
@@ -125,10 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "train_step",
         "config": {
-            "teacher": args.teacher, "teacher_divisor": args.teacher_divisor,
-            "student": args.student, "student_divisor": args.student_divisor,
-            "batch": args.batch, "image_size": args.image_size, "num_classes": args.num_classes,
-            "objective": args.objective, "matching_layer": args.layer if objective.matching else None,
+            **pair_config(args), "objective": args.objective, "matching_layer": args.layer if objective.matching else None,
             "matching_map_size": layer_size, "drop_rate": objective.drop_rate, "steps": args.steps,
             **common.environment(),
         },

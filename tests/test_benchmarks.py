@@ -1,0 +1,36 @@
+"""The benchmarks run and print the JSON fields the README promises (tiny settings; timings are not asserted)."""
+
+import json
+
+from benchmarks import attribution, step_breakdown, train_step
+
+
+def _run(main, argv, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    main(argv + ["--out", str(out)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    return printed
+
+
+TINY_PAIR = ["--teacher", "vgg11", "--teacher-divisor", "16", "--student", "vgg11", "--student-divisor", "64",
+             "--image-size", "32", "--batch", "4", "--layer", "conv3_2", "--steps", "1", "--peak-size", "64"]
+
+
+def test_train_step_benchmark(tmp_path, capsys):
+    result = _run(train_step.main, TINY_PAIR, tmp_path, capsys)
+    for key in ("step_ms", "images_per_s", "gflop_per_step", "achieved_gflops", "fraction_of_peak"):
+        assert result[key] > 0, key
+    assert result["num_compiles"] == 1 and result["compiles_during_steps"] == 0
+
+
+def test_attribution_benchmark(tmp_path, capsys):
+    result = _run(attribution.main, ["--model", "demo", "--batch", "2", "--rounds", "1"], tmp_path, capsys)
+    assert result["batched_pairs_per_s"] > 0 and result["loop_pairs_per_s"] > 0 and result["speedup"] > 0
+    assert result["max_abs_diff"] <= 1e-5 * max(result["max_abs_map"], 1.0)
+
+
+def test_step_breakdown_benchmark(tmp_path, capsys):
+    result = _run(step_breakdown.main, TINY_PAIR, tmp_path, capsys)
+    assert set(result["components"]) >= {"task", "kd", "kd_match", "kd_stochastic", "teacher_forward"}
+    assert all(component["ms"] > 0 for component in result["components"].values())
