@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from attrjax.models import VGG, init_variables, layer_spatial_size, vgg
+from attrjax.pruning import count_params_and_flops
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
 from attrjax.train.state import TrainState, sgd
 from attrjax.train.step import Objective, jit_train_step, make_train_step
@@ -42,16 +43,9 @@ def make_objective(kind: str, layer: str) -> Objective:
 
 
 def conv_forward_gflop(model: VGG, batch: int) -> float:
-    """Analytic forward GFLOPs (2 per multiply-add) of all convs plus the classifier, padded taps included: a
-    cross-check of XLA's count, which skips the taps that fall on the zero padding (about 11% fewer at 64 px)."""
-    flops, size, in_channels = 0, model.image_size, 3
-    for stage in model.stage_widths:
-        for width in stage:
-            flops += 2 * size * size * 9 * in_channels * width
-            in_channels = width
-        size //= 2
-    flops += 2 * in_channels * size * size * model.num_classes
-    return batch * flops / 1e9
+    """Analytic forward GFLOPs of a batch, padded taps included: a cross-check of XLA's count, which skips the taps
+    that fall on the zero padding (about 11% fewer at 64 px)."""
+    return batch * count_params_and_flops(model)["flops"] / 1e9
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,0 +1,116 @@
+"""Structured L1 filter pruning (Li et al., "Pruning Filters for Efficient ConvNets"; PAPER.md §5.3) that makes
+the network physically smaller: a new VGG with fewer filters and the matching slices of its variables.
+
+Per conv layer, the filters with the largest L1 norm sum_{h,w,i} |W[h,w,i,o]| are kept (ranked per layer, on the
+given weights, no data). Slicing follows the kept filters through the network: the conv's kernel and bias, its
+BatchNorm's scale, bias, mean and variance, the next conv's input channels, and the classifier's input rows. The
+flatten head reads row c*H*W + s for channel c and position s, so a kept channel keeps its H*W consecutive rows
+(``repeat_interleave``; the reference code tiles the mask instead and keeps the wrong rows, PAPER.md §8 bug 5).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attrjax.models import VGG, init_variables
+from attrjax.pruning.masks import check_rate
+
+
+def vgg16_paper_rates(rate: float) -> list[float]:
+    """The paper's VGG16 rates: conv1_1 and the last six convs at ``rate``, the rest untouched."""
+    return [rate] + [0.0] * 6 + [rate] * 6
+
+
+def conv_names(model: VGG) -> list[str]:
+    return [name for name in model.layers if name.startswith("conv")]
+
+
+def l1_kept_filters(model: VGG, params, rates: Sequence[float]) -> dict[str, np.ndarray]:
+    """Conv name -> sorted indices of the int(C_out * (1 - rate)) filters with the largest L1 norm."""
+    names = conv_names(model)
+    if len(rates) != len(names):
+        raise ValueError(f"got {len(rates)} pruning rates for the {len(names)} convs of this VGG ({', '.join(names)})")
+    kept = {}
+    for name, rate in zip(names, rates):
+        check_rate(f"pruning rate of {name}", rate)
+        kernel = np.asarray(params[name]["kernel"])
+        num_keep = int(kernel.shape[-1] * (1 - rate))
+        if num_keep < 1:
+            raise ValueError(f"rate {rate} leaves {name} (with {kernel.shape[-1]} filters) no filter; use a "
+                             "smaller rate")
+        norms = np.abs(kernel).sum(axis=(0, 1, 2))
+        kept[name] = np.sort(np.argsort(-norms, kind="stable")[:num_keep])
+    return kept
+
+
+def _classifier_rows(model: VGG, last_kept: np.ndarray) -> np.ndarray:
+    """Rows of the classifier kernel that read the kept channels of the last conv."""
+    if model.head_pooling == "avg":
+        return last_kept
+    positions = model.final_spatial_size**2
+    return (last_kept[:, None] * positions + np.arange(positions)[None, :]).ravel()
+
+
+def prune_filters(model: VGG, variables: dict, rates: Sequence[float]) -> tuple[VGG, dict]:
+    """Physically removes the lowest-L1 filters of every conv.
+
+    Args:
+      model: a VGG.
+      variables: its ``{'params', 'batch_stats'}``.
+      rates: one rate in [0, 1) per conv, in forward order (``vgg16_paper_rates(p)`` for the paper's VGG16 scheme).
+
+    Returns:
+      ``(pruned_model, pruned_variables)``: a VGG with int(C * (1 - rate)) filters per conv and the sliced
+      variables, computing what the original computes with the removed channels held at zero.
+    """
+    params, stats = variables["params"], variables["batch_stats"]
+    kept = l1_kept_filters(model, params, rates)
+    new_params, new_stats = dict(params), dict(stats)
+    previous = np.arange(3)
+    for name in conv_names(model):
+        out = kept[name]
+        new_params[name] = {"kernel": params[name]["kernel"][:, :, previous][..., out],
+                            "bias": params[name]["bias"][out]}
+        bn = "bn" + name[4:]
+        new_params[bn] = jax.tree.map(lambda x: x[out], params[bn])
+        new_stats[bn] = jax.tree.map(lambda x: x[out], stats[bn])
+        previous = out
+    new_params["classifier"] = {"kernel": params["classifier"]["kernel"][_classifier_rows(model, previous)],
+                                "bias": params["classifier"]["bias"]}
+    names = iter(conv_names(model))
+    pruned = model.clone(stage_widths=tuple(tuple(len(kept[next(names)]) for _ in stage)
+                                            for stage in model.stage_widths))
+    return pruned, {"params": new_params, "batch_stats": new_stats}
+
+
+def count_params_and_flops(model: VGG) -> dict[str, int]:
+    """Parameters (including BatchNorm scale/bias) and forward FLOPs of one image (2 per multiply-add, conv
+    padding taps included, the paper's counter's convention)."""
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    flops, size, in_channels = 0, model.image_size, 3
+    for stage in model.stage_widths:
+        for width in stage:
+            flops += 2 * size * size * 9 * in_channels * width
+            in_channels = width
+        size //= 2
+    features = in_channels * (size * size if model.head_pooling == "flatten" else 1)
+    flops += 2 * features * model.num_classes
+    return {"params": params, "flops": flops}
+
+
+def zero_filters(model: VGG, variables: dict, rates: Sequence[float]) -> dict:
+    """The masked twin of ``prune_filters``: the same filters zeroed in place, with their BatchNorm folded to output
+    zero (scale and bias 0), so the network computes exactly what the physically pruned one does."""
+    kept = l1_kept_filters(model, variables["params"], rates)
+    params = dict(variables["params"])
+    for name in conv_names(model):
+        keep = jnp.zeros(params[name]["kernel"].shape[-1], bool).at[kept[name]].set(True)
+        params[name] = jax.tree.map(lambda x: jnp.where(keep, x, 0.0), params[name])
+        bn = "bn" + name[4:]
+        params[bn] = jax.tree.map(lambda x: jnp.where(keep, x, 0.0), params[bn])
+    return {"params": params, "batch_stats": variables["batch_stats"]}
