@@ -1,11 +1,13 @@
 """The VGG family: the split is exact at every layer, sizes match PAPER.md §3, bad configs fail clearly."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attrjax.models import VGG, check_compatible, init_variables, last_conv_layer, layer_spatial_size, vgg
+from attrjax.models.vgg import max_pool_2x2
 
 
 def _param_count(model):
@@ -77,3 +79,9 @@ def test_incompatible_teacher_and_student_are_rejected():
     with pytest.raises(ValueError, match="student has no layer 'conv3_3'"):
         check_compatible(teacher, vgg("vgg11", num_classes=6, image_size=64), ["conv3_3"])
     check_compatible(teacher, vgg("vgg16_s3", num_classes=6, image_size=64, width_divisor=8), ["pool3", "conv3_3"])
+
+
+def test_max_pool_matches_flax_max_pool_including_odd_sizes():
+    for size in (8, 7):  # 227 -> 113 needs the floor behaviour
+        x = jax.random.normal(jax.random.key(size), (2, size, size + 2, 5))
+        chex.assert_trees_all_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
