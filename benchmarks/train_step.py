@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "train_step",
         "config": {
-            **pair_config(args), "objective": args.objective, "matching_layer": args.layer if objective.matching else None,
+            **pair_config(args), "objective": args.objective,
+            "matching_layer": args.layer if objective.matching else None,
             "matching_map_size": layer_size, "drop_rate": objective.drop_rate, "steps": args.steps,
             **common.environment(),
         },

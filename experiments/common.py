@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
@@ -65,6 +66,8 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 def main_for(run: Callable, doc: str):
     """The command line of an experiment module: ``run(config, workdir)`` with --config, --workdir and --set."""
     args = arg_parser(doc.splitlines()[0]).parse_args()
+    # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
     run(load_config(args.config, args.set), args.workdir)
 
 
@@ -96,25 +99,50 @@ def eval_batches(arrays: dict, config):
     return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=attr_data.SHAPES_NORMALIZATION)
 
 
-def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_arrays: dict, *,
-                teacher: VGG | None = None, teacher_variables: dict | None = None):
-    """Trains (or resumes) one model into ``workdir/name`` and returns ``(model, variables, history)``."""
-    model = build_model(model_config, config)
-    rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode()))
-    init_rng, step_rng = jax.random.split(rng)
-    num_steps = model_config.num_steps
-    tx = make_optimizer(model_config.optimizer, num_steps)
+def run_keys(name: str, config) -> tuple[jax.Array, jax.Array]:
+    """The (init, step) keys of the run called ``name``: a pure function of the seed and the name."""
+    init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode())))
+    return init_key, step_key
+
+
+def fit(name: str, model: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
+        num_steps: int, config, workdir: str, train_arrays: dict, *, teacher: VGG | None = None,
+        teacher_variables: dict | None = None) -> dict:
+    """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables."""
+    _, step_key = run_keys(name, config)
 
     def batches(start_step: int):
         return attr_data.train_batches(train_arrays, config.data.batch_size, seed=config.seed, start_step=start_step,
                                        crop_padding=config.data.crop_padding,
                                        normalization=attr_data.SHAPES_NORMALIZATION)
 
-    state, history = train(model, init_variables(model, init_rng), tx, objective, batches, num_steps, rng=step_rng,
-                           teacher=teacher, teacher_variables=teacher_variables,
-                           checkpoint_dir=os.path.join(workdir, name, "checkpoints"),
-                           checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name)
-    return model, jax.device_get(state.variables), history
+    state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
+                     teacher_variables=teacher_variables, checkpoint_dir=os.path.join(workdir, name, "checkpoints"),
+                     checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name)
+    return jax.device_get(state.variables)
+
+
+def restore_finished(name: str, template: dict, tx: optax.GradientTransformation, num_steps: int, config,
+                     workdir: str) -> dict:
+    """The final variables of a run that ``fit`` finished in ``workdir/name`` (``template``: variables of the same
+    shapes, ``tx``: its optimizer)."""
+    directory = os.path.join(workdir, name, "checkpoints")
+    manager = checkpoint_manager(directory, save_every=config.checkpoint_every) if os.path.isdir(directory) else None
+    latest = None if manager is None else manager.latest_step()
+    if latest != num_steps:
+        raise FileNotFoundError(f"{directory} holds no finished run of {name!r} (latest step {latest}, expected "
+                                f"{num_steps}); train it first")
+    return jax.device_get(restore_latest(manager, TrainState.create(template, tx)).variables)
+
+
+def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_arrays: dict, *,
+                teacher: VGG | None = None, teacher_variables: dict | None = None) -> tuple[VGG, dict]:
+    """Trains (or resumes) a freshly initialised model of ``model_config`` into ``workdir/name``."""
+    model = build_model(model_config, config)
+    init_key, _ = run_keys(name, config)
+    tx = make_optimizer(model_config.optimizer, model_config.num_steps)
+    return model, fit(name, model, init_variables(model, init_key), tx, objective, model_config.num_steps, config,
+                      workdir, train_arrays, teacher=teacher, teacher_variables=teacher_variables)
 
 
 def save_json(path: str, payload):
@@ -125,11 +153,6 @@ def save_json(path: str, payload):
 def load_trained(name: str, model_config, config, workdir: str) -> tuple[VGG, dict]:
     """The final variables of a model that ``train_model`` trained into ``workdir/name``."""
     model = build_model(model_config, config)
-    template = TrainState.create(init_variables(model, jax.random.key(0)),
-                                 make_optimizer(model_config.optimizer, model_config.num_steps))
-    directory = os.path.join(workdir, name, "checkpoints")
-    manager = checkpoint_manager(directory, save_every=config.checkpoint_every)
-    if manager.latest_step() != model_config.num_steps:
-        raise FileNotFoundError(f"{directory} holds no finished run of {name!r} (latest step "
-                                f"{manager.latest_step()}, expected {model_config.num_steps}); train it first")
-    return model, jax.device_get(restore_latest(manager, template).variables)
+    tx = make_optimizer(model_config.optimizer, model_config.num_steps)
+    template = init_variables(model, jax.random.key(0))
+    return model, restore_finished(name, template, tx, model_config.num_steps, config, workdir)

@@ -1,5 +1,6 @@
-"""`make demo`: build the synthetic dataset, train a teacher, distil students with and without attribution
-matching, evaluate all of them, and write results.json, results.md and figure.png into the work directory.
+"""`make demo`: build the synthetic dataset, train a teacher, compress it three ways (distillation, structured
+filter pruning, iterative unstructured pruning), each naive and with attribution matching, evaluate every model,
+and write results.json, results.md and figure.png into the work directory.
 
     python -m experiments.demo --workdir runs/demo [--config quick] [--set stochastic_drop_rate=0.3]
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from experiments import common, distill, evaluate, train_teacher
+from experiments import common, distill, evaluate, prune, train_teacher
 
 
 def run(config, workdir: str) -> dict:
@@ -23,6 +24,7 @@ def run(config, workdir: str) -> dict:
           + f" images of {config.data.image_size} px, {config.data.num_classes} classes")
     seconds = {"teacher": train_teacher.run(config, workdir, splits)}
     seconds.update(distill.run(config, workdir, splits))
+    seconds.update(prune.run(config, workdir, splits))
     results = evaluate.run(config, workdir, splits)
     print("training seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in seconds.items())
           + f"; demo total {time.perf_counter() - started:.0f} s")

@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import numpy as np
 
 from attrjax import data as attr_data
 from attrjax.evaluation import classification_report, localization_report, predict
-from experiments import common
+from attrjax.pruning import count_params_and_flops, sparsity_summary
+from experiments import common, prune
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid
 
-COLUMNS = [("params", "params", "{:,}"), ("sample_map", "sample mAP", "{:.3f}"), ("class_map", "class mAP", "{:.3f}"),
+COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("conv_sparsity", "conv sparsity", "{:.3f}"),
+           ("sample_map", "sample mAP", "{:.3f}"), ("class_map", "class mAP", "{:.3f}"),
            ("f1", "F1", "{:.3f}"), ("pointing_accuracy", "pointing acc.", "{:.3f}"), ("mean_auc", "mask AUC", "{:.3f}"),
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
@@ -33,7 +34,9 @@ def evaluate_model(model, variables, splits, config, *, keep_maps: int, teacher:
                                                  layer=config.eval_layer, tolerance=config.eval.tolerance,
                                                  keep_maps=keep_maps, reference=teacher)
     report.update(localization)
-    report["params"] = int(sum(x.size for x in jax.tree.leaves(variables["params"])))
+    size = count_params_and_flops(model, variables["params"])
+    report.update(params=size["params"], mflops=size["flops"] / 1e6,
+                  conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
     report["eval_s"] = time.perf_counter() - started
     return report, examples
 
@@ -50,18 +53,28 @@ def present_classes(masks: np.ndarray, num_classes: int) -> np.ndarray:
     return (masks[:, None] == np.arange(1, num_classes + 1)[None, :, None, None]).any(axis=(2, 3))
 
 
+def trained_models(config, workdir: str):
+    """Yields ``(name, model, variables)`` for the teacher, then every student and every pruned network."""
+    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    yield "teacher", teacher, teacher_variables
+    for name, run_config in student_runs(config).items():
+        yield name, *common.load_trained(name, run_config, config, workdir)
+    for name, pruning_run in prune.pruning_runs(config).items():
+        yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
+
+
 def run(config, workdir: str, splits: dict | None = None) -> dict:
     splits = common.load_splits(config, workdir) if splits is None else splits
-    models = {"teacher": config.teacher, **student_runs(config)}
     results, figure_maps = {}, {}
-    teacher = common.load_trained("teacher", config.teacher, config, workdir)
-    for name, model_config in models.items():
-        model, variables = common.load_trained(name, model_config, config, workdir)
+    for name, model, variables in trained_models(config, workdir):
+        if name == "teacher":
+            teacher = (model, variables)
         results[name], examples = evaluate_model(model, variables, splits, config,
                                                  keep_maps=config.eval.figure_images, teacher=teacher)
         figure_maps[name] = examples["maps"]
         if name == "teacher":
             teacher_examples = examples
+        print(f"evaluated {name} in {results[name]['eval_s']:.0f} s")
 
     table = markdown_table(results)
     print("\n" + table + "\n")

@@ -1,15 +1,19 @@
-"""End to end: the real demo (build, teacher, KD, KD + matching, stochastic matching, evaluation) on a tiny build."""
+"""End to end: the real demo (build, teacher, KD and both prunings, each naive / matched / stochastic, evaluation) on a
+tiny build."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
-from experiments import common, demo
+from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
+from experiments import common, demo, prune
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
+        "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
         "eval.batch_size=8", "eval.figure_images=2", "checkpoint_every=2", "log_every=2",
         "stochastic_drop_rate=0.3"]
 
@@ -18,11 +22,21 @@ TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     config = common.load_config("quick", TINY)
     results = demo.run(config, str(tmp_path))
-    assert set(results) == {"teacher", "kd", "kd_match", "kd_match_stochastic"}
+    compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")
+                  for variant in ("", "_match", "_match_stochastic")]
+    assert list(results) == ["teacher"] + compressed
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
         assert row["num_counted"] == 0 or 0.0 <= row["pointing_accuracy"] <= 1.0
     assert results["kd"]["params"] < results["teacher"]["params"]
+    teacher = common.load_trained("teacher", config.teacher, config, str(tmp_path))
+    pruned_model, _ = prune_filters(*teacher, config.pruning.structured.rates)
+    assert results["structured"]["params"] == count_params_and_flops(pruned_model)["params"]
+    assert results["structured"]["mflops"] < results["teacher"]["mflops"]
+    sparsity = iterative_sparsity(config.pruning.unstructured.rate, 2)
+    for name in ("unstructured", "unstructured_match", "unstructured_match_stochastic"):
+        np.testing.assert_allclose(results[name]["conv_sparsity"], sparsity, atol=1e-3)
+        assert results[name]["mflops"] < 0.5 * results["teacher"]["mflops"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["kd_match"]["params"] == results["kd_match"]["params"]
     assert "| kd_match |" in (tmp_path / "results.md").read_text()
@@ -33,12 +47,18 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # A second run finds every model finished: it restores them, trains nothing and reproduces the results.
     again = demo.run(config, str(tmp_path))
     out = capsys.readouterr().out
-    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3), ("kd_match_stochastic", 3)):
+    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3), ("kd_match_stochastic", 3),
+                        ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2)):
         assert f"[{name}] resuming from the checkpoint of step {steps}" in out
     assert "] step " not in out
     for name in results:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
         np.testing.assert_allclose(again[name]["map_cosine"], results[name]["map_cosine"])
+
+    # An unstructured run missing its last round is never evaluated from an earlier round.
+    shutil.rmtree(tmp_path / "unstructured" / "round02")
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        prune.load("unstructured", prune.pruning_runs(config)["unstructured"], config, str(tmp_path), *teacher)
 
 
 def test_config_overrides_and_errors():
@@ -56,3 +76,4 @@ def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="train it first"):
         common.load_trained("teacher", config.teacher, config, str(tmp_path))
     assert not os.path.exists(tmp_path / "results.json")
+    assert not os.path.exists(tmp_path / "teacher")  # looking did not create the run's directory

@@ -160,6 +160,20 @@ def test_mask_auc_matches_pairwise_count_with_ties():
     np.testing.assert_allclose(auc, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_mask_auc_of_maps_spanning_the_whole_float_range():
+    # Values from -3e38 to 3e38 (with ties and signed zeros) do not fit the packed single-array sort: the
+    # two-operand fallback must give the same pairwise AUC.
+    rng = np.random.default_rng(5)
+    values = np.array([-3e38, -1.0, -0.0, 0.0, 1e-30, 2.5, 3e38], np.float32)
+    codes = rng.integers(0, len(values), size=(6, 5, 5))
+    masks = rng.random((6, 5, 5)) < 0.4
+    expected = [reference_auc(m, s) for m, s in zip(masks, values[codes])]
+    np.testing.assert_allclose(metrics.mask_auc(values[codes], masks), expected, rtol=1e-6)
+    # The same order and ties in a narrow range take the packed path and give the same AUC.
+    ranks = np.array([0, 1, 2, 2, 3, 4, 5], np.float32)
+    np.testing.assert_allclose(metrics.mask_auc(ranks[codes], masks), expected, rtol=1e-6)
+
+
 def test_mask_auc_closed_forms_and_undefined():
     mask = np.zeros((8, 8), bool)
     mask[2:5, 3:7] = True

@@ -76,6 +76,21 @@ def test_params_and_flops_of_a_tiny_config_by_hand():
     assert counted["flops"] == 2 * (3456 + 864) + 96
 
 
+def test_zero_conv_weights_are_not_counted():
+    model = vgg(((2,), (3,)), num_classes=4, image_size=8)
+    params = jax.tree.map(jnp.ones_like, init_variables(model, jax.random.key(0))["params"])
+    params["conv1_1"]["kernel"] = params["conv1_1"]["kernel"].at[0, 0, 0, :].set(0.0)  # 2 of 54 weights
+    params["conv2_1"]["kernel"] = params["conv2_1"]["kernel"].at[1].set(0.0)  # 18 of 54 weights
+    params["bn2_1"]["bias"] = jnp.zeros(3)  # zero, but not a conv weight: still counted
+    counted = count_params_and_flops(model, params)
+    dense = count_params_and_flops(model)
+    assert counted["params"] == dense["params"] - 2 - 18
+    # conv1_1 at 8x8 with 52 weights, conv2_1 at 4x4 with 36, the dense classifier
+    assert counted["flops"] == 2 * (64 * 52 + 16 * 36) + 96
+    with pytest.raises(ValueError, match="do not fit this model"):
+        count_params_and_flops(vgg(((2,), (4,)), num_classes=4, image_size=8), params)
+
+
 def test_bad_rates_are_rejected():
     model = vgg(((4,), (4,)), num_classes=2, image_size=8)
     variables = init_variables(model, jax.random.key(0))

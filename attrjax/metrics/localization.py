@@ -60,29 +60,50 @@ def _pointing_game(maps: jax.Array, masks: jax.Array, tolerance: jax.Array) -> j
     return jnp.where(defined, hit.astype(maps.dtype), jnp.nan)
 
 
-def _roc_auc(scores: jax.Array, positive: jax.Array) -> jax.Array:
-    """ROC-AUC of one score vector, ties counted half: (N,) float, (N,) bool -> () float, NaN if undefined.
+def _ordered_keys(scores: jax.Array) -> jax.Array:
+    """int32 keys with the order of the float32 ``scores`` (NaN excluded; -0 equals +0): the sign-magnitude bits
+    made two's complement."""
+    scores = scores.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores), jnp.int32)
+    return jnp.where(bits < 0, jnp.int32(-(2**31)) - bits - 1, bits)
+
+
+def _sort_packed(keys: jax.Array, positive: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B,N) keys (span < 2^31 per row) and labels -> both sorted by key, by ONE uint32 sort of 2 * key + label.
+    XLA's CPU sort of a single array is ~6x faster than of two operands (or an argsort)."""
+    offsets = (keys - jnp.min(keys, axis=-1, keepdims=True)).astype(jnp.uint32)
+    packed = jnp.sort(offsets * 2 + positive.astype(jnp.uint32), axis=-1)
+    return (packed >> 1).astype(jnp.int32), (packed & 1).astype(bool)
+
+
+def _sort_pairs(keys: jax.Array, positive: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The general (slower) path of ``_sort_packed``: a two-operand sort."""
+    return jax.lax.sort((keys, positive), dimension=-1, num_keys=1)
+
+
+def _roc_auc_of_sorted(keys: jax.Array, positive: jax.Array) -> jax.Array:
+    """ROC-AUC from one row sorted by score: (N,) int keys ascending, (N,) bool labels -> () float.
 
     Mann-Whitney: AUC = (sum of the positives' average ranks - P(P+1)/2) / (P * N_neg). The positive-positive
     part of the rank sum is exactly P(P+1)/2 and cancels analytically, leaving, per positive, the negatives
     strictly below it plus half the negatives tied with it. Summing those small counts instead of ranks of
-    order H*W keeps float32 accurate for large maps. O(N log N): one sort, then searchsorted.
+    order H*W keeps float32 accurate for large maps. Tie groups come from running max/min of their boundaries.
     """
-    n = scores.shape[0]
-    order = jnp.argsort(scores)
-    sorted_scores = scores[order]
+    n = keys.shape[0]
     # negatives_below[k] = number of negatives among the k smallest scores.
-    negatives_below = jnp.concatenate(
-        [jnp.zeros((1,), jnp.int32), jnp.cumsum(~positive[order], dtype=jnp.int32)])
-    below = negatives_below[jnp.searchsorted(sorted_scores, scores, side="left")]
-    below_or_tied = negatives_below[jnp.searchsorted(sorted_scores, scores, side="right")]
+    negatives_below = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(~positive, dtype=jnp.int32)])
+    index = jnp.arange(n)
+    boundary = keys[1:] != keys[:-1]
+    group_start = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones((1,), bool), boundary]), index, 0))
+    group_end = jax.lax.cummin(jnp.where(jnp.concatenate([boundary, jnp.ones((1,), bool)]), index + 1, n),
+                               reverse=True)
     num_negative = negatives_below[-1]
     num_positive = n - num_negative
     # (below + below_or_tied) / 2 = negatives below + half the tied ones, normalised to [0, 1] per positive.
-    beaten_fraction = (below + below_or_tied) / (2 * jnp.maximum(num_negative, 1))
+    beaten_fraction = ((negatives_below[group_start] + negatives_below[group_end])
+                       / (2 * jnp.maximum(num_negative, 1)))
     auc = jnp.sum(jnp.where(positive, beaten_fraction, 0.0)) / jnp.maximum(num_positive, 1)
-    defined = (num_positive > 0) & (num_negative > 0) & ~jnp.any(jnp.isnan(scores))
-    return jnp.where(defined, auc, jnp.nan)
+    return jnp.where((num_positive > 0) & (num_negative > 0), auc, jnp.nan)
 
 
 @jax.jit
@@ -91,6 +112,8 @@ def mask_auc(maps: jax.Array, masks: jax.Array) -> jax.Array:
 
     Equals sklearn's ``roc_auc_score(mask.ravel(), map.ravel())`` (the reference's ``roc_curve`` + ``auc``):
     the probability that a random mask pixel outscores a random non-mask pixel, ties counting one half.
+    O(N log N) per map: one sort (a single packed uint32 sort when the map's values span less than 2^31 float32
+    steps, as min-max normalised maps do), then linear scans.
 
     Args:
       maps: (B, H, W) float attribution maps.
@@ -102,7 +125,13 @@ def mask_auc(maps: jax.Array, masks: jax.Array) -> jax.Array:
     """
     maps, masks = _maps_and_masks(maps, masks)
     batch = maps.shape[0]
-    return jax.vmap(_roc_auc)(maps.reshape(batch, -1), masks.reshape(batch, -1))
+    positive = masks.reshape(batch, -1)
+    has_nan = jnp.any(jnp.isnan(maps), axis=(1, 2))
+    keys = _ordered_keys(jnp.where(jnp.isnan(maps), 0.0, maps).reshape(batch, -1))
+    span = jnp.max(keys, axis=-1).astype(jnp.uint32) - jnp.min(keys, axis=-1).astype(jnp.uint32)
+    sorted_keys, sorted_positive = jax.lax.cond(jnp.all(span < jnp.uint32(2**31)), _sort_packed, _sort_pairs, keys, positive)
+    auc = jax.vmap(_roc_auc_of_sorted)(sorted_keys, sorted_positive)
+    return jnp.where(has_nan, jnp.nan, auc)
 
 
 @functools.partial(jax.jit, static_argnames="num_classes")

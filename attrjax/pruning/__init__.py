@@ -7,5 +7,5 @@ from attrjax.pruning.structured import (count_params_and_flops, l1_kept_filters,
                                         zero_filters)
 
 __all__ = ["MaskedState", "apply_masks", "check_structure", "conv_kernels", "iterative_sparsity",
-           "magnitude_masks", "masked", "sparsity_summary", "count_params_and_flops", "l1_kept_filters", "prune_filters",
-           "vgg16_paper_rates", "zero_filters"]
+           "magnitude_masks", "masked", "sparsity_summary", "count_params_and_flops", "l1_kept_filters",
+           "prune_filters", "vgg16_paper_rates", "zero_filters"]

@@ -87,20 +87,33 @@ def prune_filters(model: VGG, variables: dict, rates: Sequence[float]) -> tuple[
     return pruned, {"params": new_params, "batch_stats": new_stats}
 
 
-def count_params_and_flops(model: VGG) -> dict[str, int]:
-    """Parameters (including BatchNorm scale/bias) and forward FLOPs of one image (2 per multiply-add, conv
-    padding taps included, the paper's counter's convention)."""
+def count_params_and_flops(model: VGG, params=None) -> dict[str, int]:
+    """Parameters (including BatchNorm scale/bias) and forward FLOPs of one image (2 per multiply-add, conv padding
+    taps included, the paper's counter's convention).
+
+    With ``params`` (an unstructured-pruned model's), zero conv weights do not count, as in the paper's counter:
+    they are subtracted from the parameters, and a conv costs 2 * H * W * nnz(kernel).
+    """
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    if params is not None and jax.tree.map(np.shape, params) != jax.tree.map(lambda x: tuple(x.shape),
+                                                                              variables["params"]):
+        raise ValueError("params do not fit this model (different layers or shapes); pass the params of the model "
+                         "being counted")
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
     flops, size, in_channels = 0, model.image_size, 3
+    names = iter(conv_names(model))
     for stage in model.stage_widths:
         for width in stage:
-            flops += 2 * size * size * 9 * in_channels * width
+            weights = 9 * in_channels * width
+            if params is not None:
+                zeros = weights - int(np.count_nonzero(np.asarray(params[next(names)]["kernel"])))
+                num_params, weights = num_params - zeros, weights - zeros
+            flops += 2 * size * size * weights
             in_channels = width
         size //= 2
     features = in_channels * (size * size if model.head_pooling == "flatten" else 1)
     flops += 2 * features * model.num_classes
-    return {"params": params, "flops": flops}
+    return {"params": num_params, "flops": flops}
 
 
 def zero_filters(model: VGG, variables: dict, rates: Sequence[float]) -> dict:

@@ -29,5 +29,9 @@ def restore_latest(manager: ocp.CheckpointManager, state):
                          "use a fresh work directory or the configuration that wrote it") from error
 
 
-def save(manager: ocp.CheckpointManager, state, *, force: bool = False):
-    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, force: bool = False):
+    """Saves ``state`` as ``step`` when the manager's interval (or ``force``) says so. Pass the host's step counter
+    where you have it: reading ``state.step`` waits for the device to finish the step."""
+    step = int(state.step) if step is None else step
+    if force or manager.should_save(step):
+        manager.save(step, args=ocp.args.StandardSave(state), force=force)

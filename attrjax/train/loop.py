@@ -59,7 +59,7 @@ def train(student: VGG, variables: dict, tx: optax.GradientTransformation, objec
         state, metrics = step_fn(state, teacher_variables, shard_batch(batch, mesh), rng)
         images_seen += len(batch["image"])
         if manager is not None:
-            checkpoint.save(manager, state, force=step == num_steps)
+            checkpoint.save(manager, state, step=step, force=step == num_steps)
         if step % log_every == 0 or step == num_steps:
             record = {key: float(value) for key, value in metrics.items()}
             if not np.isfinite(record["loss"]):

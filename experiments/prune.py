@@ -1,0 +1,106 @@
+"""Prune the teacher and fine-tune it, with and without attribution matching (PAPER.md §5.3, §5.4, §2.7b-c).
+
+    python -m experiments.prune --config quick --workdir runs/demo [--set stochastic_drop_rate=0.3]
+
+Two settings, each naive (task loss) and matched (task loss + lambda * matching to the unpruned teacher, which is
+always in eval mode: the reference code's unstructured scripts leave it in train mode, PAPER.md §8 bug 7):
+- ``structured``: one-shot L1 filter pruning at ``config.pruning.structured.rates`` (one rate per conv), which
+  returns a physically smaller VGG, then fine-tuning;
+- ``unstructured``: ``rounds`` rounds of global magnitude pruning of the conv kernels to s_k = 1 - (1 - p)^k, each
+  followed by ``steps_per_round`` fine-tuning steps with a fresh optimizer whose state carries the masks. The
+  final weights of a round (not the best ones) carry over to the next, as in the paper.
+Needs ``experiments.train_teacher`` to have run in the same work directory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from attrjax.models import VGG
+from attrjax.pruning import apply_masks, iterative_sparsity, magnitude_masks, masked, prune_filters
+from attrjax.train import Objective, make_optimizer
+from experiments import common
+
+SETTINGS = ("structured", "unstructured")
+
+
+def pruning_runs(config) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> ``{setting, objective}``: every setting naive and matched (and stochastic when switched on)."""
+    matched = dict(matching="weighted", matching_weight=config.pruning.matching_weight)
+    runs = {}
+    for setting in SETTINGS:
+        runs[setting] = dict(setting=setting, objective={})
+        runs[f"{setting}_match"] = dict(setting=setting, objective=matched)
+        if config.stochastic_drop_rate:
+            runs[f"{setting}_match_stochastic"] = dict(
+                setting=setting, objective=dict(matched, drop_rate=config.stochastic_drop_rate))
+    return {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+
+
+def round_name(name: str, round_index: int) -> str:
+    return f"{name}/round{round_index:02d}"
+
+
+def train_structured(name: str, objective: Objective, config, workdir: str, train_arrays: dict, teacher: VGG,
+                     teacher_variables: dict) -> tuple[VGG, dict]:
+    settings = config.pruning.structured
+    model, variables = prune_filters(teacher, teacher_variables, settings.rates)
+    tx = make_optimizer(settings.optimizer, settings.num_steps)
+    return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_arrays,
+                             teacher=teacher, teacher_variables=teacher_variables)
+
+
+def train_unstructured(name: str, objective: Objective, config, workdir: str, train_arrays: dict, teacher: VGG,
+                       teacher_variables: dict) -> tuple[VGG, dict]:
+    settings = config.pruning.unstructured
+    variables = teacher_variables
+    for k in range(1, settings.rounds + 1):
+        sparsity = iterative_sparsity(settings.rate, k)
+        masks = magnitude_masks(variables["params"], sparsity)
+        variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
+        print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
+        tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
+        variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
+                               config, workdir, train_arrays, teacher=teacher, teacher_variables=teacher_variables)
+    return teacher, variables
+
+
+def load(name: str, run, config, workdir: str, teacher: VGG, teacher_variables: dict) -> tuple[VGG, dict]:
+    """The final model and variables of a finished pruning run (raises if it has not been trained)."""
+    if run.setting == "structured":
+        settings = config.pruning.structured
+        model, template = prune_filters(teacher, teacher_variables, settings.rates)
+        tx = make_optimizer(settings.optimizer, settings.num_steps)
+        return model, common.restore_finished(name, template, tx, settings.num_steps, config, workdir)
+    settings = config.pruning.unstructured
+    no_masks = jax.tree.map(lambda leaf: jnp.ones(leaf.shape, bool), teacher_variables["params"])
+    tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), no_masks)
+    return teacher, common.restore_finished(round_name(name, settings.rounds), teacher_variables, tx,
+                                            settings.steps_per_round, config, workdir)
+
+
+def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
+    """Trains (or resumes) every pruning run into ``workdir/<name>``; returns the seconds spent per run."""
+    splits = common.load_splits(config, workdir) if splits is None else splits
+    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    train_setting = {"structured": train_structured, "unstructured": train_unstructured}
+    seconds = {}
+    for name, pruning_run in pruning_runs(config).items():
+        objective = Objective(matching_layer=config.matching_layer, **pruning_run.objective)
+        started = time.perf_counter()
+        train_setting[pruning_run.setting](name, objective, config, workdir, splits["train"], teacher,
+                                           teacher_variables)
+        seconds[name] = time.perf_counter() - started
+    return seconds
+
+
+def main():
+    common.main_for(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()
