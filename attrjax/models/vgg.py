@@ -11,7 +11,7 @@ The paper matches attributions at ``pool5`` (7x7 at 227 px) and evaluates Grad-C
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,6 +81,8 @@ class VGG(nn.Module):
         ``avg`` (global average pooling first: translation-invariant, far fewer classifier weights; learns much
         faster from small data where objects appear anywhere).
       dtype: computation dtype (parameters stay float32).
+      activation: the nonlinearity after every conv + BatchNorm. ``model.clone(activation=guided_relu)`` is the
+        guided-backprop network with the same variables (no hooks).
     """
 
     stage_widths: StageWidths
@@ -90,6 +92,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     head_pooling: str = "flatten"
     dtype: jnp.dtype = jnp.float32
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     def setup(self):
         self._check_config()
@@ -144,7 +147,7 @@ class VGG(nn.Module):
             return max_pool_2x2(x)
         x = getattr(self, name)(x)
         x = getattr(self, "bn" + name[4:])(x, use_running_average=not train)
-        return nn.relu(x)
+        return self.activation(x)
 
     def features(self, x: jax.Array, *, layer: str | None = None, train: bool = False) -> jax.Array:
         """Images (B,S,S,3) float -> activations A (B,H,W,C) at ``layer`` (default: ``attribution_layer``)."""
