@@ -13,6 +13,7 @@ from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # A target is (B,) int classes, (B,K) weights on the logits, or a function logits (B,K) -> either of those
 # (e.g. ``top1_target`` for the paper's training-time target).
@@ -28,17 +29,20 @@ def top1_target(logits: jax.Array) -> jax.Array:
 def target_weights(target: Target, logits: jax.Array) -> jax.Array:
     """Resolves a target into (B,K) weights on ``logits`` (B,K).
 
-    Integer targets become one-hot rows; they are range-checked whenever their values are concrete (outside jit).
+    Integer targets become one-hot rows; they are range-checked whenever their values are concrete (not traced).
     """
     if callable(target):
         target = target(jax.lax.stop_gradient(logits))
     batch, num_classes = logits.shape
+    # Range-check concrete integer targets with NumPy, before jnp.asarray (which stages constants under jit).
+    traced = isinstance(target, jax.core.Tracer)
+    concrete = np.asarray(target) if not traced and jnp.issubdtype(jnp.result_type(target), jnp.integer) else None
     target = jnp.asarray(target)
     if jnp.issubdtype(target.dtype, jnp.integer):
         if target.shape != (batch,):
             raise ValueError(f"integer targets must have shape (batch,)=({batch},), got {target.shape}")
-        if not isinstance(target, jax.core.Tracer) and ((target < 0) | (target >= num_classes)).any():
-            raise ValueError(f"target classes must lie in [0, {num_classes}), got {target.tolist()}")
+        if concrete is not None and ((concrete < 0) | (concrete >= num_classes)).any():
+            raise ValueError(f"target classes must lie in [0, {num_classes}), got {concrete.tolist()}")
         return jax.nn.one_hot(target, num_classes, dtype=logits.dtype)
     if target.shape != logits.shape:
         raise ValueError(f"target weights must have the logits' shape {logits.shape}, got {target.shape}")

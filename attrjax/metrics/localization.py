@@ -129,7 +129,8 @@ def mask_auc(maps: jax.Array, masks: jax.Array) -> jax.Array:
     has_nan = jnp.any(jnp.isnan(maps), axis=(1, 2))
     keys = _ordered_keys(jnp.where(jnp.isnan(maps), 0.0, maps).reshape(batch, -1))
     span = jnp.max(keys, axis=-1).astype(jnp.uint32) - jnp.min(keys, axis=-1).astype(jnp.uint32)
-    sorted_keys, sorted_positive = jax.lax.cond(jnp.all(span < jnp.uint32(2**31)), _sort_packed, _sort_pairs, keys, positive)
+    packable = jnp.all(span < jnp.uint32(2**31))
+    sorted_keys, sorted_positive = jax.lax.cond(packable, _sort_packed, _sort_pairs, keys, positive)
     auc = jax.vmap(_roc_auc_of_sorted)(sorted_keys, sorted_positive)
     return jnp.where(has_nan, jnp.nan, auc)
 
