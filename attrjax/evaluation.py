@@ -1,18 +1,21 @@
-"""Batched, jit-compiled evaluation of a model: predictions (PAPER.md §6.1) and Grad-CAM localisation (§6.2).
+"""Batched, jit-compiled evaluation of a model: predictions (PAPER.md §6.1) and attribution localisation (§6.2).
 
-Every class of every image of a batch is attributed in one compiled call (``grad_cam_all_classes``), upsampled to
-the image size, and scored against the segmentation masks.
+Every class of every image of a batch is attributed in one compiled call (``attribution.methods.class_maps``: Grad-CAM,
+LRP, Excitation Backprop, the gradient family), upsampled to the image size, and scored against the segmentation
+masks.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import functools
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attrjax.attribution import grad_cam_all_classes, minmax_normalize, resize_maps
+from attrjax.attribution import minmax_normalize, resize_maps
+from attrjax.attribution.methods import check_method, class_maps
 from attrjax.metrics import (class_average_precision, f1_samples, localization_scores, map_cosine,
                              same_peak, sample_average_precision, summarize_localization)
 from attrjax.models import VGG
@@ -23,14 +26,10 @@ def make_predict_fn(model: VGG) -> Callable:
     return jax.jit(lambda variables, images: model.apply(variables, images))
 
 
-def _all_class_grad_cam(model: VGG, layer: str) -> Callable:
-    """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: Grad-CAM of every class at ``layer``."""
-
-    def attribute(variables, images):
-        feats = model.apply(variables, images, layer=layer, method=VGG.features)
-        return grad_cam_all_classes(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), feats)
-
-    return attribute
+def _all_class_maps(model: VGG, layer: str, method: str, options: dict | None) -> Callable:
+    """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: ``method``'s map of every class."""
+    check_method(method)
+    return functools.partial(class_maps, model, method=method, layer=layer, **(options or {}))
 
 
 def _evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
@@ -38,16 +37,17 @@ def _evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
     return minmax_normalize(resize_maps(raw_maps, image_size))
 
 
-def make_attribution_fn(model: VGG, layer: str) -> Callable:
+def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam",
+                        method_options: dict | None = None) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
-    Maps are Grad-CAM at ``layer`` for every class, bilinearly upsampled to the image size and min-max normalised
-    per map (PAPER.md §6.2 steps 1-3).
+    Maps are ``method``'s (Grad-CAM at ``layer`` by default) for every class, bilinearly upsampled to the image size
+    and min-max normalised per map (PAPER.md §6.2 steps 1-3).
     """
-    grad_cams = _all_class_grad_cam(model, layer)
+    all_class_maps = _all_class_maps(model, layer, method, method_options)
 
     def attribute(variables, images):
-        maps, logits = grad_cams(variables, images)
+        maps, logits = all_class_maps(variables, images)
         return _evaluation_maps(maps, images.shape[1]), logits
 
     return jax.jit(attribute)
@@ -75,40 +75,51 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
 
 
 def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
-                        keep_maps: int = 0, reference: tuple[VGG, dict] | None = None) -> tuple[dict, dict]:
-    """Pointing accuracy and mask AUC of Grad-CAM at ``layer`` over (image, class) pairs (PAPER.md §6.2), in one
-    pass that computes each batch's maps once.
+                        keep_maps: int = 0, reference: tuple[VGG, dict] | Sequence[np.ndarray] | None = None,
+                        method: str = "gradcam", method_options: dict | None = None,
+                        keep_raw_maps: bool = False) -> tuple[dict, dict]:
+    """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
+    pairs (PAPER.md §6.2), in one pass that computes each batch's maps once.
 
     A pair counts when the class is in the image's mask and the model predicts it (logit > 0).
 
     Args:
-      reference: optional ``(model, variables)`` (e.g. the teacher) whose Grad-CAM at the same layer the maps are
-        compared with on every pair whose class is present, whatever either model predicts: ``map_cosine`` (mean
-        cosine similarity at the layer's own resolution) and ``same_peak`` (fraction of pairs whose maps peak at
-        the same position).
+      reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
+        layer) the maps are compared with on every pair whose class is present, whatever either model predicts:
+        ``map_cosine`` (mean cosine similarity at the maps' own resolution) and ``same_peak`` (fraction of pairs
+        whose maps peak at the same position). Or the reference's raw maps per batch, ``examples["raw_maps"]``
+        of an earlier report over the same batches, so a teacher's maps are computed once for many students.
+      method_options: keyword arguments of the method (``attribution.methods.class_maps``).
+      keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
+        ``examples["raw_maps"]``.
 
     Returns:
       ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries);
       ``examples`` holds the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
     """
-    grad_cams = _all_class_grad_cam(model, layer)
-    reference_grad_cams = _all_class_grad_cam(reference[0], layer) if reference is not None else None
+    attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
+    attribute_reference = (jax.jit(_all_class_maps(reference[0], layer, method, method_options))
+                           if isinstance(reference, tuple) else None)
 
     @jax.jit
-    def evaluate_batch(variables, reference_variables, images, segmentation):
-        raw_maps, logits = grad_cams(variables, images)
-        maps = _evaluation_maps(raw_maps, images.shape[1])
+    def score_batch(raw_maps, logits, segmentation, reference_maps):
+        maps = _evaluation_maps(raw_maps, segmentation.shape[-1])
         scores = localization_scores(maps, segmentation, logits, tolerance=tolerance)
-        if reference_grad_cams is not None:
-            reference_maps, _ = reference_grad_cams(reference_variables, images)
+        if reference_maps is not None:
             scores.update(map_cosine=map_cosine(raw_maps, reference_maps),
                           same_peak=same_peak(raw_maps, reference_maps))
-        return maps, logits, scores
+        return maps, scores
 
-    reference_variables = reference[1] if reference is not None else None
-    per_batch, kept = [], []
-    for batch in batches:
-        maps, logits, scores = evaluate_batch(variables, reference_variables, batch["image"], batch["mask"])
+    per_batch, kept, raw_per_batch = [], [], []
+    for index, batch in enumerate(batches):
+        raw_maps, logits = attribute(variables, batch["image"])
+        if attribute_reference is not None:
+            reference_maps, _ = attribute_reference(reference[1], batch["image"])
+        else:
+            reference_maps = None if reference is None else reference[index]
+        maps, scores = score_batch(raw_maps, logits, batch["mask"], reference_maps)
+        if keep_raw_maps:
+            raw_per_batch.append(np.asarray(raw_maps))
         valid = np.asarray(batch["valid"])
         per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
         if sum(len(k["maps"]) for k in kept) < keep_maps:
@@ -121,4 +132,6 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         summary.update(map_cosine=float(np.nanmean(scores["map_cosine"][present])),
                        same_peak=float(np.mean(scores["same_peak"][present])))
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
+    if keep_raw_maps:
+        examples["raw_maps"] = raw_per_batch
     return summary, examples

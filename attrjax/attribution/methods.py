@@ -1,0 +1,128 @@
+"""Every attribution method by name, for every class of a batch at once: the evaluation's entry point.
+
+``class_maps(model, variables, images, method, layer=...)`` returns raw maps (B,K,h,w), one per image and class,
+with the paper's per-method conventions (PAPER.md §6.2):
+
+| method | map |
+|---|---|
+| ``gradcam`` | Grad-CAM at ``layer`` (ReLU of the sensitivity-weighted channel sum); all classes from one vjp |
+| ``ebp`` | Excitation Backprop's marginal winning probability at ``layer``, clamped at 0 |
+| ``lrp`` | LRP alpha1-beta0, z^B at the input conv (each image's min/max as bounds), read at the input |
+| ``rap`` | RAP at the input, positive relevance only |
+| ``saliency`` | max over colour channels of abs(gradient) |
+| ``input_x_gradient`` | colour-channel sum of x * gradient |
+| ``integrated_gradients`` | colour-channel sum of integrated gradients from the zero (mean-colour) image |
+| ``smooth_grad`` | max over colour channels of abs(SmoothGrad's mean gradient) |
+| ``guided_backprop`` | max over colour channels of abs(guided gradient) |
+
+Maps live at the resolution of the layer they are read at (``gradcam``/``ebp``) or of the image (the others);
+evaluation resizes them to the image and min-max normalises them. Methods other than Grad-CAM attribute one class
+per pass: classes go through ``jax.lax.map`` in groups of ``class_chunk`` (vmapped inside a group), so memory is
+bounded by class_chunk x B images' activations while the forward pass, which does not depend on the class, is
+shared within a group.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from attrjax.attribution.gradcam import grad_cam_all_classes
+from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, integrated_gradients, saliency,
+                                           smooth_grad, sum_channels)
+from attrjax.attribution.propagation import excitation_backprop, lrp
+from attrjax.models import VGG
+
+# (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
+ClassMapFn = Callable[[VGG, dict, jax.Array, jax.Array, str], jax.Array]
+_SMOOTH_GRAD_KEY = 0  # SmoothGrad's noise is a fixed function of the method, so evaluations are reproducible.
+
+
+def _logit_fn(model: VGG, variables: dict) -> Callable[[jax.Array], jax.Array]:
+    return lambda x: model.apply(variables, x)
+
+
+def _max_abs_channel(gradients: jax.Array) -> jax.Array:
+    return jnp.max(jnp.abs(gradients), axis=-1)
+
+
+def _ebp(model, variables, images, classes, layer, **options):
+    return jnp.maximum(excitation_backprop(model, variables, images, classes, layer=layer, **options), 0.0)
+
+
+def _lrp(model, variables, images, classes, layer, **options):
+    return lrp(model, variables, images, classes, **options)
+
+
+def _saliency(model, variables, images, classes, layer, **options):
+    return saliency(_logit_fn(model, variables), images, classes, **options)
+
+
+def _input_x_gradient(model, variables, images, classes, layer, **options):
+    return input_x_gradient(_logit_fn(model, variables), images, classes, **options)
+
+
+def _integrated_gradients(model, variables, images, classes, layer, **options):
+    return sum_channels(integrated_gradients(_logit_fn(model, variables), images, classes, **options))
+
+
+def _smooth_grad(model, variables, images, classes, layer, **options):
+    key = jax.random.key(_SMOOTH_GRAD_KEY)
+    return _max_abs_channel(smooth_grad(_logit_fn(model, variables), images, classes, rng=key, **options))
+
+
+def _guided_backprop(model, variables, images, classes, layer, **options):
+    return _max_abs_channel(guided_backprop(model, variables, images, classes, **options))
+
+
+PER_CLASS_METHODS: dict[str, ClassMapFn] = {
+    "ebp": _ebp,
+    "lrp": _lrp,
+    "saliency": _saliency,
+    "input_x_gradient": _input_x_gradient,
+    "integrated_gradients": _integrated_gradients,
+    "smooth_grad": _smooth_grad,
+    "guided_backprop": _guided_backprop,
+}
+METHODS = ("gradcam",) + tuple(PER_CLASS_METHODS)
+PAPER_METHODS = ("gradcam", "lrp", "ebp")
+
+
+def check_method(method: str):
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; available: {', '.join(METHODS)}")
+
+
+def class_maps(model: VGG, variables: dict, images: jax.Array, method: str = "gradcam", *, layer: str | None = None,
+               class_chunk: int = 8, **options) -> tuple[jax.Array, jax.Array]:
+    """Raw maps of every class for a batch: ``(maps (B,K,h,w), logits (B,K))``.
+
+    Args:
+      model, variables: a VGG and its variables (eval mode).
+      images: (B,S,S,3) normalised images.
+      method: one of ``METHODS`` (see the module docstring).
+      layer: where ``gradcam`` and ``ebp`` read their maps (required for them; the other methods attribute the
+        input).
+      class_chunk: classes attributed together by the per-class methods (memory vs speed).
+      **options: keyword arguments of the method's function (e.g. ``steps=16`` for integrated gradients,
+        ``samples=8`` for SmoothGrad, ``rule="epsilon"`` for LRP); Grad-CAM takes none.
+    """
+    check_method(method)
+    if method in ("gradcam", "ebp") and layer is None:
+        raise ValueError(f"method {method!r} reads its map at a layer; pass layer= (e.g. the last conv)")
+    if class_chunk < 1:
+        raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
+    if method == "gradcam":
+        if options:
+            raise ValueError(f"gradcam takes no options, got {sorted(options)}")
+        features = model.apply(variables, images, layer=layer, method=VGG.features)
+        return grad_cam_all_classes(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), features)
+    logits = model.apply(variables, images)
+    batch, num_classes = logits.shape
+    one_class = functools.partial(PER_CLASS_METHODS[method], model, variables, images, layer=layer, **options)
+    per_class = jax.lax.map(lambda k: one_class(jnp.full((batch,), k)), jnp.arange(num_classes),
+                            batch_size=min(class_chunk, num_classes))
+    return jnp.moveaxis(per_class, 0, 1), logits
