@@ -22,6 +22,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.attribution
+	$(PY) -m benchmarks.evaluation
 
 clean:
 	rm -rf $(VENV) runs

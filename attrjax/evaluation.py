@@ -26,29 +26,30 @@ def make_predict_fn(model: VGG) -> Callable:
     return jax.jit(lambda variables, images: model.apply(variables, images))
 
 
-def _all_class_maps(model: VGG, layer: str, method: str, options: dict | None) -> Callable:
+def _all_class_maps(model: VGG, layer: str, method: str, options: dict | None, class_chunk: int = 8) -> Callable:
     """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: ``method``'s map of every class."""
     check_method(method)
-    return functools.partial(class_maps, model, method=method, layer=layer, **(options or {}))
+    return functools.partial(class_maps, model, method=method, layer=layer, class_chunk=class_chunk,
+                             **(options or {}))
 
 
-def _evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
+def evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
     """Raw maps (B,K,h,w) -> bilinearly upsampled to the image and min-max normalised (PAPER.md §6.2 steps 1-3)."""
     return minmax_normalize(resize_maps(raw_maps, image_size))
 
 
-def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam",
-                        method_options: dict | None = None) -> Callable:
+def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam", method_options: dict | None = None, *,
+                        class_chunk: int = 8) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
     Maps are ``method``'s (Grad-CAM at ``layer`` by default) for every class, bilinearly upsampled to the image size
-    and min-max normalised per map (PAPER.md §6.2 steps 1-3).
+    and min-max normalised per map (PAPER.md §6.2 steps 1-3). ``class_chunk``: see ``attribution.methods.class_maps``.
     """
-    all_class_maps = _all_class_maps(model, layer, method, method_options)
+    all_class_maps = _all_class_maps(model, layer, method, method_options, class_chunk)
 
     def attribute(variables, images):
         maps, logits = all_class_maps(variables, images)
-        return _evaluation_maps(maps, images.shape[1]), logits
+        return evaluation_maps(maps, images.shape[1]), logits
 
     return jax.jit(attribute)
 
@@ -103,7 +104,7 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
 
     @jax.jit
     def score_batch(raw_maps, logits, segmentation, reference_maps):
-        maps = _evaluation_maps(raw_maps, segmentation.shape[-1])
+        maps = evaluation_maps(raw_maps, segmentation.shape[-1])
         scores = localization_scores(maps, segmentation, logits, tolerance=tolerance)
         if reference_maps is not None:
             scores.update(map_cosine=map_cosine(raw_maps, reference_maps),

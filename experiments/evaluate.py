@@ -1,51 +1,112 @@
-"""Evaluate every trained model of a work directory: predictions (sample mAP, class mAP, F1) on val and Grad-CAM
-localisation (pointing accuracy, mask AUC) on the localisation split; writes results.json, results.md, figure.png.
+"""Evaluate every trained model of a work directory: predictions (sample mAP, class mAP, F1) on val and attribution
+localisation (pointing accuracy, mask AUC, agreement with the teacher's maps) on the localisation split, for every
+method of ``config.eval.methods``; writes results.json, results.csv, results.md and figure.png (and methods.png when
+several methods are evaluated).
 
     python -m experiments.evaluate --config quick --workdir runs/demo
+    python -m experiments.evaluate --workdir runs/demo --set eval.methods=all eval.localization_images=100
+
+``eval.methods`` is a list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM, LRP, RAP, EBP)
+or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all) bounds the
+localisation images, and ``eval.method_options`` passes options to a method (e.g. integrated gradients' steps).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 
 import numpy as np
 
 from attrjax import data as attr_data
+from attrjax.attribution.methods import METHODS, PAPER_METHODS, check_method
 from attrjax.evaluation import classification_report, localization_report, predict
 from attrjax.pruning import count_params_and_flops, sparsity_summary
 from experiments import common, prune
 from experiments.distill import student_runs
-from experiments.figures import attribution_grid
+from experiments.figures import attribution_grid, method_grid
 
 COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("conv_sparsity", "conv sparsity", "{:.3f}"),
            ("sample_map", "sample mAP", "{:.3f}"), ("class_map", "class mAP", "{:.3f}"),
            ("f1", "F1", "{:.3f}"), ("pointing_accuracy", "pointing acc.", "{:.3f}"), ("mean_auc", "mask AUC", "{:.3f}"),
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
+LOCALIZATION_KEYS = ("pointing_accuracy", "mean_auc", "num_counted", "map_cosine", "same_peak")
+METHOD_COLUMNS = [column for column in COLUMNS if column[0] in LOCALIZATION_KEYS]
 
 
-def evaluate_model(model, variables, splits, config, *, keep_maps: int, teacher: tuple):
-    """The row of one model, and the first ``keep_maps`` localisation images with their maps."""
-    started = time.perf_counter()
+def selected_methods(methods) -> tuple[str, ...]:
+    if methods == "all":
+        return METHODS
+    if methods == "paper":
+        return PAPER_METHODS
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    for method in methods:
+        check_method(method)
+    return methods
+
+
+def first_images(arrays: dict, count: int) -> dict:
+    return arrays if not count else {key: value[:count] for key, value in arrays.items()}
+
+
+def classification_and_size(model, variables, splits, config) -> dict:
     logits, labels = predict(model, variables, common.eval_batches(splits["val"], config))
-    report = classification_report(logits, labels)
-    localization, examples = localization_report(model, variables, common.eval_batches(splits["localization"], config),
-                                                 layer=config.eval_layer, tolerance=config.eval.tolerance,
-                                                 keep_maps=keep_maps, reference=teacher)
-    report.update(localization)
+    row = classification_report(logits, labels)
     size = count_params_and_flops(model, variables["params"])
-    report.update(params=size["params"], mflops=size["flops"] / 1e6,
-                  conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
-    report["eval_s"] = time.perf_counter() - started
-    return report, examples
+    row.update(params=size["params"], mflops=size["flops"] / 1e6,
+               conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
+    return row
 
 
-def markdown_table(results: dict) -> str:
+def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict):
+    """``{method: summary}`` and ``{method: examples}`` of one model; the teacher's raw maps are cached in
+    ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them."""
+    summaries, examples = {}, {}
+    for method in methods:
+        started = time.perf_counter()
+        is_teacher = name == "teacher"
+        summaries[method], examples[method] = localization_report(
+            model, variables, common.eval_batches(arrays, config), layer=config.eval_layer,
+            tolerance=config.eval.tolerance, keep_maps=config.eval.figure_images, method=method,
+            method_options=config.eval.method_options.get(method), reference=teacher_maps.get(method),
+            keep_raw_maps=is_teacher)
+        if is_teacher:
+            teacher_maps[method] = examples[method].pop("raw_maps")
+            summaries[method].update(map_cosine=1.0, same_peak=1.0)  # the teacher agrees with itself
+        summaries[method]["eval_s"] = time.perf_counter() - started
+        print(f"evaluated {name} / {method} in {summaries[method]['eval_s']:.1f} s")
+    return summaries, examples
+
+
+def markdown_table(results: dict, method: str) -> str:
     lines = ["| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        values = {**row, **row["methods"][method]}
+        lines.append(f"| {name} | " + " | ".join(fmt.format(values[key]) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def method_table(results: dict) -> str:
+    lines = ["| model | method | " + " | ".join(title for _, title, _ in METHOD_COLUMNS) + " |",
+             "|---" * (len(METHOD_COLUMNS) + 2) + "|"]
+    for name, row in results.items():
+        for method, summary in row["methods"].items():
+            lines.append(f"| {name} | {method} | "
+                         + " | ".join(fmt.format(summary[key]) for key, _, fmt in METHOD_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: str, results: dict):
+    """One row per (model, method): the model's classification and size columns and the method's localisation."""
+    model_keys = [key for key, _, _ in COLUMNS if key not in LOCALIZATION_KEYS]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "method", *model_keys, *LOCALIZATION_KEYS])
+        for name, row in results.items():
+            for method, summary in row["methods"].items():
+                writer.writerow([name, method, *(row[k] for k in model_keys), *(summary[k] for k in LOCALIZATION_KEYS)])
 
 
 def present_classes(masks: np.ndarray, num_classes: int) -> np.ndarray:
@@ -63,34 +124,53 @@ def trained_models(config, workdir: str):
         yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
 
 
+def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[str]:
+    """figure.png (images x models, first method) and, with several methods, methods.png (methods x models)."""
+    teacher = examples["teacher"][methods[0]]
+    # Each figure row shows the present class that the teacher scores highest.
+    present = present_classes(teacher["mask"], config.data.num_classes)
+    classes = np.argmax(np.where(present, teacher["logits"], -np.inf), axis=-1)
+    display = dict(class_names=attr_data.CLASS_NAMES, mean=attr_data.SHAPES_NORMALIZATION.mean,
+                   std=attr_data.SHAPES_NORMALIZATION.std)
+    attribution_grid(teacher["image"], teacher["mask"], classes,
+                     {name: by_method[methods[0]]["maps"] for name, by_method in examples.items()},
+                     os.path.join(workdir, "figure.png"), **display)
+    if len(methods) == 1:
+        return ["figure.png"]
+    maps = {method: {name: by_method[method]["maps"][0] for name, by_method in examples.items()}
+            for method in methods}
+    method_grid(teacher["image"][0], teacher["mask"][0], int(classes[0]), maps, os.path.join(workdir, "methods.png"),
+                **display)
+    return ["figure.png", "methods.png"]
+
+
 def run(config, workdir: str, splits: dict | None = None) -> dict:
     splits = common.load_splits(config, workdir) if splits is None else splits
-    results, figure_maps = {}, {}
+    methods = selected_methods(config.eval.methods)
+    localization = first_images(splits["localization"], config.eval.localization_images)
+    print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
+    results, examples, teacher_maps = {}, {}, {}
     for name, model, variables in trained_models(config, workdir):
-        if name == "teacher":
-            teacher = (model, variables)
-        results[name], examples = evaluate_model(model, variables, splits, config,
-                                                 keep_maps=config.eval.figure_images, teacher=teacher)
-        figure_maps[name] = examples["maps"]
-        if name == "teacher":
-            teacher_examples = examples
-        print(f"evaluated {name} in {results[name]['eval_s']:.0f} s")
+        results[name] = classification_and_size(model, variables, splits, config)
+        results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,
+                                                                          methods, config, teacher_maps)
 
-    table = markdown_table(results)
+    table = markdown_table(results, methods[0])
     print("\n" + table + "\n")
     common.save_json(os.path.join(workdir, "results.json"), {"config": config.to_dict(), "results": results})
+    write_csv(os.path.join(workdir, "results.csv"), results)
+    text = (f"# attrjax results\n\nMain table: {methods[0]} (Grad-CAM and EBP at `{config.eval_layer}`), matching at "
+            f"`{config.matching_layer}`. Pointing accuracy and mask AUC are over the (image, class) pairs of the "
+            f"localisation split ({len(localization['image'])} images) whose class is present in the mask and "
+            "predicted (logit > 0). Cosine and same-peak compare each model's map with the teacher's (same method) "
+            "on every present pair.\n\n" + table + "\n")
+    if len(methods) > 1:
+        text += "\n## Every method\n\n" + method_table(results) + "\n"
+        print(method_table(results) + "\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(f"# attrjax results\n\nGrad-CAM at `{config.eval_layer}`, matching at `{config.matching_layer}`. "
-                "Pointing accuracy and mask AUC are over the (image, class) pairs of the localisation split whose "
-                "class is present in the mask and predicted (logit > 0). Cosine and same-peak compare each "
-                "model's Grad-CAM with the teacher's on every present pair.\n\n" + table + "\n")
-    # Each figure row shows the present class that the teacher scores highest.
-    present = present_classes(teacher_examples["mask"], config.data.num_classes)
-    classes = np.argmax(np.where(present, teacher_examples["logits"], -np.inf), axis=-1)
-    attribution_grid(teacher_examples["image"], teacher_examples["mask"], classes, figure_maps,
-                     os.path.join(workdir, "figure.png"), class_names=attr_data.CLASS_NAMES,
-                     mean=attr_data.SHAPES_NORMALIZATION.mean, std=attr_data.SHAPES_NORMALIZATION.std)
-    print(f"wrote {os.path.join(workdir, 'results.json')}, results.md and figure.png")
+        f.write(text)
+    figures = write_figures(workdir, examples, methods, config)
+    print(f"wrote {os.path.join(workdir, 'results.json')}, results.csv, results.md and {', '.join(figures)}")
     return results
 
 

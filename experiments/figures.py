@@ -46,3 +46,36 @@ def attribution_grid(images: np.ndarray, masks: np.ndarray, classes: np.ndarray,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def method_grid(image: np.ndarray, mask: np.ndarray, target_class: int, maps: dict[str, dict[str, np.ndarray]],
+                path: str, *, class_names=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    """Saves one image's maps as a grid: one row per method, one column per model.
+
+    Args:
+      image: (S,S,3) normalised image; mask: (S,S) int segmentation (c+1 = class c).
+      target_class: the class whose maps are shown.
+      maps: method -> model name -> (K,S,S) maps (normalised to [0, 1]).
+    """
+    models = list(next(iter(maps.values())))
+    rows, cols = len(maps), 1 + len(models)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    display = np.clip(image * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+    target = mask == target_class + 1
+    for row, (method, by_model) in enumerate(maps.items()):
+        axes[row, 0].imshow(display)
+        axes[row, 0].set_ylabel(method, fontsize=8)
+        for col, name in enumerate(models, start=1):
+            axes[row, col].imshow(display)
+            axes[row, col].imshow(by_model[name][target_class], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            if row == 0:
+                axes[row, col].set_title(name, fontsize=8)
+        for ax in axes[row]:
+            ax.contour(target, levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    name = class_names[target_class] if class_names is not None else f"class {target_class}"
+    fig.suptitle(f"Attribution methods x models for '{name}' (white line = object mask)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

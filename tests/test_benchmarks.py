@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import attribution, step_breakdown, train_step
+from benchmarks import attribution, evaluation, step_breakdown, train_step
 
 
 def _run(main, argv, tmp_path, capsys):
@@ -34,3 +34,15 @@ def test_step_breakdown_benchmark(tmp_path, capsys):
     result = _run(step_breakdown.main, TINY_PAIR, tmp_path, capsys)
     assert set(result["components"]) >= {"task", "kd", "kd_match", "kd_stochastic", "teacher_forward"}
     assert all(component["ms"] > 0 for component in result["components"].values())
+
+
+def test_evaluation_benchmark_agrees_with_the_per_pair_loop(tmp_path, capsys):
+    result = _run(evaluation.main, ["--model", "demo", "--batch", "2", "--image-size", "32", "--rounds", "1",
+                                    "--methods", "gradcam", "lrp", "integrated_gradients", "--steps", "2"],
+                  tmp_path, capsys)
+    assert set(result["methods"]) == {"gradcam", "lrp", "integrated_gradients"}
+    assert result["methods"]["integrated_gradients"]["options"] == {"steps": 2}
+    for method, timing in result["methods"].items():
+        assert timing["batched_pairs_per_s"] > 0 and timing["loop_pairs_per_s"] > 0, method
+        assert timing["compiles_during_timing"] == 0, method
+        assert timing["max_abs_diff"] <= 1e-4, method  # maps are min-max normalised to [0, 1]

@@ -1,6 +1,7 @@
 """End to end: the real demo (build, teacher, KD and both prunings, each naive / matched / stochastic, evaluation) on a
 tiny build."""
 
+import csv
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from experiments import common, demo, prune
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
         "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
-        "eval.batch_size=8", "eval.figure_images=2", "checkpoint_every=2", "log_every=2",
+        "eval.batch_size=8", "eval.figure_images=2", "eval.methods=['gradcam','lrp','ebp']", "checkpoint_every=2",
+        "log_every=2",
         "stochastic_drop_rate=0.3"]
 
 
@@ -27,7 +29,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert list(results) == ["teacher"] + compressed
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
-        assert row["num_counted"] == 0 or 0.0 <= row["pointing_accuracy"] <= 1.0
+        assert list(row["methods"]) == ["gradcam", "lrp", "ebp"]
+        for summary in row["methods"].values():
+            assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
     assert results["kd"]["params"] < results["teacher"]["params"]
     teacher = common.load_trained("teacher", config.teacher, config, str(tmp_path))
     pruned_model, _ = prune_filters(*teacher, config.pruning.structured.rates)
@@ -41,6 +45,12 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert saved["results"]["kd_match"]["params"] == results["kd_match"]["params"]
     assert "| kd_match |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 * 3 and {row["method"] for row in rows} == {"gradcam", "lrp", "ebp"}
+    teacher_rows = [row for row in rows if row["model"] == "teacher"]
+    assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
     out = capsys.readouterr().out
     assert "[kd_match] step 3/3" in out and "matching_loss" in out
 
@@ -53,7 +63,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "] step " not in out
     for name in results:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
-        np.testing.assert_allclose(again[name]["map_cosine"], results[name]["map_cosine"])
+        for method in ("gradcam", "lrp", "ebp"):
+            np.testing.assert_allclose(again[name]["methods"][method]["map_cosine"],
+                                       results[name]["methods"][method]["map_cosine"])
 
     # An unstructured run missing its last round is never evaluated from an earlier round.
     shutil.rmtree(tmp_path / "unstructured" / "round02")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attrjax.attribution import (excitation_backprop, grad_cam, guided_backprop, input_x_gradient,
-                                 integrated_gradients, lrp, saliency, smooth_grad)
+                                 integrated_gradients, lrp, rap, saliency, smooth_grad)
 from attrjax.attribution.methods import METHODS, class_maps
 from attrjax.evaluation import localization_report
 from attrjax.models import VGG, init_variables, vgg
@@ -32,6 +32,8 @@ def one_class_map(method, model, variables, images, classes):
         return jnp.maximum(excitation_backprop(model, variables, images, classes, layer=LAYER), 0)
     if method == "lrp":
         return lrp(model, variables, images, classes)
+    if method == "rap":
+        return rap(model, variables, images, classes)
     if method == "saliency":
         return saliency(logit_fn, images, classes)
     if method == "input_x_gradient":

@@ -34,6 +34,7 @@ from attrjax.attribution.gradcam import grad_cam_all_classes
 from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, integrated_gradients, saliency,
                                            smooth_grad, sum_channels)
 from attrjax.attribution.propagation import excitation_backprop, lrp
+from attrjax.attribution.rap import rap
 from attrjax.models import VGG
 
 # (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
@@ -55,6 +56,10 @@ def _ebp(model, variables, images, classes, layer, **options):
 
 def _lrp(model, variables, images, classes, layer, **options):
     return lrp(model, variables, images, classes, **options)
+
+
+def _rap(model, variables, images, classes, layer, **options):
+    return rap(model, variables, images, classes, **options)
 
 
 def _saliency(model, variables, images, classes, layer, **options):
@@ -81,6 +86,7 @@ def _guided_backprop(model, variables, images, classes, layer, **options):
 PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
+    "rap": _rap,
     "saliency": _saliency,
     "input_x_gradient": _input_x_gradient,
     "integrated_gradients": _integrated_gradients,
@@ -88,7 +94,7 @@ PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "guided_backprop": _guided_backprop,
 }
 METHODS = ("gradcam",) + tuple(PER_CLASS_METHODS)
-PAPER_METHODS = ("gradcam", "lrp", "ebp")
+PAPER_METHODS = ("gradcam", "lrp", "rap", "ebp")
 
 
 def check_method(method: str):

@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
         unstructured=dict(rate=0.2, rounds=16, steps_per_round=30 * STEPS_PER_EPOCH, optimizer=finetune),
     )
     config.stochastic_drop_rate = 0.3
-    config.eval = dict(batch_size=32, tolerance=0, figure_images=6)
+    config.eval = dict(batch_size=32, tolerance=0, figure_images=6, methods="paper", localization_images=0,
+                       method_options={})
     config.checkpoint_every = 5 * STEPS_PER_EPOCH
     config.log_every = 50
     return config

@@ -66,7 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Stochastic matching (PAPER.md §2.6) as a switch: adds a third student whose teacher maps drop this fraction
     # of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0
-    config.eval = dict(batch_size=100, tolerance=0, figure_images=6)
+    # The demo evaluates Grad-CAM (the paper's main method); `--set eval.methods=all` adds LRP, EBP and the gradient
+    # family, whose per-class passes cost far more on CPU (then also bound localization_images).
+    config.eval = dict(batch_size=100, tolerance=0, figure_images=6, methods=("gradcam",), localization_images=0,
+                       method_options={"integrated_gradients": {"steps": 16}, "smooth_grad": {"samples": 8}})
     config.checkpoint_every = 250
     config.log_every = 100
     return config
