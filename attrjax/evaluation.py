@@ -16,8 +16,9 @@ import numpy as np
 
 from attrjax.attribution import minmax_normalize, resize_maps
 from attrjax.attribution.methods import check_method, class_maps
-from attrjax.metrics import (class_average_precision, f1_samples, localization_scores, map_cosine,
-                             same_peak, sample_average_precision, summarize_localization)
+from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve, f1_samples, insertion_curve,
+                             localization_scores, map_cosine, same_peak, sample_average_precision,
+                             summarize_localization)
 from attrjax.models import VGG
 
 
@@ -78,7 +79,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
 def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
                         keep_maps: int = 0, reference: tuple[VGG, dict] | Sequence[np.ndarray] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
-                        keep_raw_maps: bool = False) -> tuple[dict, dict]:
+                        keep_raw_maps: bool = False, faithfulness_steps: int = 0) -> tuple[dict, dict]:
     """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
     pairs (PAPER.md §6.2), in one pass that computes each batch's maps once.
 
@@ -93,11 +94,17 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
       method_options: keyword arguments of the method (``attribution.methods.class_maps``).
       keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
         ``examples["raw_maps"]``.
+      faithfulness_steps: when > 0, also the deletion and insertion AUC (``metrics.faithfulness``, that many
+        increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
+        ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images. Costs
+        2 x (steps + 1) forward passes per image.
 
     Returns:
       ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries);
       ``examples`` holds the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
     """
+    if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
+        raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
     attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
     attribute_reference = (jax.jit(_all_class_maps(reference[0], layer, method, method_options))
                            if isinstance(reference, tuple) else None)
@@ -111,7 +118,16 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
                           same_peak=same_peak(raw_maps, reference_maps))
         return maps, scores
 
-    per_batch, kept, raw_per_batch = [], [], []
+    @jax.jit
+    def faithfulness_batch(variables, images, maps, logits):
+        top = jnp.argmax(logits, axis=-1)
+        top_maps = jnp.take_along_axis(maps, top[:, None, None, None], axis=1)[:, 0]  # (B,S,S)
+        curve_args = (lambda x: model.apply(variables, x), images, top_maps, top)
+        curve_kwargs = dict(steps=faithfulness_steps, chunk_size=images.shape[0])
+        return {"deletion_auc": curve_auc(deletion_curve(*curve_args, **curve_kwargs)),
+                "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
+
+    per_batch, per_image, kept, raw_per_batch = [], [], [], []
     for index, batch in enumerate(batches):
         raw_maps, logits = attribute(variables, batch["image"])
         if attribute_reference is not None:
@@ -123,6 +139,9 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
             raw_per_batch.append(np.asarray(raw_maps))
         valid = np.asarray(batch["valid"])
         per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
+        if faithfulness_steps:
+            curves = faithfulness_batch(variables, batch["image"], maps, logits)
+            per_image.append({key: np.asarray(value)[valid] for key, value in curves.items()})
         if sum(len(k["maps"]) for k in kept) < keep_maps:
             kept.append({key: np.asarray(value)[valid] for key, value in
                          {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
@@ -132,6 +151,8 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         present = scores["present"]
         summary.update(map_cosine=float(np.nanmean(scores["map_cosine"][present])),
                        same_peak=float(np.mean(scores["same_peak"][present])))
+    if faithfulness_steps:
+        summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
     if keep_raw_maps:
         examples["raw_maps"] = raw_per_batch

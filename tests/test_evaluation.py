@@ -6,7 +6,7 @@ import numpy as np
 
 from attrjax.attribution import grad_cam, minmax_normalize, resize_maps
 from attrjax.evaluation import localization_report
-from attrjax.metrics import mask_auc, pointing_game
+from attrjax.metrics import curve_auc, mask_auc, pointing_game
 from attrjax.models import VGG, init_variables, vgg
 
 
@@ -51,3 +51,37 @@ def test_localization_report_matches_a_per_pair_loop():
     # A model agrees perfectly with itself.
     np.testing.assert_allclose(summary["map_cosine"], 1.0, rtol=1e-5)
     assert summary["same_peak"] == 1.0
+
+
+def test_faithfulness_in_the_report_matches_a_per_image_deletion_by_hand():
+    """Deletion / insertion AUC of each image's top class, against a NumPy loop that perturbs pixels one image at a
+    time in the order of the map (ties by position) and scores the class's sigmoid."""
+    model = vgg(((4,), (8,)), num_classes=3, image_size=8)
+    variables = init_variables(model, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(3, 8, 8, 3)).astype(np.float32)
+    masks = np.ones((3, 8, 8), np.uint8)
+    steps = 4
+    summary, _ = localization_report(model, variables, _batches(images, masks, 2), layer="conv2_1",
+                                     faithfulness_steps=steps)
+
+    deletion, insertion = [], []
+    for image in images:
+        logits = np.asarray(model.apply(variables, image[None]))[0]
+        top = int(np.argmax(logits))
+        feats = model.apply(variables, image[None], layer="conv2_1", method=VGG.features)
+        heat = grad_cam(lambda a: model.apply(variables, a, layer="conv2_1", method=VGG.head), feats,
+                        jnp.array([top]))
+        heat = np.asarray(minmax_normalize(resize_maps(heat, 8)))[0].reshape(-1)
+        order = np.lexsort((np.arange(heat.size), -heat))  # descending, ties by position
+        for insert, curves in ((False, deletion), (True, insertion)):
+            points = []
+            for i in range(steps + 1):
+                chosen = np.zeros(heat.size, bool)
+                chosen[order[:i * heat.size // steps]] = True
+                chosen = chosen.reshape(8, 8, 1)
+                perturbed = np.where(chosen, image, 0.0) if insert else np.where(chosen, 0.0, image)
+                points.append(float(jax.nn.sigmoid(model.apply(variables, perturbed[None])[0, top])))
+            curves.append(float(curve_auc(np.asarray(points))))
+    np.testing.assert_allclose(summary["deletion_auc"], np.mean(deletion), rtol=1e-5)
+    np.testing.assert_allclose(summary["insertion_auc"], np.mean(insertion), rtol=1e-5)

@@ -8,7 +8,7 @@ logit <w_b, logits_b>. ``target`` is (B,) int classes, (B,K) logit weights, or a
 ``gradcam.Target``).
 
 Integrated gradients and SmoothGrad average gradients over many points per image; the points are evaluated in
-chunks of ``chunk_size`` (a ``lax.scan`` over chunks with a running sum), so memory is bounded by
+chunks of ``chunk_size`` (a scan over chunks with a running sum, ``attrjax.chunking``), so memory is bounded by
 chunk_size x B images whatever ``steps``/``samples`` is. The last chunk is padded and the padding masked out.
 """
 
@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from attrjax import chunking
 from attrjax.attribution.gradcam import Target, target_weights
 
 LogitFn = Callable[[jax.Array], jax.Array]
@@ -93,7 +94,7 @@ def _chunked_mean_gradient(logit_fn: LogitFn, weights: jax.Array, point: Callabl
 
     point_shape = jax.eval_shape(point, indices[0, 0])
     initial = jnp.zeros(point_shape.shape, point_shape.dtype)
-    total, _ = jax.lax.scan(add_chunk, initial, indices)
+    total, _ = chunking.scan(add_chunk, initial, indices)
     return total / num_points
 
 

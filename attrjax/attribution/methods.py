@@ -17,9 +17,9 @@ with the paper's per-method conventions (PAPER.md §6.2):
 
 Maps live at the resolution of the layer they are read at (``gradcam``/``ebp``) or of the image (the others);
 evaluation resizes them to the image and min-max normalises them. Methods other than Grad-CAM attribute one class
-per pass: classes go through ``jax.lax.map`` in groups of ``class_chunk`` (vmapped inside a group), so memory is
-bounded by class_chunk x B images' activations while the forward pass, which does not depend on the class, is
-shared within a group.
+per pass: classes go in groups of ``class_chunk`` (vmapped inside a group, groups one after another with
+``attrjax.chunking.chunked_map``), so memory is bounded by class_chunk x B images' activations while the forward
+pass, which does not depend on the class, is shared within a group.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, in
                                            smooth_grad, sum_channels)
 from attrjax.attribution.propagation import excitation_backprop, lrp
 from attrjax.attribution.rap import rap
+from attrjax.chunking import chunked_map
 from attrjax.models import VGG
 
 # (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
@@ -129,6 +130,5 @@ def class_maps(model: VGG, variables: dict, images: jax.Array, method: str = "gr
     logits = model.apply(variables, images)
     batch, num_classes = logits.shape
     one_class = functools.partial(PER_CLASS_METHODS[method], model, variables, images, layer=layer, **options)
-    per_class = jax.lax.map(lambda k: one_class(jnp.full((batch,), k)), jnp.arange(num_classes),
-                            batch_size=min(class_chunk, num_classes))
+    per_class = chunked_map(lambda k: one_class(jnp.full((batch,), k)), jnp.arange(num_classes), class_chunk)
     return jnp.moveaxis(per_class, 0, 1), logits

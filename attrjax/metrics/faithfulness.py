@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrjax import chunking
 from attrjax.attribution.gradcam import Target, target_weights
 from attrjax.metrics.agreement import importance_ranks
 from attrjax.metrics.classification import check_rank
@@ -57,8 +58,8 @@ def deletion_curve(logit_fn: LogitFn, images: jax.Array, maps: jax.Array, target
         multi-label model, as trained here), ``"softmax"`` (probability of a single-label model, RISE's choice)
         or ``"logit"`` (raw, unbounded).
       chunk_size: at most this many perturbed images per ``logit_fn`` call; the B * (steps + 1) curve images
-        are evaluated chunk after chunk with ``lax.map``, so memory is O(chunk_size) images. ``None`` evaluates
-        all of them in one call. A chunk holds consecutive curve points of all images (point-major), so
+        are evaluated chunk after chunk (``attrjax.chunking.scan``), so memory is O(chunk_size) images. ``None``
+        evaluates all of them in one call. A chunk holds consecutive curve points of all images (point-major), so
         ``chunk_size=B`` evaluates one curve point per call.
 
     Returns:
@@ -142,5 +143,6 @@ def _perturbation_curve(logit_fn, images, maps, target, *, steps, baseline, scor
         scores = score_fn(logit_fn(curve_images))
         return jnp.sum(weights[image_index] * scores, axis=-1)
 
-    values = jax.lax.map(evaluate, pairs).reshape(-1)[:num_pairs]
+    _, values = chunking.scan(lambda carry, chunk_pairs: (carry, evaluate(chunk_pairs)), None, pairs)
+    values = values.reshape(-1)[:num_pairs]
     return values.reshape(steps + 1, batch).T
