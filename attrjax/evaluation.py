@@ -17,8 +17,8 @@ import numpy as np
 from attrjax.attribution import minmax_normalize, resize_maps
 from attrjax.attribution.methods import check_method, class_maps
 from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve, f1_samples, insertion_curve,
-                             localization_scores, map_cosine, same_peak, sample_average_precision,
-                             summarize_localization)
+                             localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
+                             summarize_localization, top_k_iou)
 from attrjax.models import VGG
 
 
@@ -76,6 +76,19 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
     }
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _top_class_faithfulness(model: VGG, steps: int, variables: dict, images: jax.Array, maps: jax.Array,
+                            logits: jax.Array) -> dict:
+    """Deletion and insertion AUC (B,) of each image's top-scoring class, for maps (B,K,S,S) and logits (B,K); jitted
+    once per model whatever the attribution method."""
+    top = jnp.argmax(logits, axis=-1)
+    top_maps = jnp.take_along_axis(maps, top[:, None, None, None], axis=1)[:, 0]  # (B,S,S)
+    curve_args = (lambda x: model.apply(variables, x), images, top_maps, top)
+    curve_kwargs = dict(steps=steps, chunk_size=images.shape[0])
+    return {"deletion_auc": curve_auc(deletion_curve(*curve_args, **curve_kwargs)),
+            "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
+
+
 def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
                         keep_maps: int = 0, reference: tuple[VGG, dict] | Sequence[np.ndarray] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
@@ -88,9 +101,12 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     Args:
       reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
         layer) the maps are compared with on every pair whose class is present, whatever either model predicts:
-        ``map_cosine`` (mean cosine similarity at the maps' own resolution) and ``same_peak`` (fraction of pairs
-        whose maps peak at the same position). Or the reference's raw maps per batch, ``examples["raw_maps"]``
-        of an earlier report over the same batches, so a teacher's maps are computed once for many students.
+        ``map_cosine`` (mean cosine similarity at the maps' own resolution), ``same_peak`` (fraction of pairs
+        whose maps peak at the same position), ``spearman`` (mean Spearman rank correlation of the pixels) and
+        ``top10_iou`` (mean IoU of the two maps' top-10% pixels), all at the maps' own resolution and with
+        undefined pairs (constant maps) left out of the means. Or the reference's raw maps per batch,
+        ``examples["raw_maps"]`` of an earlier report over the same batches, so a teacher's maps are computed once
+        for many students.
       method_options: keyword arguments of the method (``attribution.methods.class_maps``).
       keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
         ``examples["raw_maps"]``.
@@ -115,17 +131,10 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         scores = localization_scores(maps, segmentation, logits, tolerance=tolerance)
         if reference_maps is not None:
             scores.update(map_cosine=map_cosine(raw_maps, reference_maps),
-                          same_peak=same_peak(raw_maps, reference_maps))
+                          same_peak=same_peak(raw_maps, reference_maps),
+                          spearman=spearman_rank(raw_maps, reference_maps),
+                          top10_iou=top_k_iou(raw_maps, reference_maps, 0.1))
         return maps, scores
-
-    @jax.jit
-    def faithfulness_batch(variables, images, maps, logits):
-        top = jnp.argmax(logits, axis=-1)
-        top_maps = jnp.take_along_axis(maps, top[:, None, None, None], axis=1)[:, 0]  # (B,S,S)
-        curve_args = (lambda x: model.apply(variables, x), images, top_maps, top)
-        curve_kwargs = dict(steps=faithfulness_steps, chunk_size=images.shape[0])
-        return {"deletion_auc": curve_auc(deletion_curve(*curve_args, **curve_kwargs)),
-                "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
 
     per_batch, per_image, kept, raw_per_batch = [], [], [], []
     for index, batch in enumerate(batches):
@@ -140,7 +149,7 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         valid = np.asarray(batch["valid"])
         per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
         if faithfulness_steps:
-            curves = faithfulness_batch(variables, batch["image"], maps, logits)
+            curves = _top_class_faithfulness(model, faithfulness_steps, variables, batch["image"], maps, logits)
             per_image.append({key: np.asarray(value)[valid] for key, value in curves.items()})
         if sum(len(k["maps"]) for k in kept) < keep_maps:
             kept.append({key: np.asarray(value)[valid] for key, value in
@@ -149,8 +158,8 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     summary = summarize_localization(scores)
     if reference is not None:
         present = scores["present"]
-        summary.update(map_cosine=float(np.nanmean(scores["map_cosine"][present])),
-                       same_peak=float(np.mean(scores["same_peak"][present])))
+        summary.update({key: float(np.nanmean(scores[key][present]))
+                        for key in ("map_cosine", "same_peak", "spearman", "top10_iou")})
     if faithfulness_steps:
         summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}

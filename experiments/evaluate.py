@@ -5,10 +5,12 @@ several methods are evaluated).
 
     python -m experiments.evaluate --config quick --workdir runs/demo
     python -m experiments.evaluate --workdir runs/demo --set eval.methods=all eval.localization_images=100
+    python -m experiments.evaluate --workdir runs/demo --set eval.methods=gradcam,lrp eval.faithfulness_steps=16
 
-``eval.methods`` is a list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM, LRP, RAP, EBP)
-or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all) bounds the
-localisation images, and ``eval.method_options`` passes options to a method (e.g. integrated gradients' steps).
+``eval.methods`` is a comma-separated list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM,
+LRP, RAP, EBP) or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all)
+bounds the localisation images, ``eval.method_options`` passes options to a method (e.g. integrated gradients'
+steps), and ``eval.faithfulness_steps`` > 0 adds deletion and insertion AUC (``evaluation.localization_report``).
 """
 
 from __future__ import annotations
@@ -33,15 +35,26 @@ COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("conv_
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
 LOCALIZATION_KEYS = ("pointing_accuracy", "mean_auc", "num_counted", "map_cosine", "same_peak")
-METHOD_COLUMNS = [column for column in COLUMNS if column[0] in LOCALIZATION_KEYS]
+# With eval.faithfulness_steps > 0: deletion / insertion AUC of each image's top class (attrjax.metrics.faithfulness).
+AGREEMENT_COLUMNS = [("spearman", "Spearman to teacher", "{:.3f}"), ("top10_iou", "top-10% IoU with teacher", "{:.3f}")]
+FAITHFULNESS_COLUMNS = [("deletion_auc", "deletion AUC (lower = better)", "{:.3f}"),
+                        ("insertion_auc", "insertion AUC (higher = better)", "{:.3f}")]
 
 
-def selected_methods(methods) -> tuple[str, ...]:
+def method_columns(results: dict) -> list[tuple[str, str, str]]:
+    """The per-method columns: localisation, agreement with the teacher, and faithfulness when it was measured."""
+    summary = next(iter(next(iter(results.values()))["methods"].values()))
+    return ([column for column in COLUMNS if column[0] in LOCALIZATION_KEYS] + AGREEMENT_COLUMNS
+            + [column for column in FAITHFULNESS_COLUMNS if column[0] in summary])
+
+
+def selected_methods(methods: str) -> tuple[str, ...]:
+    """``eval.methods``: comma-separated method names, ``"paper"`` or ``"all"``."""
     if methods == "all":
         return METHODS
     if methods == "paper":
         return PAPER_METHODS
-    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    methods = tuple(name.strip() for name in methods.split(","))
     for method in methods:
         check_method(method)
     return methods
@@ -71,10 +84,11 @@ def localization_by_method(name, model, variables, arrays, methods, config, teac
             model, variables, common.eval_batches(arrays, config), layer=config.eval_layer,
             tolerance=config.eval.tolerance, keep_maps=config.eval.figure_images, method=method,
             method_options=config.eval.method_options.get(method), reference=teacher_maps.get(method),
-            keep_raw_maps=is_teacher)
+            keep_raw_maps=is_teacher, faithfulness_steps=config.eval.faithfulness_steps)
         if is_teacher:
             teacher_maps[method] = examples[method].pop("raw_maps")
-            summaries[method].update(map_cosine=1.0, same_peak=1.0)  # the teacher agrees with itself
+            # The teacher agrees with itself.
+            summaries[method].update(map_cosine=1.0, same_peak=1.0, spearman=1.0, top10_iou=1.0)
         summaries[method]["eval_s"] = time.perf_counter() - started
         print(f"evaluated {name} / {method} in {summaries[method]['eval_s']:.1f} s")
     return summaries, examples
@@ -89,24 +103,26 @@ def markdown_table(results: dict, method: str) -> str:
 
 
 def method_table(results: dict) -> str:
-    lines = ["| model | method | " + " | ".join(title for _, title, _ in METHOD_COLUMNS) + " |",
-             "|---" * (len(METHOD_COLUMNS) + 2) + "|"]
+    columns = method_columns(results)
+    lines = ["| model | method | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
     for name, row in results.items():
         for method, summary in row["methods"].items():
             lines.append(f"| {name} | {method} | "
-                         + " | ".join(fmt.format(summary[key]) for key, _, fmt in METHOD_COLUMNS) + " |")
+                         + " | ".join(fmt.format(summary[key]) for key, _, fmt in columns) + " |")
     return "\n".join(lines)
 
 
 def write_csv(path: str, results: dict):
     """One row per (model, method): the model's classification and size columns and the method's localisation."""
     model_keys = [key for key, _, _ in COLUMNS if key not in LOCALIZATION_KEYS]
+    method_keys = [key for key, _, _ in method_columns(results)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "method", *model_keys, *LOCALIZATION_KEYS])
+        writer.writerow(["model", "method", *model_keys, *method_keys])
         for name, row in results.items():
             for method, summary in row["methods"].items():
-                writer.writerow([name, method, *(row[k] for k in model_keys), *(summary[k] for k in LOCALIZATION_KEYS)])
+                writer.writerow([name, method, *(row[k] for k in model_keys), *(summary[k] for k in method_keys)])
 
 
 def present_classes(masks: np.ndarray, num_classes: int) -> np.ndarray:
@@ -162,9 +178,14 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     text = (f"# attrjax results\n\nMain table: {methods[0]} (Grad-CAM and EBP at `{config.eval_layer}`), matching at "
             f"`{config.matching_layer}`. Pointing accuracy and mask AUC are over the (image, class) pairs of the "
             f"localisation split ({len(localization['image'])} images) whose class is present in the mask and "
-            "predicted (logit > 0). Cosine and same-peak compare each model's map with the teacher's (same method) "
-            "on every present pair.\n\n" + table + "\n")
-    if len(methods) > 1:
+            "predicted (logit > 0). Cosine, same peak, Spearman and top-10% IoU compare each model's map with the "
+            "teacher's (same method) on every present pair.\n\n" + table + "\n")
+    if config.eval.faithfulness_steps:
+        text += ("\nDeletion / insertion AUC: each localisation image's top-scoring class, its map's pixels removed "
+                 "from (inserted into) the zero (mean-colour) image in "
+                 f"{config.eval.faithfulness_steps} equal steps, area under the class probability (RISE, Petsiuk et "
+                 "al. 2018).\n")
+    if len(methods) > 1 or config.eval.faithfulness_steps:
         text += "\n## Every method\n\n" + method_table(results) + "\n"
         print(method_table(results) + "\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:

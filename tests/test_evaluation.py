@@ -50,7 +50,8 @@ def test_localization_report_matches_a_per_pair_loop():
     np.testing.assert_allclose(summary["mean_auc"], np.nanmean(aucs) if aucs else np.nan, rtol=1e-5)
     # A model agrees perfectly with itself.
     np.testing.assert_allclose(summary["map_cosine"], 1.0, rtol=1e-5)
-    assert summary["same_peak"] == 1.0
+    assert summary["same_peak"] == 1.0 and summary["top10_iou"] == 1.0
+    np.testing.assert_allclose(summary["spearman"], 1.0, rtol=1e-6)
 
 
 def test_faithfulness_in_the_report_matches_a_per_image_deletion_by_hand():

@@ -9,14 +9,15 @@ import shutil
 import numpy as np
 import pytest
 
+from attrjax.attribution.methods import METHODS
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
-from experiments import common, demo, prune
+from experiments import common, demo, evaluate, prune
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
         "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
-        "eval.batch_size=8", "eval.figure_images=2", "eval.methods=['gradcam','lrp','ebp']", "checkpoint_every=2",
-        "log_every=2",
+        "eval.batch_size=8", "eval.figure_images=2", "eval.methods=gradcam,lrp,ebp",
+        "eval.faithfulness_steps=2", "checkpoint_every=2", "log_every=2",
         "stochastic_drop_rate=0.3"]
 
 
@@ -32,6 +33,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert list(row["methods"]) == ["gradcam", "lrp", "ebp"]
         for summary in row["methods"].values():
             assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
+            assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
     assert results["kd"]["params"] < results["teacher"]["params"]
     teacher = common.load_trained("teacher", config.teacher, config, str(tmp_path))
     pruned_model, _ = prune_filters(*teacher, config.pruning.structured.rates)
@@ -43,12 +45,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert results[name]["mflops"] < 0.5 * results["teacher"]["mflops"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["kd_match"]["params"] == results["kd_match"]["params"]
-    assert "| kd_match |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| kd_match |" in report and "| kd_match | lrp |" in report and "deletion AUC" in report
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 * 3 and {row["method"] for row in rows} == {"gradcam", "lrp", "ebp"}
+    assert all(0.0 <= float(row["insertion_auc"]) <= 1.0 for row in rows)
     teacher_rows = [row for row in rows if row["model"] == "teacher"]
     assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
     out = capsys.readouterr().out
@@ -89,3 +93,15 @@ def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
         common.load_trained("teacher", config.teacher, config, str(tmp_path))
     assert not os.path.exists(tmp_path / "results.json")
     assert not os.path.exists(tmp_path / "teacher")  # looking did not create the run's directory
+
+
+@pytest.mark.parametrize("override,expected", [("all", METHODS), ("paper", ("gradcam", "lrp", "rap", "ebp")),
+                                               ("gradcam, lrp", ("gradcam", "lrp"))])
+def test_eval_methods_override_from_the_command_line(override, expected):
+    config = common.load_config("quick", [f"eval.methods={override}"])
+    assert evaluate.selected_methods(config.eval.methods) == expected
+
+
+def test_an_unknown_eval_method_is_named_in_the_error():
+    with pytest.raises(ValueError, match="unknown attribution method 'gradcm'.*available: gradcam"):
+        evaluate.selected_methods("gradcm,lrp")

@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.stochastic_drop_rate = 0.3
     config.eval = dict(batch_size=32, tolerance=0, figure_images=6, methods="paper", localization_images=0,
-                       method_options={})
+                       method_options={}, faithfulness_steps=0)
     config.checkpoint_every = 5 * STEPS_PER_EPOCH
     config.log_every = 50
     return config
