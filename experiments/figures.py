@@ -21,7 +21,7 @@ def attribution_grid(images: np.ndarray, masks: np.ndarray, classes: np.ndarray,
       maps: model name -> (N,K,S,S) maps; each row shows class ``classes[n]``.
     """
     rows, cols = len(images), 1 + len(maps)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows), squeeze=False, layout="constrained")
     display = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     for n in range(rows):
         target = masks[n] == classes[n] + 1
@@ -43,7 +43,6 @@ def attribution_grid(images: np.ndarray, masks: np.ndarray, classes: np.ndarray,
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Grad-CAM: white line = object mask, circle = map maximum (white inside, red outside)", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -59,7 +58,7 @@ def method_grid(image: np.ndarray, mask: np.ndarray, target_class: int, maps: di
     """
     models = list(next(iter(maps.values())))
     rows, cols = len(maps), 1 + len(models)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False, layout="constrained")
     display = np.clip(image * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
     target = mask == target_class + 1
     for row, (method, by_model) in enumerate(maps.items()):
@@ -76,6 +75,5 @@ def method_grid(image: np.ndarray, mask: np.ndarray, target_class: int, maps: di
             ax.set_yticks([])
     name = class_names[target_class] if class_names is not None else f"class {target_class}"
     fig.suptitle(f"Attribution methods x models for '{name}' (white line = object mask)", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
