@@ -81,12 +81,16 @@ def _dense_relevance(x, weights, bias, relevance, rule, low=None, high=None, eps
     return out
 
 
-def _reference(model, variables, image, target, rules, epsilon=0.0, layer="input", bounds=None):
-    """LRP of one image (H,W,3) in float64; rules: linear layer name -> 'epsilon' | 'zb' | (alpha, beta)."""
+def _numpy_trunk(model, variables, image):
+    """The conv trunk of one image (H,W,3) in float64, BatchNorm folded: ``(params, output (h,w,c), tape)``.
+
+    Tape entries ``(kind, layer name, input, extra)`` in forward order: ``("conv", name, input, (kernel (9*Cin,
+    Cout), bias))`` followed by ``("relu", name, output, None)``, or ``("pool", name, input, None)``.
+    """
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
     stats = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
     x = np.asarray(image, np.float64)
-    tape = []  # (kind, name, input, extra)
+    tape = []
     for name in model.layers[1:]:
         if name.startswith("pool"):
             tape.append(("pool", name, x, None))
@@ -100,6 +104,23 @@ def _reference(model, variables, image, target, rules, epsilon=0.0, layer="input
         tape.append(("conv", name, x, (kernel, bias)))
         x = np.maximum(_im2col(x) @ kernel + bias, 0.0)
         tape.append(("relu", name, x, None))
+    return params, x, tape
+
+
+def _max_pool_relevance(inputs, relevance):
+    """Winner-take-all through a 2x2 max-pool: each window's relevance goes to its first maximum."""
+    r_in = np.zeros_like(inputs)
+    for h in range(relevance.shape[0]):
+        for w in range(relevance.shape[1]):
+            for c in range(relevance.shape[2]):
+                i, j = np.unravel_index(np.argmax(inputs[2 * h:2 * h + 2, 2 * w:2 * w + 2, c]), (2, 2))
+                r_in[2 * h + i, 2 * w + j, c] = relevance[h, w, c]
+    return r_in
+
+
+def _reference(model, variables, image, target, rules, epsilon=0.0, layer="input", bounds=None):
+    """LRP of one image (H,W,3) in float64; rules: linear layer name -> 'epsilon' | 'zb' | (alpha, beta)."""
+    params, x, tape = _numpy_trunk(model, variables, image)
     height, width, channels = x.shape
     weights, bias = params["classifier"]["kernel"], params["classifier"]["bias"]
     if model.head_pooling == "avg":
@@ -122,14 +143,7 @@ def _reference(model, variables, image, target, rules, epsilon=0.0, layer="input
         if kind == "relu" and name == layer or kind == "pool" and name == layer:
             break
         if kind == "pool":
-            r_in = np.zeros_like(inp)
-            for h in range(relevance.shape[0]):
-                for w in range(relevance.shape[1]):
-                    for c in range(relevance.shape[2]):
-                        window = inp[2 * h:2 * h + 2, 2 * w:2 * w + 2, c]
-                        i, j = np.unravel_index(np.argmax(window), (2, 2))
-                        r_in[2 * h + i, 2 * w + j, c] = relevance[h, w, c]
-            relevance = r_in
+            relevance = _max_pool_relevance(inp, relevance)
         elif kind == "dense":
             relevance = _dense_relevance(inp, *extra, relevance, rules[name], epsilon=epsilon)
         elif kind == "avgdense":

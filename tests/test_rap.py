@@ -10,7 +10,7 @@ import pytest
 
 from attrjax.attribution.rap import rap
 from attrjax.models import init_variables
-from tests.test_propagation import BN_EPS, _col2im, _im2col, _images, _model, _variables
+from tests.test_propagation import _col2im, _im2col, _images, _max_pool_relevance, _model, _numpy_trunk, _variables
 
 
 def _safe(a, b):
@@ -50,23 +50,8 @@ def _zb(cols, kernel, relevance, low, high):
 
 def _reference(model, variables, image, t, layer="input", bounds=None):
     """Signed RAP map of one image (H,W,3), float64; t: (K,) target weights."""
-    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-    stats = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
-    x = np.asarray(image, np.float64)
-    low, high = (float(x.min()), float(x.max())) if bounds is None else bounds
-    tape = []
-    for name in model.layers[1:]:
-        if name.startswith("pool"):
-            tape.append(("pool", name, x, None))
-            h, w, c = x.shape
-            x = x.reshape(h // 2, 2, w // 2, 2, c).max(axis=(1, 3))
-            continue
-        bn, bn_stats = params["bn" + name[4:]], stats["bn" + name[4:]]
-        gain = bn["scale"] / np.sqrt(bn_stats["var"] + BN_EPS)
-        kernel = params[name]["kernel"].reshape(-1, gain.shape[0]) * gain
-        bias = (params[name]["bias"] - bn_stats["mean"]) * gain + bn["bias"]
-        tape.append(("conv", name, x, kernel))
-        x = np.maximum(_im2col(x) @ kernel + bias, 0.0)
+    low, high = (float(np.min(image)), float(np.max(image))) if bounds is None else bounds
+    params, x, tape = _numpy_trunk(model, variables, image)
     weights, bias = params["classifier"]["kernel"], params["classifier"]["bias"]
     h, w, c = x.shape
     if model.head_pooling == "avg":
@@ -76,18 +61,15 @@ def _reference(model, variables, image, t, layer="input", bounds=None):
     else:
         relevance = _first_prop(x.transpose(2, 0, 1).reshape(-1), weights, bias, t).reshape(c, h, w)
         relevance = relevance.transpose(1, 2, 0)
-    for kind, name, inp, kernel in reversed(tape):
-        if name == layer:
+    for kind, name, inp, extra in reversed(tape):
+        if name == layer:  # a conv's relu entry comes first: its relevance is read at the ReLU output
             break
-        if kind == "pool":
-            r_in = np.zeros_like(inp)
-            for i in range(relevance.shape[0]):
-                for j in range(relevance.shape[1]):
-                    for k in range(relevance.shape[2]):
-                        a, b = np.unravel_index(np.argmax(inp[2 * i:2 * i + 2, 2 * j:2 * j + 2, k]), (2, 2))
-                        r_in[2 * i + a, 2 * j + b, k] = relevance[i, j, k]
-            relevance = r_in
+        if kind == "relu":
             continue
+        if kind == "pool":
+            relevance = _max_pool_relevance(inp, relevance)
+            continue
+        kernel = extra[0]
         cols = _im2col(inp)
         first = name == model.layers[1]
         r_cols = np.stack([np.stack([
