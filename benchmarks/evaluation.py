@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax.attribution import grad_cam
-from attrjax.attribution.methods import METHODS, PAPER_METHODS, PER_CLASS_METHODS, check_method
+from attrjax.attribution.methods import PER_CLASS_METHODS, resolve_methods
 from attrjax.evaluation import evaluation_maps, make_attribution_fn
 from attrjax.models import VGG, init_variables, last_conv_layer, vgg
 from benchmarks import common
@@ -54,16 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of (batched call, loop pass) per method")
     common.add_output_flag(parser)
     return parser.parse_args(argv)
-
-
-def selected(names: list[str]) -> tuple[str, ...]:
-    if names == ["all"]:
-        return METHODS
-    if names == ["paper"]:
-        return PAPER_METHODS
-    for name in names:
-        check_method(name)
-    return tuple(names)
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -139,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3), np.float32))
     options = method_options(args)
     results = {}
-    for method in selected(args.methods):
+    for method in resolve_methods(",".join(args.methods)):
         results[method] = time_method(model, variables, images, layer, method, options.get(method, {}), args)
         timing = results[method]
         print(f"{method}: {timing['batched_pairs_per_s']:.1f} pairs/s batched, {timing['loop_pairs_per_s']:.1f} "

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from attrjax import data as attr_data
-from attrjax.attribution.methods import METHODS, PAPER_METHODS, check_method
+from attrjax.attribution.methods import resolve_methods
 from attrjax.evaluation import classification_report, localization_report, predict
 from attrjax.pruning import count_params_and_flops, sparsity_summary
 from experiments import common, prune
@@ -46,18 +46,6 @@ def method_columns(results: dict) -> list[tuple[str, str, str]]:
     summary = next(iter(next(iter(results.values()))["methods"].values()))
     return ([column for column in COLUMNS if column[0] in LOCALIZATION_KEYS] + AGREEMENT_COLUMNS
             + [column for column in FAITHFULNESS_COLUMNS if column[0] in summary])
-
-
-def selected_methods(methods: str) -> tuple[str, ...]:
-    """``eval.methods``: comma-separated method names, ``"paper"`` or ``"all"``."""
-    if methods == "all":
-        return METHODS
-    if methods == "paper":
-        return PAPER_METHODS
-    methods = tuple(name.strip() for name in methods.split(","))
-    for method in methods:
-        check_method(method)
-    return methods
 
 
 def first_images(arrays: dict, count: int) -> dict:
@@ -162,7 +150,7 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
 
 def run(config, workdir: str, splits: dict | None = None) -> dict:
     splits = common.load_splits(config, workdir) if splits is None else splits
-    methods = selected_methods(config.eval.methods)
+    methods = resolve_methods(config.eval.methods)
     localization = first_images(splits["localization"], config.eval.localization_images)
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
     results, examples, teacher_maps = {}, {}, {}

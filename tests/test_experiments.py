@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from attrjax.attribution.methods import METHODS
+from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
-from experiments import common, demo, evaluate, prune
+from experiments import common, demo, prune
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
@@ -99,9 +99,9 @@ def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
                                                ("gradcam, lrp", ("gradcam", "lrp"))])
 def test_eval_methods_override_from_the_command_line(override, expected):
     config = common.load_config("quick", [f"eval.methods={override}"])
-    assert evaluate.selected_methods(config.eval.methods) == expected
+    assert resolve_methods(config.eval.methods) == expected
 
 
 def test_an_unknown_eval_method_is_named_in_the_error():
     with pytest.raises(ValueError, match="unknown attribution method 'gradcm'.*available: gradcam"):
-        evaluate.selected_methods("gradcm,lrp")
+        resolve_methods("gradcm,lrp")

@@ -103,6 +103,18 @@ def check_method(method: str):
         raise ValueError(f"unknown attribution method {method!r}; available: {', '.join(METHODS)}")
 
 
+def resolve_methods(spec: str) -> tuple[str, ...]:
+    """Method names from ``"all"``, ``"paper"`` (Grad-CAM, LRP, RAP, EBP) or comma-separated names, each checked."""
+    if spec == "all":
+        return METHODS
+    if spec == "paper":
+        return PAPER_METHODS
+    methods = tuple(name.strip() for name in spec.split(","))
+    for method in methods:
+        check_method(method)
+    return methods
+
+
 def class_maps(model: VGG, variables: dict, images: jax.Array, method: str = "gradcam", *, layer: str | None = None,
                class_chunk: int = 8, **options) -> tuple[jax.Array, jax.Array]:
     """Raw maps of every class for a batch: ``(maps (B,K,h,w), logits (B,K))``.
