@@ -1,0 +1,161 @@
+"""The VOC 2012 builder on a tiny tree in the official layout, as a tarball and extracted, and its bad inputs."""
+
+import pathlib
+import tarfile
+
+import chex
+import numpy as np
+import pytest
+from PIL import Image
+
+from attrjax.data.images import VOID, decode_mask, decode_rgb, resize_split
+from attrjax.data.voc import CLASS_NAMES, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
+from tests import voc_fixture
+from tests.voc_fixture import IMAGES, MAIN, SEGMENTATION, expected_labels, expected_mask
+
+
+@pytest.fixture(scope="module")
+def built_from_tarball(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("voc")
+    voc_fixture.write_voc_tarball(root / "source", root / "data" / "downloads" / "manual")
+    build_voc(root / "data")
+    return root
+
+
+def test_palette_is_the_voc_colour_map():
+    colours = palette_colours()
+    chex.assert_trees_all_equal(colours[0], np.array([0, 0, 0], np.uint8))
+    chex.assert_trees_all_equal(colours[1], np.array([128, 0, 0], np.uint8))  # aeroplane
+    chex.assert_trees_all_equal(colours[15], np.array([192, 128, 128], np.uint8))  # person
+    chex.assert_trees_all_equal(colours[20], np.array([0, 64, 128], np.uint8))  # tvmonitor
+    assert len({tuple(c) for c in colours}) == 21
+
+
+@pytest.mark.parametrize("include_difficult", [True, False])
+def test_main_splits_keep_order_bytes_and_labels(built_from_tarball, include_difficult):
+    source = built_from_tarball / "source" / "VOCdevkit" / "VOC2012"
+    for split, ids in MAIN.items():
+        images = load_voc(built_from_tarball / "data", split, include_difficult=include_difficult)
+        assert images.names == [f"{i}.jpg" for i in ids]
+        assert images.masks is None
+        expected = np.stack([expected_labels(i, include_difficult) for i in ids])
+        chex.assert_trees_all_equal(images.labels, expected)
+        chex.assert_trees_all_equal(images.sizes, np.array([IMAGES[i][:2] for i in ids]))
+        for image_id, encoded in zip(ids, images.images):
+            assert encoded == (source / "JPEGImages" / f"{image_id}.jpg").read_bytes()
+
+
+def test_difficult_switch_changes_only_difficult_classes(built_from_tarball):
+    with_difficult = load_voc(built_from_tarball / "data", "train").labels
+    without = load_voc(built_from_tarball / "data", "train", include_difficult=False).labels
+    # 2008_000002 has a difficult and a plain cat; 2008_000003's only bus is difficult.
+    assert with_difficult[1, CLASS_NAMES.index("cat")] and without[1, CLASS_NAMES.index("cat")]
+    assert with_difficult[2, CLASS_NAMES.index("bus")] and not without[2].any()
+
+
+def test_segmentation_masks_come_out_as_written(built_from_tarball):
+    for split, ids in SEGMENTATION.items():
+        images = load_voc(built_from_tarball / "data", split, config="segmentation")
+        assert images.names == [f"{i}.jpg" for i in ids]
+        for image_id, encoded in zip(ids, images.masks):
+            chex.assert_trees_all_equal(decode_mask(encoded), expected_mask(image_id))
+
+
+def test_extracted_directory_and_rgb_masks_build_the_same(built_from_tarball, tmp_path):
+    voc = voc_fixture.write_voc_tree(tmp_path / "manual")
+    # An RGB copy of a mask (as some tools save them) maps back through the palette, void colour included.
+    rgb_path = voc / "SegmentationClass" / "2008_000004.png"
+    Image.open(rgb_path).convert("RGB").save(rgb_path)
+    build_voc(tmp_path / "data", manual_dir=tmp_path / "manual", configs=("segmentation",))
+    extracted = load_voc(tmp_path / "data", "val", config="segmentation")
+    from_tar = load_voc(built_from_tarball / "data", "val", config="segmentation")
+    chex.assert_trees_all_equal(extracted.labels, from_tar.labels)
+    for ours, theirs in zip(extracted.masks, from_tar.masks):
+        chex.assert_trees_all_equal(decode_mask(ours), decode_mask(theirs))
+
+
+def test_localisation_arrays_resize_masks_nearest_and_keep_void_out_of_labels(built_from_tarball):
+    images = load_voc(built_from_tarball / "data", "val", config="segmentation")
+    arrays = resize_split(images, 227, labels_from_masks=True)
+    chex.assert_shape(arrays["image"], (2, 227, 227, 3))
+    chex.assert_shape(arrays["mask"], (2, 227, 227))
+    for n, image_id in enumerate(SEGMENTATION["val"]):
+        mask = expected_mask(image_id)
+        rows = np.floor((np.arange(227) + 0.5) * mask.shape[0] / 227).astype(int)
+        cols = np.floor((np.arange(227) + 0.5) * mask.shape[1] / 227).astype(int)
+        chex.assert_trees_all_equal(arrays["mask"][n], mask[rows][:, cols])  # PIL NEAREST samples pixel centres
+        assert VOID in arrays["mask"][n]
+        expected = np.zeros(20, bool)
+        expected[[value - 1 for value in np.unique(mask) if 0 < value < VOID]] = True
+        chex.assert_trees_all_equal(arrays["labels"][n], expected)
+    reference = decode_rgb(images.images[0]).resize((227, 227), Image.Resampling.BILINEAR)
+    chex.assert_trees_all_equal(arrays["image"][0], np.asarray(reference))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: each a clear error naming the file and what to do.
+
+
+def _build_error(manual_dir, tmp_path, error=(VocLayoutError, ValueError)):
+    with pytest.raises(error) as info:
+        build_voc(tmp_path / "data", manual_dir=manual_dir, configs=("segmentation",))
+    return str(info.value)
+
+
+def test_missing_archive(tmp_path):
+    message = _build_error(tmp_path / "nowhere", tmp_path)
+    assert "does not exist" in message and TARBALL in message
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    message = _build_error(tmp_path / "empty", tmp_path)
+    assert "notes.txt" in message and TARBALL in message
+
+
+def test_wrong_archive(tmp_path):
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "other.txt").write_text("not VOC")
+    with tarfile.open(tmp_path / "manual" / TARBALL, "w") as archive:
+        archive.add(tmp_path / "other.txt", arcname="other/other.txt")
+    assert "ImageSets/Main/train.txt" in _build_error(tmp_path / "manual", tmp_path)
+
+
+def test_listed_image_missing(tmp_path):
+    voc = voc_fixture.write_voc_tree(tmp_path / "manual")
+    (voc / "JPEGImages" / "2008_000005.jpg").unlink()
+    message = _build_error(tmp_path / "manual", tmp_path)
+    assert "JPEGImages/2008_000005.jpg is missing" in message
+
+
+def test_truncated_image(tmp_path):
+    voc = voc_fixture.write_voc_tree(tmp_path / "manual")
+    path = voc / "JPEGImages" / "2008_000004.jpg"
+    path.write_bytes(path.read_bytes()[:200])
+    message = _build_error(tmp_path / "manual", tmp_path)
+    assert "2008_000004.jpg cannot be decoded" in message and "truncated" in message
+
+
+def test_mask_of_another_size(tmp_path):
+    voc = voc_fixture.write_voc_tree(tmp_path / "manual")
+    voc_fixture.palette_png(np.zeros((10, 10), np.uint8), voc / "SegmentationClass" / "2008_000005.png")
+    message = _build_error(tmp_path / "manual", tmp_path)
+    assert "2008_000005.png is 10x10" in message and "32x32" in message
+
+
+def test_mask_with_unknown_colour(tmp_path):
+    voc = voc_fixture.write_voc_tree(tmp_path / "manual")
+    Image.new("RGB", (34, 28), (1, 2, 3)).save(voc / "SegmentationClass" / "2008_000004.png")
+    assert "(1, 2, 3), which is not in the VOC palette" in _build_error(tmp_path / "manual", tmp_path)
+
+
+def test_loading_before_building(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m attrjax.data.voc"):
+        load_voc(tmp_path, "train")
+    with pytest.raises(ValueError, match="unknown VOC split"):
+        load_voc(tmp_path, "test")
+
+
+def test_damaged_jpeg_in_a_loaded_split_is_named(built_from_tarball):
+    images = load_voc(built_from_tarball / "data", "train")
+    assert decode_rgb(images.images[0], images.names[0]).size == (40, 30)
+    with pytest.raises(ValueError, match="2008_000001.jpg cannot be decoded"):
+        decode_rgb(images.images[0][:100], images.names[0])
