@@ -19,8 +19,11 @@ def multilabel_soft_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Arr
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy for single-label data: logits (B,K), labels (B,) int -> scalar."""
+    """Mean cross-entropy for single-label data: logits (B,K), labels (B,) int or (B,K) one-hot (or class
+    probabilities, e.g. smoothed labels) -> scalar."""
     log_probs = jax.nn.log_softmax(logits)
+    if labels.ndim == logits.ndim:
+        return -jnp.mean(jnp.sum(labels.astype(logits.dtype) * log_probs, axis=-1))
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
@@ -49,7 +52,7 @@ def softmax_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels
 
     Args:
       student_logits, teacher_logits: (B,K).
-      labels: (B,) int classes.
+      labels: (B,) int classes or (B,K) one-hot.
     """
     _check_pair(student_logits, teacher_logits)
     teacher_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits) / temperature)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
 from attrjax import data as attr_data
+from attrjax.data import tfds_datasets, voc
 from attrjax.models import VGG, init_variables, vgg
 from attrjax.train import Objective, TrainState, checkpoint_manager, make_optimizer, restore_latest, train
 
@@ -75,18 +77,67 @@ def data_dir(config, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray]]:
-    """Builds the dataset if needed and returns every split as in-memory arrays."""
-    quiet_tfds()
-    if config.data.name != "shapes":
-        raise ValueError(f"dataset {config.data.name!r} has no builder yet; the embedded default is 'shapes'")
+# The real datasets: their normalisation, and the split that plays "val" (classification) and "localization".
+NORMALIZATIONS = {"shapes": attr_data.SHAPES_NORMALIZATION, "voc2012": attr_data.VOC_NORMALIZATION,
+                  "oxford_iiit_pet": attr_data.IMAGENET_NORMALIZATION,
+                  "caltech_birds2011": attr_data.IMAGENET_NORMALIZATION}
+
+
+def normalization(config) -> attr_data.Normalization:
+    if config.data.name not in NORMALIZATIONS:
+        raise ValueError(f"unknown dataset {config.data.name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS[config.data.name]
+
+
+def class_names(config, workdir: str) -> tuple[str, ...]:
+    if config.data.name == "shapes":
+        return attr_data.CLASS_NAMES
+    if config.data.name == "voc2012":
+        return voc.CLASS_NAMES
+    return tfds_datasets.class_names(config.data.name, data_dir(config, workdir))
+
+
+def _shapes_splits(config, directory: str) -> dict:
     shapes = attr_data.ShapesConfig(**{field.name: config.data[field.name]
                                        for field in dataclasses.fields(attr_data.ShapesConfig)})
     sizes = dict(num_train=config.data.num_train, num_val=config.data.num_val,
                  num_localization=config.data.num_localization, seed=config.seed)
-    attr_data.build_shapes(data_dir(config, workdir), shapes=shapes, **sizes)
-    return {split: attr_data.load_split(data_dir(config, workdir), split, shapes=shapes, **sizes)
+    attr_data.build_shapes(directory, shapes=shapes, **sizes)
+    return {split: attr_data.load_split(directory, split, shapes=shapes, **sizes)
             for split in ("train", "val", "localization")}
+
+
+def _voc_splits(config, directory: str) -> dict:
+    """Main/train (encoded, cropped on the fly), Main/val and Segmentation/val resized (PAPER.md §4)."""
+    voc.build_voc(directory, manual_dir=config.data.manual_dir or None)
+    size, difficult = config.data.image_size, config.data.include_difficult
+    print("voc2012: decoding and resizing the evaluation images")
+    return {"train": voc.load_voc(directory, "train", include_difficult=difficult),
+            "val": attr_data.resize_split(voc.load_voc(directory, "val", include_difficult=difficult), size),
+            "localization": attr_data.resize_split(voc.load_voc(directory, "val", config="segmentation"), size,
+                                                   labels_from_masks=True)}
+
+
+def _tfds_splits(config, directory: str) -> dict:
+    """A prepared TFDS dataset with masks: train (encoded), test resized for both classification and localisation."""
+    test = attr_data.resize_split(tfds_datasets.load_tfds_split(config.data.name, "test", directory),
+                                  config.data.image_size)
+    return {"train": tfds_datasets.load_tfds_split(config.data.name, "train", directory),
+            "val": {"image": test["image"], "labels": test["labels"]}, "localization": test}
+
+
+def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray] | attr_data.LabeledImages]:
+    """Builds the dataset if needed; ``train`` as arrays (shapes) or encoded images, ``val`` and ``localization``
+    as in-memory arrays (``localization`` with masks)."""
+    quiet_tfds()
+    normalization(config)  # an unknown dataset name fails here
+    loaders = {"shapes": _shapes_splits, "voc2012": _voc_splits}
+    splits = loaders.get(config.data.name, _tfds_splits)(config, data_dir(config, workdir))
+    num_classes = splits["localization"]["labels"].shape[1]
+    if num_classes != config.data.num_classes:
+        raise ValueError(f"{config.data.name} has {num_classes} classes but config.data.num_classes is "
+                         f"{config.data.num_classes}; set data.num_classes={num_classes}")
+    return splits
 
 
 def build_model(model_config, config) -> VGG:
@@ -96,7 +147,23 @@ def build_model(model_config, config) -> VGG:
 
 
 def eval_batches(arrays: dict, config):
-    return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=attr_data.SHAPES_NORMALIZATION)
+    return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=normalization(config))
+
+
+def train_batches(train_split, config, start_step: int):
+    """The training stream from ``start_step``: random crops of in-memory arrays (shapes) or RandomResizedCrop of
+    encoded images (the real datasets)."""
+    if isinstance(train_split, attr_data.LabeledImages):
+        return attr_data.random_resized_crop_batches(
+            train_split, config.data.batch_size, image_size=config.data.image_size, seed=config.seed,
+            start_step=start_step, normalization=normalization(config))
+    return attr_data.train_batches(train_split, config.data.batch_size, seed=config.seed, start_step=start_step,
+                                   crop_padding=config.data.crop_padding, normalization=normalization(config))
+
+
+def make_objective(config, **options) -> Objective:
+    """The training objective with the dataset's label kind (``config.data.labels``: multilabel or single)."""
+    return Objective(labels=config.data.labels, **options)
 
 
 def run_keys(name: str, config) -> tuple[jax.Array, jax.Array]:
@@ -106,16 +173,11 @@ def run_keys(name: str, config) -> tuple[jax.Array, jax.Array]:
 
 
 def fit(name: str, model: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-        num_steps: int, config, workdir: str, train_arrays: dict, *, teacher: VGG | None = None,
+        num_steps: int, config, workdir: str, train_split, *, teacher: VGG | None = None,
         teacher_variables: dict | None = None) -> dict:
     """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables."""
     _, step_key = run_keys(name, config)
-
-    def batches(start_step: int):
-        return attr_data.train_batches(train_arrays, config.data.batch_size, seed=config.seed, start_step=start_step,
-                                       crop_padding=config.data.crop_padding,
-                                       normalization=attr_data.SHAPES_NORMALIZATION)
-
+    batches = functools.partial(train_batches, train_split, config)
     state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
                      teacher_variables=teacher_variables, checkpoint_dir=os.path.join(workdir, name, "checkpoints"),
                      checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name)
@@ -135,14 +197,14 @@ def restore_finished(name: str, template: dict, tx: optax.GradientTransformation
     return jax.device_get(restore_latest(manager, TrainState.create(template, tx)).variables)
 
 
-def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_arrays: dict, *,
+def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_split, *,
                 teacher: VGG | None = None, teacher_variables: dict | None = None) -> tuple[VGG, dict]:
     """Trains (or resumes) a freshly initialised model of ``model_config`` into ``workdir/name``."""
     model = build_model(model_config, config)
     init_key, _ = run_keys(name, config)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
     return model, fit(name, model, init_variables(model, init_key), tx, objective, model_config.num_steps, config,
-                      workdir, train_arrays, teacher=teacher, teacher_variables=teacher_variables)
+                      workdir, train_split, teacher=teacher, teacher_variables=teacher_variables)
 
 
 def save_json(path: str, payload):

@@ -11,7 +11,6 @@ import time
 
 import ml_collections
 
-from attrjax.train import Objective
 from experiments import common
 
 
@@ -31,7 +30,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
     seconds = {}
     for name, run_config in student_runs(config).items():
-        objective = Objective(matching_layer=config.matching_layer, **run_config.objective)
+        objective = common.make_objective(config, matching_layer=config.matching_layer, **run_config.objective)
         started = time.perf_counter()
         common.train_model(name, run_config, objective, config, workdir, splits["train"], teacher=teacher,
                            teacher_variables=teacher_variables)

@@ -113,11 +113,6 @@ def write_csv(path: str, results: dict):
                 writer.writerow([name, method, *(row[k] for k in model_keys), *(summary[k] for k in method_keys)])
 
 
-def present_classes(masks: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N,K) True where class k appears in the segmentation mask of image n."""
-    return (masks[:, None] == np.arange(1, num_classes + 1)[None, :, None, None]).any(axis=(2, 3))
-
-
 def trained_models(config, workdir: str):
     """Yields ``(name, model, variables)`` for the teacher, then every student and every pruned network."""
     teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
@@ -132,10 +127,10 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
     """figure.png (images x models, first method) and, with several methods, methods.png (methods x models)."""
     teacher = examples["teacher"][methods[0]]
     # Each figure row shows the present class that the teacher scores highest.
-    present = present_classes(teacher["mask"], config.data.num_classes)
+    present = attr_data.present_classes(teacher["mask"], config.data.num_classes)
     classes = np.argmax(np.where(present, teacher["logits"], -np.inf), axis=-1)
-    display = dict(class_names=attr_data.CLASS_NAMES, mean=attr_data.SHAPES_NORMALIZATION.mean,
-                   std=attr_data.SHAPES_NORMALIZATION.std)
+    display = dict(class_names=common.class_names(config, workdir), mean=common.normalization(config).mean,
+                   std=common.normalization(config).std)
     attribution_grid(teacher["image"], teacher["mask"], classes,
                      {name: by_method[methods[0]]["maps"] for name, by_method in examples.items()},
                      os.path.join(workdir, "figure.png"), **display)

@@ -45,16 +45,16 @@ def round_name(name: str, round_index: int) -> str:
     return f"{name}/round{round_index:02d}"
 
 
-def train_structured(name: str, objective: Objective, config, workdir: str, train_arrays: dict, teacher: VGG,
+def train_structured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
                      teacher_variables: dict) -> tuple[VGG, dict]:
     settings = config.pruning.structured
     model, variables = prune_filters(teacher, teacher_variables, settings.rates)
     tx = make_optimizer(settings.optimizer, settings.num_steps)
-    return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_arrays,
+    return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_split,
                              teacher=teacher, teacher_variables=teacher_variables)
 
 
-def train_unstructured(name: str, objective: Objective, config, workdir: str, train_arrays: dict, teacher: VGG,
+def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
                        teacher_variables: dict) -> tuple[VGG, dict]:
     settings = config.pruning.unstructured
     variables = teacher_variables
@@ -65,7 +65,7 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
         print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
         tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
         variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
-                               config, workdir, train_arrays, teacher=teacher, teacher_variables=teacher_variables)
+                               config, workdir, train_split, teacher=teacher, teacher_variables=teacher_variables)
     return teacher, variables
 
 
@@ -90,7 +90,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     train_setting = {"structured": train_structured, "unstructured": train_unstructured}
     seconds = {}
     for name, pruning_run in pruning_runs(config).items():
-        objective = Objective(matching_layer=config.matching_layer, **pruning_run.objective)
+        objective = common.make_objective(config, matching_layer=config.matching_layer, **pruning_run.objective)
         started = time.perf_counter()
         train_setting[pruning_run.setting](name, objective, config, workdir, splits["train"], teacher,
                                            teacher_variables)

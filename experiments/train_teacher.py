@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-from attrjax.train import Objective
 from experiments import common
 
 
@@ -15,7 +14,7 @@ def run(config, workdir: str, splits: dict | None = None) -> float:
     """Trains (or resumes) the teacher into ``workdir/teacher``; returns the seconds spent."""
     splits = common.load_splits(config, workdir) if splits is None else splits
     started = time.perf_counter()
-    common.train_model("teacher", config.teacher, Objective(), config, workdir, splits["train"])
+    common.train_model("teacher", config.teacher, common.make_objective(config), config, workdir, splits["train"])
     return time.perf_counter() - started
 
 

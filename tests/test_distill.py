@@ -66,3 +66,14 @@ def test_softmax_kd_matches_numpy(logits):
 def test_mismatched_teacher_and_student_logits_are_rejected():
     with pytest.raises(ValueError, match="same classes"):
         binary_kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros((2, 3)))
+
+
+def test_single_label_losses_take_one_hot_labels_as_class_indices():
+    logits = jax.random.normal(jax.random.PRNGKey(3), (5, 7))
+    teacher_logits = jax.random.normal(jax.random.PRNGKey(4), (5, 7))
+    classes = jnp.array([0, 6, 2, 2, 5])
+    one_hot = jax.nn.one_hot(classes, 7)
+    np.testing.assert_allclose(softmax_cross_entropy(logits, one_hot), softmax_cross_entropy(logits, classes),
+                               rtol=1e-6)
+    np.testing.assert_allclose(softmax_kd_loss(logits, teacher_logits, one_hot),
+                               softmax_kd_loss(logits, teacher_logits, classes), rtol=1e-6)

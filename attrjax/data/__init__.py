@@ -2,7 +2,15 @@
 
 import importlib
 
+from attrjax.data.images import (
+    VOID,
+    LabeledImages,
+    present_classes,
+    random_resized_crop_batches,
+    resize_split,
+)
 from attrjax.data.pipeline import (
+    IMAGENET_NORMALIZATION,
     SHAPES_NORMALIZATION,
     VOC_NORMALIZATION,
     Normalization,
@@ -32,6 +40,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CLASS_NAMES",
+    "IMAGENET_NORMALIZATION",
+    "VOID",
+    "LabeledImages",
+    "present_classes",
+    "random_resized_crop_batches",
+    "resize_split",
     "SHAPES_NORMALIZATION",
     "VOC_NORMALIZATION",
     "Normalization",

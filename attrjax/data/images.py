@@ -137,7 +137,8 @@ def _crop_resize_flip(encoded: bytes, name: str, box: tuple[int, int, int, int],
     return pixels[:, ::-1] if flip else pixels
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """Threads for decoding: one per core, at most 16 (PIL releases the GIL while it decodes and resizes)."""
     return min(16, os.cpu_count() or 1)
 
 
@@ -172,7 +173,7 @@ def random_resized_crop_batches(
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     stop_step = None if num_steps is None else start_step + num_steps
     return _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale,
-                              ratio, workers or _default_workers())
+                              ratio, workers or default_workers())
 
 
 def _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale, ratio,
@@ -229,7 +230,7 @@ def resize_split(split: LabeledImages, image_size: int, *, labels_from_masks: bo
       dict with `image` uint8 (N, S, S, 3) and `labels` bool (N, K), plus `mask` uint8 (N, S, S) when the split
       has masks.
     """
-    with concurrent.futures.ThreadPoolExecutor(workers or _default_workers()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
         images = np.stack(list(pool.map(_resize_image, split.images, split.names, [image_size] * len(split))))
         arrays = {"image": images, "labels": split.labels}
         if split.masks is not None:

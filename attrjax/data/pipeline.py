@@ -35,7 +35,9 @@ class Normalization:
 # The renderer treats the channels alike and draws colours symmetrically about 0.5, so the mean is 0.5 by
 # design; the standard deviation is measured on 6000 default renders.
 SHAPES_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.235, 0.235, 0.235))
-VOC_NORMALIZATION = Normalization(mean=(0.4589, 0.4355, 0.4032), std=(0.2239, 0.2186, 0.2206))
+VOC_NORMALIZATION = Normalization(mean=(0.4589, 0.4355, 0.4032), std=(0.2239, 0.2186, 0.2206))  # PAPER.md §4
+# torchvision's ImageNet constants, for ImageNet-pretrained teachers fine-tuned on Oxford-IIIT Pet or CUB.
+IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def normalize(images: np.ndarray, normalization: Normalization) -> np.ndarray:
@@ -53,14 +55,14 @@ def normalize(images: np.ndarray, normalization: Normalization) -> np.ndarray:
     return rows.reshape(images.shape)
 
 
-def _num_examples(arrays: Mapping[str, np.ndarray]) -> int:
-    """N, after checking that `arrays` holds image, mask and labels with one leading length."""
-    missing = [key for key in _SPLIT_KEYS if key not in arrays]
+def _num_examples(arrays: Mapping[str, np.ndarray], required: tuple[str, ...] = _SPLIT_KEYS) -> int:
+    """N, after checking that `arrays` holds the `required` keys, all of one leading length."""
+    missing = [key for key in required if key not in arrays]
     if missing:
-        raise ValueError(f"arrays must hold {', '.join(_SPLIT_KEYS)}; missing {', '.join(missing)}")
-    lengths = {key: len(arrays[key]) for key in _SPLIT_KEYS}
+        raise ValueError(f"arrays must hold {', '.join(required)}; missing {', '.join(missing)}")
+    lengths = {key: len(arrays[key]) for key in _SPLIT_KEYS if key in arrays}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"image, mask and labels must have the same number of examples, got {lengths}")
+        raise ValueError(f"{', '.join(lengths)} must have the same number of examples, got {lengths}")
     return lengths["image"]
 
 
@@ -171,13 +173,13 @@ def eval_batches(
     """Yields the examples in order, unaugmented, in batches of exactly `batch_size`.
 
     The last batch is padded with copies of example 0; `valid` marks the real examples, so a jitted
-    evaluation sees one shape throughout and never retraces.
+    evaluation sees one shape throughout and never retraces. `mask` is optional (classification-only splits).
 
     Yields:
-      dict with `image` float32 (B, H, W, 3) normalised, `labels` float32 (B, K), `mask` uint8 (B, H, W),
-      `valid` bool (B,).
+      dict with `image` float32 (B, H, W, 3) normalised, `labels` float32 (B, K), `valid` bool (B,), and
+      `mask` uint8 (B, H, W) when `arrays` has masks.
     """
-    num_examples = _num_examples(arrays)
+    num_examples = _num_examples(arrays, required=("image", "labels"))
     _check_batch_size(batch_size)
     return _eval_batch_stream(arrays, num_examples, batch_size, normalization)
 
@@ -189,9 +191,11 @@ def _eval_batch_stream(
         positions = np.arange(start, start + batch_size)
         valid = positions < num_examples
         indices = np.where(valid, positions, 0)
-        yield {
+        batch = {
             "image": normalize(arrays["image"][indices], normalization),
             "labels": arrays["labels"][indices].astype(np.float32),
-            "mask": arrays["mask"][indices],
             "valid": valid,
         }
+        if "mask" in arrays:
+            batch["mask"] = arrays["mask"][indices]
+        yield batch

@@ -30,7 +30,8 @@ class Objective:
     """What the student is trained on.
 
     Attributes:
-      labels: ``multilabel`` (labels (B,K) multi-hot, soft-margin loss) or ``single`` (labels (B,) int, softmax CE).
+      labels: ``multilabel`` (labels (B,K) multi-hot, soft-margin loss) or ``single`` (labels (B,) int or (B,K) one-hot,
+        softmax CE).
       kd: None, ``binary`` (Bernoulli KD, PAPER.md §2.7a) or ``softmax`` (Hinton KD); replaces the task loss.
       temperature, kd_alpha: KD's T and alpha.
       matching: None, ``weighted`` (weighted collapsed attribution matching) or ``activation`` (unweighted).

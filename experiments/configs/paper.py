@@ -1,6 +1,14 @@
-"""The paper's PASCAL VOC 2012 recipe (PAPER.md §5.1-5.4), values as published; runs once the VOC builder and
-the ImageNet-pretrained teacher import exist (data.name="voc2012"). Steps are epochs x ceil(5717 / 64) = 90 steps
-per epoch (no drop_last).
+"""The paper's PASCAL VOC 2012 recipe (PAPER.md §4-5), values as published.
+
+    python -m experiments.train_teacher --config paper --workdir runs/paper \
+        --set data.manual_dir=/data/voc teacher.pretrained=/weights/vgg16_bn-6c64b313.pth
+
+(README "Reproducing the paper" has every command.) Data: `attrjax.data.voc` builds VOC 2012 from the user's
+trainval tarball into `data.data_dir` (default `<workdir>/data`); training images are RandomResizedCrop(227) + flip,
+evaluation images are resized to 227 x 227, with the VOC normalisation. The teacher starts from torchvision's
+ImageNet `vgg16_bn` weights (`teacher.pretrained`: a .pth, .safetensors or .npz state dict) with a fresh 20-way
+head. Steps are epochs x 89: every step is a full batch of 64 (5,717 // 64 = 89), where the reference's loader adds
+a 90th batch of 21 images per epoch.
 
 Fixes applied (PAPER.md §8): the KD optimizer gets the momentum 0.9 its argparse defines (the reference code drops
 it); teacher outputs are constants (stop_gradient); the pruning teacher is in eval mode (bug 7); the structured
@@ -12,35 +20,42 @@ import ml_collections
 
 from attrjax.pruning import vgg16_paper_rates
 
-STEPS_PER_EPOCH = 90
-
-
-def _epochs(*epochs: int) -> tuple[int, ...]:
-    return tuple(e * STEPS_PER_EPOCH for e in epochs)
+VOC_TRAIN_IMAGES = 5717
+BATCH_SIZE = 64
 
 
 def get_config() -> ml_collections.ConfigDict:
+    # include_difficult: difficult objects count as positives, as in the paper; False leaves them out.
+    data = dict(name="voc2012", data_dir="", manual_dir="", image_size=227, num_classes=20, labels="multilabel",
+                include_difficult=True, batch_size=BATCH_SIZE)
+    return recipe(data, steps_per_epoch=VOC_TRAIN_IMAGES // BATCH_SIZE, kd="binary")
+
+
+def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.ConfigDict:
+    """The paper's models, schedules and losses on dataset `data`, epochs counted in `steps_per_epoch` steps;
+    `kd`: "binary" (multi-label Bernoulli KD) or "softmax" (single-label Hinton KD)."""
+
+    def steps(*epochs: int) -> int | tuple[int, ...]:
+        return epochs[0] * steps_per_epoch if len(epochs) == 1 else tuple(e * steps_per_epoch for e in epochs)
+
     config = ml_collections.ConfigDict()
     config.seed = 42
-    config.data = dict(
-        name="voc2012", data_dir="", image_size=227, num_classes=20,
-        num_train=5717, num_val=5823, num_localization=1449, batch_size=64, crop_padding=0,
-    )
+    config.data = data
     config.matching_layer = "pool5"  # 7x7 at 227 px
     config.eval_layer = "conv5_3"  # 14x14, the paper's Grad-CAM evaluation layer
     config.teacher = dict(
-        layout="vgg16", width_divisor=1, dropout_rate=0.5, head_pooling="flatten",
-        num_steps=60 * STEPS_PER_EPOCH,
+        layout="vgg16", width_divisor=1, dropout_rate=0.5, head_pooling="flatten", pretrained="",
+        num_steps=steps(60),
         optimizer=dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
-                       boundaries=_epochs(10, 30, 40), decay_factor=0.1),
+                       boundaries=steps(10, 30, 40), decay_factor=0.1),
     )
     student = dict(
         layout="vgg16", width_divisor=8, dropout_rate=0.5, head_pooling="flatten",
-        num_steps=350 * STEPS_PER_EPOCH,
+        num_steps=steps(350),
         optimizer=dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
-                       boundaries=_epochs(150, 200, 250), decay_factor=0.1),
+                       boundaries=steps(150, 200, 250), decay_factor=0.1),
     )
-    kd = dict(labels="multilabel", kd="binary", temperature=4.0, kd_alpha=0.9)
+    kd = dict(kd=kd, temperature=4.0, kd_alpha=0.9)
     config.students = dict(
         kd=dict(student, objective=dict(kd)),
         kd_match=dict(student, objective=dict(kd, matching="weighted", matching_weight=100.0)),
@@ -50,12 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.pruning = dict(
         matching_weight=100.0,
         # The paper's p is unknown: its README prunes one-shot at 0.3, its evaluation scripts default to 0.7.
-        structured=dict(rates=vgg16_paper_rates(0.3), num_steps=30 * STEPS_PER_EPOCH, optimizer=finetune),
-        unstructured=dict(rate=0.2, rounds=16, steps_per_round=30 * STEPS_PER_EPOCH, optimizer=finetune),
+        structured=dict(rates=vgg16_paper_rates(0.3), num_steps=steps(30), optimizer=finetune),
+        unstructured=dict(rate=0.2, rounds=16, steps_per_round=steps(30), optimizer=finetune),
     )
     config.stochastic_drop_rate = 0.3
     config.eval = dict(batch_size=32, tolerance=0, figure_images=6, methods="paper", localization_images=0,
                        method_options={}, faithfulness_steps=0)
-    config.checkpoint_every = 5 * STEPS_PER_EPOCH
+    config.checkpoint_every = steps(5)
     config.log_every = 50
     return config

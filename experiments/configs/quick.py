@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = dict(
-        name="shapes", data_dir="", image_size=64, num_classes=6, min_objects=1, max_objects=2,
+        name="shapes", data_dir="", image_size=64, num_classes=6, labels="multilabel", min_objects=1, max_objects=2,
         min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
         num_train=6000, num_val=1000, num_localization=500, batch_size=32, crop_padding=4,
     )
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
                           num_steps=1200, optimizer=optimizer)
     student = dict(layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=900,
                    optimizer=optimizer)
-    kd = dict(labels="multilabel", kd="binary", temperature=4.0, kd_alpha=0.9)
+    kd = dict(kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
         kd=dict(student, objective=dict(kd)),
         kd_match=dict(student, objective=dict(kd, matching="weighted", matching_weight=10.0)),
