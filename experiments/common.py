@@ -21,7 +21,7 @@ from absl import logging as absl_logging
 
 from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
-from attrjax.models import VGG, init_variables, vgg
+from attrjax.models import VGG, import_vgg, init_variables, load_state_dict, vgg
 from attrjax.train import Objective, TrainState, checkpoint_manager, make_optimizer, restore_latest, train
 
 
@@ -140,6 +140,10 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray] | attr_
     return splits
 
 
+def num_images(split: dict[str, np.ndarray] | attr_data.LabeledImages) -> int:
+    return len(split) if isinstance(split, attr_data.LabeledImages) else len(split["image"])
+
+
 def build_model(model_config, config) -> VGG:
     return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
                width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
@@ -202,9 +206,20 @@ def train_model(name: str, model_config, objective: Objective, config, workdir: 
     """Trains (or resumes) a freshly initialised model of ``model_config`` into ``workdir/name``."""
     model = build_model(model_config, config)
     init_key, _ = run_keys(name, config)
+    variables = init_variables(model, init_key)
+    if model_config.get("pretrained"):
+        variables = pretrained_variables(name, model_config.pretrained, model, variables)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
-    return model, fit(name, model, init_variables(model, init_key), tx, objective, model_config.num_steps, config,
-                      workdir, train_split, teacher=teacher, teacher_variables=teacher_variables)
+    return model, fit(name, model, variables, tx, objective, model_config.num_steps, config, workdir, train_split,
+                      teacher=teacher, teacher_variables=teacher_variables)
+
+
+def pretrained_variables(name: str, path: str, model: VGG, fresh_variables: dict) -> dict:
+    """The convs and BatchNorms of a torchvision-layout VGG state dict (e.g. ImageNet ``vgg16_bn``: .pth,
+    .safetensors or .npz) under the fresh classifier of ``fresh_variables``, as the paper builds its teacher."""
+    variables = import_vgg(load_state_dict(path), model, new_head_variables=fresh_variables)
+    print(f"[{name}] features from {path}, a new {model.num_classes}-way classifier")
+    return variables
 
 
 def save_json(path: str, payload):

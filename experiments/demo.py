@@ -20,7 +20,7 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     print(f"attrjax demo: work directory {os.path.abspath(workdir)}")
     splits = common.load_splits(config, workdir)
-    print("data: " + ", ".join(f"{split} {len(arrays['image'])}" for split, arrays in splits.items())
+    print("data: " + ", ".join(f"{name} {common.num_images(split)}" for name, split in splits.items())
           + f" images of {config.data.image_size} px, {config.data.num_classes} classes")
     seconds = {"teacher": train_teacher.run(config, workdir, splits)}
     seconds.update(distill.run(config, workdir, splits))

@@ -1,7 +1,10 @@
 """Flax models that expose ``features``/``head`` for attribution."""
 
+from attrjax.models.torchvision import (export_vgg, import_vgg, load_state_dict, read_pth_without_torch,
+                                        save_state_dict, stage_widths_from_state_dict)
 from attrjax.models.vgg import (VGG, VGG_LAYOUTS, check_compatible, init_variables, last_conv_layer, layer_names,
                                 layer_spatial_size, scale_widths, vgg)
 
-__all__ = ["VGG", "VGG_LAYOUTS", "check_compatible", "init_variables", "last_conv_layer", "layer_names",
-           "layer_spatial_size", "scale_widths", "vgg"]
+__all__ = ["VGG", "VGG_LAYOUTS", "check_compatible", "export_vgg", "import_vgg", "init_variables", "last_conv_layer",
+           "layer_names", "layer_spatial_size", "load_state_dict", "read_pth_without_torch", "save_state_dict",
+           "scale_widths", "stage_widths_from_state_dict", "vgg"]

@@ -1,0 +1,586 @@
+"""torchvision / reference-code VGG checkpoints <-> attrjax ``VGG`` variables (PAPER.md §3, §9).
+
+The paper's teacher starts from torchvision's ImageNet ``vgg16_bn`` (``vgg16_bn-6c64b313.pth``) with a new
+Dropout + Linear(C*H*W, 20) head; the reference code's VOC checkpoints keep torchvision's key layout. A state dict
+here is a flat ``{key: np.ndarray}`` in PyTorch layout (conv weights OIHW, linear weights (out, in)):
+
+- ``features.{i}.weight`` (O,I,3,3) / ``.bias`` (O,): a conv; ``features.{i+1}.weight/bias/running_mean/running_var``
+  (O,) and optionally ``num_batches_tracked`` (): its BatchNorm; ``features.{i+2}``: its ReLU (no entries); one more
+  index, a max-pool (no entries), closes every stage. This is torchvision's ``make_layers(cfg, batch_norm=True)``.
+- ``classifier.1.weight`` (K, F) / ``.bias`` (K,): the reference code's head, Dropout (index 0) + Linear. ``F`` is
+  C*H*W of the last pool, flattened in C,H,W order, which ``VGG.head`` also uses, so the Dense kernel is the
+  transposed weight (or F = C for a ``head_pooling="avg"`` model).
+- torchvision's ImageNet head ``classifier.0/3/6`` (Linear 25088->4096->4096->1000) has hidden FC layers that
+  attrjax's VGG does not have. As in the paper it is dropped and the new head keeps a fresh init: pass
+  ``new_head_variables=init_variables(model, key)`` to ``import_vgg``.
+
+Files: ``.safetensors``, ``.npz`` and PyTorch ``.pth``/``.pt``/``.pth.tar``. PyTorch files load with ``torch`` when
+it is installed (``weights_only=True``), otherwise with ``read_pth_without_torch``, a restricted unpickler for the
+zip format (torch>=1.6) and the legacy format (torch<1.6, which torchvision's ImageNet files use) that refuses
+every global but tensors, storages and ``OrderedDict``: no code from the file ever runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import pickle
+import struct
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from attrjax.models.vgg import VGG, StageWidths, init_variables
+
+StateDict = dict[str, np.ndarray]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and writing files
+
+
+def load_state_dict(path: str | Path) -> StateDict:
+    """Reads a flat state dict ``{key: array}`` from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``/``.pth.tar``.
+
+    PyTorch files use ``torch.load(..., weights_only=True)`` when torch is importable, else
+    ``read_pth_without_torch``. A training checkpoint ``{'state_dict': {...}, 'epoch': ...}`` yields its
+    ``state_dict``. bfloat16 tensors come back as float32.
+    """
+    path = Path(path)
+    kind = _file_kind(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if kind == "safetensors":
+        return dict(_safetensors_numpy().load_file(str(path)))
+    if kind == "npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    torch = _torch_or_none()
+    if torch is None:
+        return read_pth_without_torch(path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    return _state_dict_from(_map_tree(loaded, lambda x: _torch_to_numpy(torch, x)), path)
+
+
+def read_pth_without_torch(path: str | Path) -> StateDict:
+    """Reads a PyTorch ``.pth`` state dict without importing torch (zip format of torch>=1.6, or legacy format).
+
+    Only tensors (``torch._utils._rebuild_tensor[_v2|_v3]``, ``_rebuild_parameter``), storage types, dtypes and
+    ``collections.OrderedDict`` may appear in the pickle; any other global raises ``pickle.UnpicklingError``
+    before anything is called. Tensors are copied out of their storages (offset, size, stride); bfloat16 becomes
+    float32.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if zipfile.is_zipfile(path):
+        loaded = _read_zip_pth(path)
+    else:
+        loaded = _read_legacy_pth(path)
+    return _state_dict_from(loaded, path)
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Writes ``state_dict`` as ``.safetensors`` or ``.npz``; ``.pth``/``.pt`` needs torch (``torch.save``)."""
+    path = Path(path)
+    kind = _file_kind(path)
+    arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # keeps 0-d arrays 0-d
+    if kind == "safetensors":
+        _safetensors_numpy().save_file(arrays, str(path))
+    elif kind == "npz":
+        with open(path, "wb") as file:  # a file object: np.savez would append .npz to a path without that suffix
+            np.savez(file, **arrays)
+    else:
+        torch = _torch_or_none()
+        if torch is None:
+            raise ValueError(f"writing {path.name} needs PyTorch, which is not installed; save as .safetensors or "
+                             ".npz instead (both load in PyTorch with safetensors.torch.load_file / numpy)")
+        torch.save(collections.OrderedDict((key, torch.from_numpy(np.array(value))) for key, value in arrays.items()),
+                   path)  # np.array: a writable copy, as torch.from_numpy wants
+
+
+_SUFFIXES = {".safetensors": "safetensors", ".npz": "npz", ".pth": "pth", ".pt": "pth", ".pth.tar": "pth"}
+
+
+def _file_kind(path: Path) -> str:
+    for suffix, kind in _SUFFIXES.items():
+        if path.name.endswith(suffix):
+            return kind
+    raise ValueError(f"unsupported checkpoint file {path.name!r}: use one of {', '.join(_SUFFIXES)}")
+
+
+def _safetensors_numpy():
+    try:
+        import safetensors.numpy
+    except ImportError as error:
+        raise ImportError("reading/writing .safetensors needs the safetensors package: pip install safetensors") \
+            from error
+    return safetensors.numpy
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _torch_to_numpy(torch, x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy().copy()
+
+
+def _map_tree(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """Applies ``fn`` to every leaf of nested dicts / lists / tuples (the containers a pickle can hold)."""
+    if isinstance(obj, Mapping):
+        return {key: _map_tree(value, fn) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tree(value, fn) for value in obj)
+    return fn(obj)
+
+
+def _state_dict_from(loaded: Any, path: Path) -> StateDict:
+    """The flat ``{str: array}`` in ``loaded``: itself, or its ``state_dict`` entry (a training checkpoint)."""
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict {{name: tensor}}")
+    not_arrays = [str(key) for key, value in loaded.items() if not isinstance(value, np.ndarray)]
+    if not_arrays:
+        raise ValueError(f"{path} is not a flat state dict: entries {', '.join(not_arrays)} are not tensors")
+    return {str(key): value for key, value in loaded.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch-free .pth reader
+
+_DTYPES = {
+    "float64": np.dtype(np.float64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16), "int64": np.dtype(np.int64), "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32), "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+}
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageRef:
+    """A storage in the file: raw bytes under ``key``, read as ``dtype``, starting ``offset`` elements in."""
+    key: str
+    dtype: np.dtype
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingTensor:
+    """A tensor to cut out of its storage once the storages are read (the legacy format stores them last)."""
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride), storage.dtype)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+    return _PendingTensor(storage, storage_offset, tuple(size), tuple(stride), dtype)  # untyped (byte) storage
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return data
+
+
+# The only globals a state-dict pickle may name, each mapped to an inert stand-in (nothing from torch is called).
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch", "UntypedStorage"): _DTYPES["uint8"],
+    ("torch.storage", "UntypedStorage"): _DTYPES["uint8"],
+    **{("torch", name): _DTYPES[dtype] for name, dtype in _STORAGE_DTYPES.items()},  # typed storages
+    **{("torch", name): dtype for name, dtype in _DTYPES.items()},  # dtypes (_rebuild_tensor_v3)
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside ``_SAFE_GLOBALS``."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuilding globals (to inert local stand-ins); storages come from ``storage_ref``."""
+
+    def __init__(self, file, path: Path, storage_ref: Callable[[tuple], _StorageRef] | None = None):
+        super().__init__(file, encoding="utf-8")  # Python 2 pickles (old torch) hold byte strings
+        self._path = path
+        self._storage_ref = storage_ref
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise _RefusedGlobal(
+                f"{self._path} references {module}.{name}, which is not a tensor, storage or OrderedDict; refusing "
+                "to unpickle it (it could run code). Only plain state dicts can be read. If you trust the file, "
+                "re-save just its state dict with PyTorch: torch.save(torch.load(path, weights_only=False)"
+                "['state_dict'], 'weights.pth')")
+        return _SAFE_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if self._storage_ref is None or not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"{self._path}: unsupported persistent id {pid!r} (only tensor storages)")
+        return self._storage_ref(pid)
+
+
+def _storage_dtype(storage_type: Any, path: Path) -> np.dtype:
+    """A persistent id's storage type, which ``find_class`` resolved to a NumPy dtype."""
+    if not isinstance(storage_type, np.dtype):
+        raise pickle.UnpicklingError(f"{path}: a tensor storage has type {storage_type!r}, not a torch storage type")
+    return storage_type
+
+
+def _read_zip_pth(path: Path) -> Any:
+    """torch>=1.6 files: ``<name>/data.pkl`` with storages ``<name>/data/<key>`` and an optional ``byteorder``."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (no single data.pkl)")
+        prefix = pickles[0][:-len("data.pkl")]
+        byteorder = "little"
+        if prefix + "byteorder" in archive.namelist():
+            byteorder = archive.read(prefix + "byteorder").decode().strip()
+
+        def storage_ref(pid: tuple) -> _StorageRef:
+            _, storage_type, key, _location, _numel = pid
+            return _StorageRef(str(key), _storage_dtype(storage_type, path), 0)
+
+        with archive.open(pickles[0]) as file:
+            loaded = _RestrictedUnpickler(file, path, storage_ref).load()
+        buffers = {}
+
+        def materialise(x: Any) -> Any:
+            if not isinstance(x, _PendingTensor):
+                return x
+            if x.storage.key not in buffers:
+                buffers[x.storage.key] = archive.read(f"{prefix}data/{x.storage.key}")
+            return _tensor_from_buffer(buffers[x.storage.key], x, byteorder, path)
+
+        return _map_tree(loaded, materialise)
+
+
+def _read_legacy_pth(path: Path) -> Any:
+    """torch<1.6 files: magic, protocol, sys_info, the object, the storage keys, then each storage's raw data."""
+    with open(path, "rb") as file:
+        try:
+            magic = _RestrictedUnpickler(file, path).load()
+        except _RefusedGlobal:
+            raise
+        except Exception as error:  # whatever garbage does to an unpickler: not a checkpoint
+            raise ValueError(f"{path} is neither a zip nor a legacy PyTorch checkpoint ({error!r})") from error
+        if magic != _LEGACY_MAGIC:
+            raise ValueError(f"{path} is neither a zip nor a legacy PyTorch checkpoint (bad magic number)")
+        protocol = _RestrictedUnpickler(file, path).load()
+        if protocol != _LEGACY_PROTOCOL:
+            raise ValueError(f"{path}: unsupported legacy PyTorch protocol {protocol} (expected {_LEGACY_PROTOCOL})")
+        sys_info = _RestrictedUnpickler(file, path).load()
+        if not isinstance(sys_info, dict):
+            raise ValueError(f"{path}: malformed legacy PyTorch header (sys_info is a {type(sys_info).__name__})")
+        byteorder = "little" if sys_info.get("little_endian", True) else "big"
+        roots: dict[str, np.dtype] = {}
+
+        def storage_ref(pid: tuple) -> _StorageRef:
+            _, storage_type, root_key, _location, _numel, view_metadata = pid
+            dtype = roots[str(root_key)] = _storage_dtype(storage_type, path)
+            view_offset = 0 if view_metadata is None else view_metadata[1]  # (view_key, offset, numel)
+            return _StorageRef(str(root_key), dtype, view_offset)
+
+        loaded = _RestrictedUnpickler(file, path, storage_ref).load()
+        buffers = {}
+        for key in _RestrictedUnpickler(file, path).load():
+            key = str(key)
+            if key not in roots:
+                raise ValueError(f"{path}: storage {key!r} is listed but no tensor uses it")
+            (count,) = struct.unpack("<q" if byteorder == "little" else ">q", file.read(8))
+            nbytes = count * roots[key].itemsize
+            buffers[key] = file.read(nbytes)
+            if len(buffers[key]) != nbytes:
+                raise ValueError(f"{path} is truncated: storage {key!r} needs {nbytes} bytes")
+    return _map_tree(loaded, lambda x: _tensor_from_buffer(buffers[x.storage.key], x, byteorder, path)
+                     if isinstance(x, _PendingTensor) else x)
+
+
+def _tensor_from_buffer(buffer: bytes, tensor: _PendingTensor, byteorder: str, path: Path) -> np.ndarray:
+    """Copies a strided view out of a storage's bytes (bounds-checked: as_strided itself checks nothing)."""
+    flat = np.frombuffer(buffer, dtype=tensor.dtype)
+    if byteorder != sys.byteorder and tensor.dtype.itemsize > 1:
+        flat = flat.byteswap()
+    start = tensor.storage.offset + tensor.offset
+    if len(tensor.size) != len(tensor.stride) or min((start, *tensor.size, *tensor.stride)) < 0:
+        raise ValueError(f"{path}: invalid tensor geometry size={tensor.size} stride={tensor.stride}")
+    if math.prod(tensor.size) == 0:
+        array = np.zeros(tensor.size, tensor.dtype)
+    else:
+        last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
+        if last >= flat.size:
+            raise ValueError(f"{path}: a tensor of size {tensor.size} reads past its storage ({flat.size} elements)")
+        array = np.lib.stride_tricks.as_strided(flat[start:], shape=tensor.size,
+                                                strides=[s * flat.itemsize for s in tensor.stride]).copy()
+    return array.astype(np.float32) if tensor.dtype == _DTYPES["bfloat16"] else array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision layout <-> attrjax VGG variables
+
+_NUM_BATCHES_TRACKED = None  # marks the optional BatchNorm counter, which attrjax does not keep
+# torchvision's ImageNet head and the reference code's head; dropped when a new head is given.
+_CLASSIFIER_KEYS = tuple(f"classifier.{i}.{leaf}" for i in (0, 1, 3, 6) for leaf in ("weight", "bias"))
+# PyTorch -> Flax axis order by rank: conv OIHW -> HWIO, linear (out, in) -> (in, out); and back.
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+_LISTED = 20  # keys / shapes an error lists before "... and N more" (a wrong architecture mismatches hundreds)
+
+
+def _key_map(model: VGG) -> dict[str, tuple[str, str, str] | None]:
+    """torchvision key -> (collection, module, leaf) of ``model``'s variables, in torchvision's order."""
+    keys: dict[str, tuple[str, str, str] | None] = {}
+    index = 0
+    for s, stage in enumerate(model.stage_widths, start=1):
+        for j in range(1, len(stage) + 1):
+            conv, bn = f"features.{index}", f"features.{index + 1}"
+            keys[f"{conv}.weight"] = ("params", f"conv{s}_{j}", "kernel")
+            keys[f"{conv}.bias"] = ("params", f"conv{s}_{j}", "bias")
+            keys[f"{bn}.weight"] = ("params", f"bn{s}_{j}", "scale")
+            keys[f"{bn}.bias"] = ("params", f"bn{s}_{j}", "bias")
+            keys[f"{bn}.running_mean"] = ("batch_stats", f"bn{s}_{j}", "mean")
+            keys[f"{bn}.running_var"] = ("batch_stats", f"bn{s}_{j}", "var")
+            keys[f"{bn}.num_batches_tracked"] = _NUM_BATCHES_TRACKED
+            index += 3  # conv, BatchNorm, ReLU
+        index += 1  # the stage's max-pool
+    keys["classifier.1.weight"] = ("params", "classifier", "kernel")
+    keys["classifier.1.bias"] = ("params", "classifier", "bias")
+    return keys
+
+
+def _flax_shapes(model: VGG) -> dict[tuple[str, str, str], tuple[int, ...]]:
+    """(collection, module, leaf) -> shape of ``model``'s variables (no computation: ``jax.eval_shape``)."""
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return {(collection, module, leaf): tuple(x.shape) for collection, modules in variables.items()
+            for module, leaves in modules.items() for leaf, x in leaves.items()}
+
+
+def _permute(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in axes)
+
+
+def stage_widths_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> StageWidths:
+    """Conv widths per stage of a torchvision-layout VGG-with-BatchNorm state dict (e.g. to build the model).
+
+    Stages are read from the index gaps: 3 between convs of a stage (conv, BN, ReLU), 4 across a max-pool.
+    ``vgg(stage_widths_from_state_dict(sd), num_classes=..., image_size=...)`` builds a matching model.
+    """
+    state_dict = _strip_data_parallel_prefix(state_dict)
+    convs = sorted((int(key.split(".")[1]), value.shape[0]) for key, value in state_dict.items()
+                   if key.startswith("features.") and key.endswith(".weight") and np.ndim(value) == 4)
+    if not convs:
+        raise ValueError("the state dict has no conv weights features.{i}.weight: not a torchvision VGG")
+    if convs[0][0] != 0:
+        raise ValueError(f"the first conv is features.{convs[0][0]}, expected features.0")
+    stages: list[list[int]] = [[]]
+    for position, (index, width) in enumerate(convs):
+        if f"features.{index + 1}.running_mean" not in state_dict:
+            raise ValueError(f"features.{index} is a conv without a BatchNorm at features.{index + 1}: attrjax's "
+                             "VGG has BatchNorm after every conv (torchvision vgg*_bn, not vgg*)")
+        if position:
+            gap = index - convs[position - 1][0]
+            if gap not in (3, 4):
+                raise ValueError(f"convs features.{convs[position - 1][0]} and features.{index} are {gap} indices "
+                                 "apart; torchvision VGG convs are 3 apart within a stage and 4 across a max-pool")
+            if gap == 4:
+                stages.append([])
+        stages[-1].append(int(width))
+    return tuple(tuple(stage) for stage in stages)
+
+
+def _strip_data_parallel_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops the ``module.`` prefix ``torch.nn.DataParallel`` puts on every key (the reference code's files)."""
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def import_vgg(state_dict: Mapping[str, np.ndarray], model: VGG, *,
+               new_head_variables: Mapping[str, Any] | None = None) -> dict:
+    """torchvision-layout state dict -> ``{'params', 'batch_stats'}`` for ``model`` (float32).
+
+    Args:
+      state_dict: ``features.*`` convs and BatchNorms in forward order (``num_batches_tracked`` optional and
+        ignored; keys may carry DataParallel's ``module.`` prefix) plus, unless ``new_head_variables`` is given,
+        the reference head ``classifier.1.weight`` (K, F) / ``classifier.1.bias`` (K,).
+      model: the VGG to fill; its stage widths, ``num_classes``, ``image_size`` and ``head_pooling`` must match.
+      new_head_variables: variables of ``model`` (e.g. ``init_variables(model, key)``) whose
+        ``params['classifier']`` becomes the head. The checkpoint's classifier, torchvision's ImageNet
+        ``classifier.0/3/6`` or a ``classifier.1``, is then dropped, as the paper does for its teacher.
+
+    Everything is checked before anything is built; a ``ValueError`` lists missing keys, unexpected keys and
+    wrong shapes (PyTorch layout) with what to change. ``import_vgg(export_vgg(v, model), model) == v``.
+    """
+    state_dict = _strip_data_parallel_prefix(state_dict)
+    key_map = _key_map(model)
+    flax_shapes = _flax_shapes(model)
+    if new_head_variables is not None:
+        _check_new_head(new_head_variables, flax_shapes)
+        key_map = {key: source for key, source in key_map.items() if not key.startswith("classifier.")}
+        state_dict = {key: value for key, value in state_dict.items() if key not in _CLASSIFIER_KEYS}
+    _check_state_dict(state_dict, model, key_map, flax_shapes)
+
+    variables: dict[str, dict[str, dict[str, jax.Array]]] = {"params": {}, "batch_stats": {}}
+    for key, source in key_map.items():
+        if source is _NUM_BATCHES_TRACKED:
+            continue
+        collection, module, leaf = source
+        value = np.asarray(state_dict[key], np.float32)
+        variables[collection].setdefault(module, {})[leaf] = jnp.asarray(np.transpose(value, _TO_FLAX[value.ndim]))
+    if new_head_variables is not None:
+        variables["params"]["classifier"] = {leaf: jnp.asarray(x, jnp.float32) for leaf, x in
+                                             new_head_variables["params"]["classifier"].items()}
+    return variables
+
+
+def export_vgg(variables: Mapping[str, Any], model: VGG) -> StateDict:
+    """``{'params', 'batch_stats'}`` of ``model`` -> torchvision / reference-code state dict (float32 NumPy).
+
+    Keys and layouts as ``import_vgg`` reads them (``features.*``, ``classifier.1.*``; OIHW convs, (K, F) linear),
+    with ``num_batches_tracked`` = int64 0 so ``torch.nn.Module.load_state_dict`` accepts it strictly.
+    """
+    flax_shapes = _flax_shapes(model)
+    state_dict: StateDict = {}
+    problems = []
+    for key, source in _key_map(model).items():
+        if source is _NUM_BATCHES_TRACKED:
+            state_dict[key] = np.zeros((), np.int64)
+            continue
+        collection, module, leaf = source
+        value = variables.get(collection, {}).get(module, {}).get(leaf)
+        if value is None or tuple(np.shape(value)) != flax_shapes[source]:
+            found = "missing" if value is None else f"shape {tuple(np.shape(value))}"
+            problems.append(f"{collection}/{module}/{leaf}: {found}, model expects {flax_shapes[source]}")
+            continue
+        value = np.asarray(value, np.float32)
+        state_dict[key] = np.ascontiguousarray(np.transpose(value, _TO_TORCH[value.ndim]))
+    if problems:
+        raise ValueError(f"variables do not fit {_describe(model)}:\n  " + "\n  ".join(problems))
+    return state_dict
+
+
+def _describe(model: VGG) -> str:
+    return (f"VGG(stage_widths={model.stage_widths}, num_classes={model.num_classes}, "
+            f"image_size={model.image_size}, head_pooling={model.head_pooling!r})")
+
+
+def _check_new_head(new_head_variables: Mapping[str, Any], flax_shapes: Mapping) -> None:
+    head = new_head_variables.get("params", {}).get("classifier", {})
+    for leaf in ("kernel", "bias"):
+        expected = flax_shapes[("params", "classifier", leaf)]
+        if leaf not in head or tuple(np.shape(head[leaf])) != expected:
+            raise ValueError(f"new_head_variables must be variables of this model, e.g. init_variables(model, key): "
+                             f"params/classifier/{leaf} should have shape {expected}")
+
+
+def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: VGG, key_map: Mapping, flax_shapes: Mapping
+                      ) -> None:
+    required = {key: _permute(flax_shapes[source], _TO_TORCH[len(flax_shapes[source])])
+                for key, source in key_map.items() if source is not _NUM_BATCHES_TRACKED}
+    missing = [key for key in required if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in key_map]
+    wrong = [(key, tuple(np.shape(state_dict[key])), shape) for key, shape in required.items()
+             if key in state_dict and tuple(np.shape(state_dict[key])) != shape]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"cannot import this state dict into {_describe(model)}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    for key, found, expected in wrong[:_LISTED]:
+        lines.append(f"  wrong shape: {key} is {found} in the checkpoint, the model expects {expected}")
+    if len(wrong) > _LISTED:
+        lines.append(f"  ... and {len(wrong) - _LISTED} more wrong shapes")
+    lines += [f"  hint: {hint}" for hint in _hints(state_dict, model, wrong)]
+    raise ValueError("\n".join(lines))
+
+
+def _listing(keys: list[str]) -> str:
+    more = f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def _hints(state_dict: Mapping[str, np.ndarray], model: VGG, wrong: list) -> list[str]:
+    hints = []
+    try:
+        widths = stage_widths_from_state_dict(state_dict)
+        if widths != model.stage_widths:
+            hints.append(f"the checkpoint's conv widths per stage are {widths}, the model's {model.stage_widths}; "
+                         "build the model with vgg(stage_widths_from_state_dict(state_dict), ...)")
+    except ValueError as error:
+        hints.append(f"the checkpoint's features are not a torchvision VGG-with-BatchNorm: {error}")
+    if "classifier.0.weight" in state_dict:  # (import_vgg has dropped it if a new head was given)
+        hints.append("the checkpoint has torchvision's ImageNet classifier (classifier.0/3/6, two hidden FC "
+                     "layers), which attrjax's VGG does not have; import the features only and start a new head, "
+                     "as the paper does: import_vgg(state_dict, model, new_head_variables=init_variables(model, key))")
+    head_shape = next((found for key, found, _ in wrong if key == "classifier.1.weight"), None)
+    if head_shape is not None and len(head_shape) == 2:
+        hints += _classifier_hints(head_shape, model)
+    return hints
+
+
+def _classifier_hints(shape: tuple[int, int], model: VGG) -> list[str]:
+    """Why a ``classifier.1.weight`` of ``shape`` (K, F) does not fit ``model``'s head, and what to build instead."""
+    classes, inputs = shape
+    hints = []
+    if classes != model.num_classes:
+        hints.append(f"the checkpoint's head predicts {classes} classes, the model {model.num_classes}: build the "
+                     f"model with num_classes={classes}, or drop the head with new_head_variables="
+                     "init_variables(model, key)")
+    channels = model.stage_widths[-1][-1]
+    side = math.isqrt(inputs // channels)
+    pools = 2 ** len(model.stage_widths)
+    if inputs != channels * side * side:
+        hints.append(f"the checkpoint's head takes {inputs} inputs, not C*H*W of a square map with the model's "
+                     f"{channels} last-conv channels")
+    elif model.head_pooling == "avg" and side > 1:
+        hints.append(f"the checkpoint's head flattens a {side}x{side} map (C,H,W), the model pools globally: build "
+                     f"it with head_pooling='flatten' and image_size in [{side * pools}, {(side + 1) * pools - 1}]")
+    elif model.head_pooling == "flatten" and side == 1:
+        hints.append(f"the checkpoint's head takes {channels} inputs, one per channel: a globally pooled head; build "
+                     "the model with head_pooling='avg'")
+    elif model.head_pooling == "flatten" and side != model.final_spatial_size:
+        hints.append(f"the checkpoint's head was built for a {side}x{side} last pool (image_size "
+                     f"{side * pools}-{(side + 1) * pools - 1} px), the model's is "
+                     f"{model.final_spatial_size}x{model.final_spatial_size} (image_size {model.image_size})")
+    return hints
+
+
+__all__ = ["load_state_dict", "read_pth_without_torch", "save_state_dict", "import_vgg", "export_vgg",
+           "stage_widths_from_state_dict"]

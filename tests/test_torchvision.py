@@ -1,0 +1,225 @@
+"""torchvision VGG checkpoints: logits equal an independent NumPy forward and PyTorch's own; the torch-free reader
+reads zip and legacy .pth files and refuses foreign globals; export/import round-trips; bad checkpoints fail clearly."""
+
+import importlib.util
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from attrjax.models import (export_vgg, import_vgg, init_variables, load_state_dict, read_pth_without_torch,
+                            save_state_dict, stage_widths_from_state_dict, vgg)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "torchvision"
+CFG = (4, "M", 8, 8, "M")  # torchvision's make_layers notation, as in fixtures/make_torch_checkpoints.py
+WIDTHS = ((4,), (8, 8))
+IMAGE_SIZE, NUM_CLASSES = 16, 3
+FLAT = 8 * 4 * 4  # C*H*W of the last pool
+
+
+def _random_state_dict(seed, cfg=CFG, num_classes=NUM_CLASSES, flat=FLAT):
+    """torchvision-layout VGG-BN state dict (OIHW convs, random BN statistics) with the reference code's head."""
+    rng = np.random.default_rng(seed)
+    state_dict, index, channels = {}, 0, 3
+    for v in cfg:
+        if v == "M":
+            index += 1
+            continue
+        state_dict[f"features.{index}.weight"] = rng.normal(0, 0.3, (v, channels, 3, 3)).astype(np.float32)
+        state_dict[f"features.{index}.bias"] = rng.normal(0, 0.1, v).astype(np.float32)
+        bn = f"features.{index + 1}"
+        state_dict[f"{bn}.weight"] = rng.uniform(0.5, 1.5, v).astype(np.float32)
+        state_dict[f"{bn}.bias"] = rng.normal(0, 0.2, v).astype(np.float32)
+        state_dict[f"{bn}.running_mean"] = rng.normal(0, 0.2, v).astype(np.float32)
+        state_dict[f"{bn}.running_var"] = rng.uniform(0.5, 2.0, v).astype(np.float32)
+        state_dict[f"{bn}.num_batches_tracked"] = np.array(11, np.int64)
+        index, channels = index + 3, v
+    state_dict["classifier.1.weight"] = rng.normal(0, 0.1, (num_classes, flat)).astype(np.float32)
+    state_dict["classifier.1.bias"] = rng.normal(0, 0.1, num_classes).astype(np.float32)
+    return state_dict
+
+
+def _numpy_logits(state_dict, images_nchw, cfg=CFG):
+    """Float64 forward straight from the PyTorch-layout arrays: conv3x3 pad 1, BN (eps 1e-5), ReLU, 2x2 max-pool,
+    C,H,W flatten, linear."""
+    sd = {key: value.astype(np.float64) for key, value in state_dict.items()}
+    x, index = images_nchw.astype(np.float64), 0
+    for v in cfg:
+        if v == "M":
+            b, c, h, w = x.shape
+            x = x.reshape(b, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+            index += 1
+            continue
+        weight, bias = sd[f"features.{index}.weight"], sd[f"features.{index}.bias"]
+        b, c, h, w = x.shape
+        padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        out = np.zeros((b, v, h, w))
+        for dy in range(3):
+            for dx in range(3):
+                out += np.einsum("bchw,oc->bohw", padded[:, :, dy:dy + h, dx:dx + w], weight[:, :, dy, dx])
+        x = out + bias[None, :, None, None]
+        bn = {name: sd[f"features.{index + 1}.{name}"][None, :, None, None]  # broadcast over (B, C, H, W)
+              for name in ("weight", "bias", "running_mean", "running_var")}
+        x = (x - bn["running_mean"]) / np.sqrt(bn["running_var"] + 1e-5) * bn["weight"] + bn["bias"]
+        x = np.maximum(x, 0.0)
+        index += 3
+    return x.reshape(x.shape[0], -1) @ sd["classifier.1.weight"].T + sd["classifier.1.bias"]
+
+
+def _model(widths=WIDTHS, **overrides):
+    return vgg(widths, **{"num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, **overrides})
+
+
+def _logits(model, variables, images_nchw):
+    return np.asarray(model.apply(variables, np.transpose(images_nchw, (0, 2, 3, 1))))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_imported_logits_equal_an_independent_numpy_forward(tmp_path, suffix):
+    state_dict = _random_state_dict(0)
+    path = tmp_path / f"teacher{suffix}"
+    if suffix == ".safetensors":
+        safetensors.numpy.save_file(state_dict, str(path))
+    else:
+        np.savez(path, **state_dict)
+    model = _model()
+    variables = import_vgg(load_state_dict(path), model)
+    images = np.random.default_rng(1).normal(size=(2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    chex.assert_trees_all_close(_logits(model, variables, images), _numpy_logits(state_dict, images),
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_data_parallel_prefix_and_layout_inference():
+    state_dict = _random_state_dict(0)
+    prefixed = {f"module.{key}": value for key, value in state_dict.items()}
+    assert stage_widths_from_state_dict(prefixed) == WIDTHS
+    chex.assert_trees_all_equal(import_vgg(prefixed, _model()), import_vgg(state_dict, _model()))
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg_zip.pth", "tiny_vgg_legacy.pth"])
+def test_torch_saved_checkpoints_reproduce_torch_logits_without_torch(name):
+    reference = np.load(FIXTURES / "tiny_vgg_reference.npz")
+    assert tuple(-1 if v == "M" else v for v in CFG) == tuple(reference["cfg"])
+    state_dict = read_pth_without_torch(FIXTURES / name)
+    assert state_dict["features.1.num_batches_tracked"] == 7
+    model = _model()
+    chex.assert_trees_all_close(_logits(model, import_vgg(state_dict, model), reference["images"]),
+                                reference["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dtypes_zip.pth", "dtypes_legacy.pth"])
+def test_torch_free_reader_handles_dtypes_and_strided_views(name):
+    expected = np.load(FIXTURES / "dtypes_expected.npz")
+    loaded = read_pth_without_torch(FIXTURES / name)
+    keys = [key for key in expected.files if key != "uint16" or "zip" in name]  # torch writes uint16 only in zips
+    assert list(loaded) == keys
+    for key in keys:
+        assert loaded[key].dtype == expected[key].dtype, key
+        np.testing.assert_array_equal(loaded[key], expected[key], err_msg=key)
+
+
+def test_imagenet_classifier_is_dropped_and_the_new_head_kept():
+    state_dict = _random_state_dict(0)
+    del state_dict["classifier.1.weight"], state_dict["classifier.1.bias"]
+    rng = np.random.default_rng(2)
+    for index, shape in ((0, (32, FLAT)), (3, (32, 32)), (6, (1000, 32))):  # torchvision's 3-layer ImageNet head
+        state_dict[f"classifier.{index}.weight"] = rng.normal(size=shape).astype(np.float32)
+        state_dict[f"classifier.{index}.bias"] = rng.normal(size=shape[:1]).astype(np.float32)
+    model = _model(head_pooling="avg")  # any head: only the features are imported
+    fresh = init_variables(model, jax.random.key(3))
+    variables = import_vgg(state_dict, model, new_head_variables=fresh)
+    chex.assert_trees_all_equal(variables["params"]["classifier"], fresh["params"]["classifier"])
+    np.testing.assert_array_equal(variables["params"]["conv2_2"]["kernel"],
+                                  state_dict["features.7.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(variables["batch_stats"]["bn2_2"]["var"], state_dict["features.8.running_var"])
+    with pytest.raises(ValueError, match=r"(?s)missing keys \(2\): classifier.1.weight.*ImageNet classifier.*"
+                                         r"new_head_variables=init_variables"):
+        import_vgg(state_dict, model)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_export_save_load_import_round_trips_exactly(tmp_path, suffix):
+    model = _model()
+    variables = init_variables(model, jax.random.key(0))
+    variables["batch_stats"] = jax.tree.map(lambda x: x + jax.random.uniform(jax.random.key(1), x.shape),
+                                            variables["batch_stats"])
+    exported = export_vgg(variables, model)
+    assert list(exported) == list(_random_state_dict(0))  # torchvision's keys, in torchvision's order
+    assert exported["features.5.num_batches_tracked"].dtype == np.int64
+    assert exported["features.5.num_batches_tracked"] == 0
+    path = tmp_path / f"exported{suffix}"
+    save_state_dict(exported, path)
+    loaded = load_state_dict(path)
+    chex.assert_trees_all_equal(loaded, exported, strict=True)  # num_batches_tracked stays a 0-d int64
+    chex.assert_trees_all_equal(import_vgg(loaded, model), variables, strict=True)
+
+
+@pytest.mark.parametrize("change,model_overrides,message", [
+    (lambda sd: sd.pop("features.5.running_var"), {}, r"missing keys \(1\): features.5.running_var"),
+    (lambda sd: sd.update({"features.99.weight": np.zeros(3, np.float32)}), {},
+     r"unexpected keys \(1\): features.99.weight"),
+    (lambda sd: sd.update(_random_state_dict(0, num_classes=5)), {},
+     r"(?s)classifier.1.weight is \(5, 128\) in the checkpoint, the model expects \(3, 128\).*num_classes=5"),
+    (lambda sd: None, {"head_pooling": "avg"}, r"(?s)expects \(3, 8\).*head_pooling='flatten'"),
+    (lambda sd: None, {"image_size": 24}, r"(?s)expects \(3, 288\).*built for a 4x4 last pool"),
+    (lambda sd: None, {"widths": ((4,), (8, 8, 8))}, r"(?s)missing keys.*features.10.weight.*"
+                                                     r"conv widths per stage are \(\(4,\), \(8, 8\)\)"),
+])
+def test_mismatched_checkpoints_fail_clearly(change, model_overrides, message):
+    state_dict = _random_state_dict(0)
+    change(state_dict)
+    with pytest.raises(ValueError, match=message):
+        import_vgg(state_dict, _model(**model_overrides))
+
+
+def test_new_head_variables_must_fit_the_model():
+    other = _model(num_classes=7)
+    with pytest.raises(ValueError, match=r"new_head_variables must be variables of this model"):
+        import_vgg(_random_state_dict(0), _model(), new_head_variables=init_variables(other, jax.random.key(0)))
+
+
+class _RunsAShellCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_foreign_pickle_globals_are_refused_not_run(tmp_path, layout):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_RunsAShellCommand(f"touch {marker}"), protocol=2)
+    path = tmp_path / "evil.pth"
+    if layout == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+    else:
+        header = [0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}]
+        path.write_bytes(b"".join(pickle.dumps(x, protocol=2) for x in header) + payload)
+    with pytest.raises(pickle.UnpicklingError, match=r"references (posix|nt|os)\.system.*refusing"):
+        read_pth_without_torch(path)
+    assert not marker.exists()
+
+
+def test_missing_files_and_unsupported_formats_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        load_state_dict(tmp_path / "absent.safetensors")
+    with pytest.raises(ValueError, match=r"unsupported checkpoint file 'weights.h5'.*\.safetensors"):
+        load_state_dict(tmp_path / "weights.h5")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="neither a zip nor a legacy PyTorch checkpoint"):
+        read_pth_without_torch(garbage)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch writes .pth when installed")
+def test_writing_pth_without_torch_says_what_to_use(tmp_path):
+    with pytest.raises(ValueError, match=r"needs PyTorch.*\.safetensors or \.npz"):
+        save_state_dict(_random_state_dict(0), tmp_path / "weights.pth")
