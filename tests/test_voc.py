@@ -10,6 +10,7 @@ from PIL import Image
 
 from attrjax.data.images import VOID, decode_mask, decode_rgb, resize_split
 from attrjax.data.voc import CLASS_NAMES, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
+from attrjax.data.voc import main as voc_main
 from tests import voc_fixture
 from tests.voc_fixture import IMAGES, MAIN, SEGMENTATION, expected_labels, expected_mask
 
@@ -159,3 +160,11 @@ def test_damaged_jpeg_in_a_loaded_split_is_named(built_from_tarball):
     assert decode_rgb(images.images[0], images.names[0]).size == (40, 30)
     with pytest.raises(ValueError, match="2008_000001.jpg cannot be decoded"):
         decode_rgb(images.images[0][:100], images.names[0])
+
+
+def test_command_line_builds_from_an_extracted_tree(tmp_path, capsys):
+    voc_fixture.write_voc_tree(tmp_path / "manual")
+    voc_main(["--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "manual")])
+    assert load_voc(tmp_path / "data", "val").names == [f"{i}.jpg" for i in MAIN["val"]]
+    voc_main(["--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "manual")])
+    assert "voc2012/segmentation: reusing" in capsys.readouterr().out

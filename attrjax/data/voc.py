@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manual_dir", default=None,
                         help=f"where {TARBALL} or VOCdevkit/ is (default <data_dir>/downloads/manual)")
     args = parser.parse_args(argv)
-    build_voc(args.data_dir, manual_dir=args.manual_dir)
+    try:
+        build_voc(args.data_dir, manual_dir=args.manual_dir)
+    except (VocLayoutError, ValueError) as error:  # bad input: the message says what to do, a traceback would not
+        parser.exit(1, f"error: {error}\n")
 
 
 if __name__ == "__main__":
