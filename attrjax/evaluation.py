@@ -92,11 +92,13 @@ def _top_class_faithfulness(model: VGG, steps: int, variables: dict, images: jax
 def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
                         keep_maps: int = 0, reference: tuple[VGG, dict] | Sequence[np.ndarray] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
-                        keep_raw_maps: bool = False, faithfulness_steps: int = 0) -> tuple[dict, dict]:
+                        keep_raw_maps: bool = False, faithfulness_steps: int = 0,
+                        prediction_rule: str = "positive_logit") -> tuple[dict, dict]:
     """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
     pairs (PAPER.md §6.2), in one pass that computes each batch's maps once.
 
-    A pair counts when the class is in the image's mask and the model predicts it (logit > 0).
+    A pair counts when the class is in the image's mask and the model predicts it (``prediction_rule``, see
+    ``metrics.localization.predicted_classes``: logit > 0 by default, ``top1`` for single-label models).
 
     Args:
       reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
@@ -128,7 +130,7 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     @jax.jit
     def score_batch(raw_maps, logits, segmentation, reference_maps):
         maps = evaluation_maps(raw_maps, segmentation.shape[-1])
-        scores = localization_scores(maps, segmentation, logits, tolerance=tolerance)
+        scores = localization_scores(maps, segmentation, logits, tolerance=tolerance, prediction_rule=prediction_rule)
         if reference_maps is not None:
             scores.update(map_cosine=map_cosine(raw_maps, reference_maps),
                           same_peak=same_peak(raw_maps, reference_maps),

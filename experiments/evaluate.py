@@ -72,7 +72,8 @@ def localization_by_method(name, model, variables, arrays, methods, config, teac
             model, variables, common.eval_batches(arrays, config), layer=config.eval_layer,
             tolerance=config.eval.tolerance, keep_maps=config.eval.figure_images, method=method,
             method_options=config.eval.method_options.get(method), reference=teacher_maps.get(method),
-            keep_raw_maps=is_teacher, faithfulness_steps=config.eval.faithfulness_steps)
+            keep_raw_maps=is_teacher, faithfulness_steps=config.eval.faithfulness_steps,
+            prediction_rule="top1" if config.data.labels == "single" else "positive_logit")
         if is_teacher:
             teacher_maps[method] = examples[method].pop("raw_maps")
             # The teacher agrees with itself.

@@ -307,6 +307,19 @@ def test_localization_scores_counts_present_and_predicted_pairs():
     assert all(isinstance(v, (float, int)) for v in summary.values())
 
 
+def test_top1_rule_counts_only_the_arg_max_class():
+    logits = np.array([[2.0, 3.0, -1.0], [-4.0, -2.0, -3.0]], np.float32)  # softmax logits may all be negative
+    np.testing.assert_array_equal(metrics.predicted_classes(logits, "top1"), [[0, 1, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(metrics.predicted_classes(logits), [[1, 1, 0], [0, 0, 0]])
+    segmentation = np.zeros((2, 4, 4), np.int32)
+    segmentation[:, :2] = 2  # class 1 in both images
+    maps = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    scores = metrics.localization_scores(maps, segmentation, logits, prediction_rule="top1")
+    np.testing.assert_array_equal(scores["counted"], [[0, 1, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match="unknown prediction rule"):
+        metrics.predicted_classes(logits, "sigmoid")
+
+
 def test_localization_scores_judges_each_class_against_its_own_mask():
     # The reference code would count class 1's maximum (on class 0's object) as a hit; we do not.
     segmentation = np.zeros((1, 6, 6), np.int32)

@@ -153,13 +153,26 @@ def class_masks(segmentation: jax.Array, num_classes: int) -> jax.Array:
     return segmentation[:, None, :, :] == class_ids[None, :, None, None]
 
 
+PREDICTION_RULES = ("positive_logit", "top1")
+
+
+def predicted_classes(logits: jax.Array, rule: str = "positive_logit") -> jax.Array:
+    """(B, K) bool: the classes a model predicts. ``positive_logit``: every class with logit > 0 (multi-label,
+    sigmoid outputs, the paper); ``top1``: the arg-max class only (single-label, softmax outputs)."""
+    if rule == "positive_logit":
+        return logits > 0
+    if rule == "top1":
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=bool)
+    raise ValueError(f"unknown prediction rule {rule!r}; choose one of {', '.join(PREDICTION_RULES)}")
+
+
 def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Array, *,
-                        tolerance: float = 0) -> dict[str, jax.Array]:
+                        tolerance: float = 0, prediction_rule: str = "positive_logit") -> dict[str, jax.Array]:
     """Pointing game and mask AUC of every (image, class) pair of a batch (PAPER.md §6.2).
 
     Wrap it in ``jax.jit`` to evaluate all classes of a batch in one compiled call.
 
-    A pair counts when the class is present in the segmentation AND predicted (logit > 0) AND its map is
+    A pair counts when the class is present in the segmentation AND predicted (by default logit > 0) AND its map is
     finite, as in the reference evaluation. Pairs with a non-finite map are skipped before anything else
     (they are neither counted nor "present but not predicted").
 
@@ -174,6 +187,8 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
         ``class_masks``).
       logits: (B, K) float; class c is predicted where ``logits[:, c] > 0``.
       tolerance: pointing-game radius in pixels (see ``pointing_game``); the paper uses 0.
+      prediction_rule: which classes count as predicted (``predicted_classes``): ``positive_logit`` (the paper's
+        multi-label rule) or ``top1`` (single-label models).
 
     Returns:
       A dict of (B, K) arrays:
@@ -194,7 +209,7 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
                          f"{maps.shape}, got {logits.shape}")
     masks = class_masks(segmentation, num_classes)
     present = jnp.any(masks, axis=(2, 3))
-    predicted = logits > 0
+    predicted = predicted_classes(logits, prediction_rule)
     finite = jnp.all(jnp.isfinite(maps), axis=(2, 3))
     counted = present & predicted & finite
     pairs = (batch * num_classes, height, width)

@@ -1,13 +1,16 @@
-"""End to end: the paper's recipe (config `paper`) on a tiny VOC 2012 tarball, shrunk in size and steps only."""
+"""End to end on the real datasets' fixtures: the paper's recipe (config `paper`) on a tiny VOC 2012 tarball, and
+the single-label path (config `pet`) on a tiny prepared Oxford-IIIT Pet; shrunk in size and steps only."""
 
 import jax
 import numpy as np
 import pytest
 
 from attrjax.data import LabeledImages
+from attrjax.evaluation import predict
 from attrjax.models import export_vgg, init_variables, save_state_dict
-from experiments import common, demo
+from experiments import common, demo, evaluate, train_teacher
 from tests import voc_fixture
+from tests.test_tfds_datasets import prepare_pet
 
 
 def tiny_paper_overrides(manual_dir) -> list[str]:
@@ -68,3 +71,28 @@ def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys):
     np.testing.assert_array_equal(teacher_variables["params"]["conv3_2"]["kernel"],
                                   checkpoint["features.11.weight"].transpose(2, 3, 1, 0))
     assert (tmp_path / "run" / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pet_config_trains_a_single_label_teacher_and_scores_its_top_class(tmp_path):
+    data_dir, written = prepare_pet(tmp_path / "pet")
+    config = common.load_config("pet", [f"data.data_dir={data_dir}", "data.image_size=32", "data.batch_size=2",
+                                        "teacher.layout=vgg11_s3", "teacher.width_divisor=16", "teacher.num_steps=2",
+                                        "matching_layer=pool3", "eval_layer=conv3_2", "eval.batch_size=2",
+                                        "eval.methods=gradcam", "checkpoint_every=1", "log_every=1"])
+    workdir = str(tmp_path / "run")
+    splits = common.load_splits(config, workdir)
+    assert isinstance(splits["train"], LabeledImages) and (splits["train"].labels.sum(axis=1) == 1).all()
+    assert "mask" not in splits["val"] and splits["localization"]["mask"].shape[1:] == (32, 32)
+    assert len(common.class_names(config, workdir)) == 37
+
+    train_teacher.run(config, workdir, splits)  # softmax cross-entropy on one-hot labels
+    model, variables = common.load_trained("teacher", config.teacher, config, workdir)
+    row = evaluate.classification_and_size(model, variables, splits, config)
+    assert 0.0 <= row["sample_map"] <= 1.0
+    summaries, _ = evaluate.localization_by_method("teacher", model, variables, splits["localization"], ("gradcam",),
+                                                   config, {})
+    # Only each image's arg-max class is predicted (softmax logits are often all negative), so the pet class of an
+    # image counts exactly when it is the teacher's top class.
+    logits, labels = predict(model, variables, common.eval_batches(splits["localization"], config))
+    top_is_pet = labels[np.arange(len(labels)), logits.argmax(axis=1)] > 0
+    assert summaries["gradcam"]["num_present_not_predicted"] == int((~top_is_pet).sum())
