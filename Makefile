@@ -23,6 +23,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.attribution
 	$(PY) -m benchmarks.evaluation
+	$(PY) -m benchmarks.input_pipeline
 
 clean:
 	rm -rf $(VENV) runs

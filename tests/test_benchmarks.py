@@ -2,7 +2,9 @@
 
 import json
 
-from benchmarks import attribution, evaluation, step_breakdown, train_step
+from attrjax.data.voc import build_voc
+from benchmarks import attribution, evaluation, input_pipeline, step_breakdown, train_step
+from tests import voc_fixture
 
 
 def _run(main, argv, tmp_path, capsys):
@@ -46,3 +48,14 @@ def test_evaluation_benchmark_agrees_with_the_per_pair_loop(tmp_path, capsys):
         assert timing["batched_pairs_per_s"] > 0 and timing["loop_pairs_per_s"] > 0, method
         assert timing["compiles_during_timing"] == 0, method
         assert timing["max_abs_diff"] <= 1e-4, method  # maps are min-max normalised to [0, 1]
+
+
+def test_input_pipeline_benchmark_on_synthetic_and_voc_images(tmp_path, capsys):
+    tiny = ["--images", "4", "--batch", "2", "--image-size", "16", "--steps", "1", "--workers", "1", "2"]
+    result = _run(input_pipeline.main, tiny, tmp_path, capsys)
+    assert result["source"].startswith("synthetic") and result["mean_jpeg_kb"] > 1
+    assert set(result["images_per_s"]) == {"1", "2"} and result["ratio_to_fewest_workers"]["1"] == 1.0
+    voc_fixture.write_voc_tree(tmp_path / "manual")
+    build_voc(tmp_path / "data", manual_dir=tmp_path / "manual", configs=("main",))
+    result = _run(input_pipeline.main, tiny + ["--voc-data-dir", str(tmp_path / "data")], tmp_path, capsys)
+    assert result["source"] == "voc2012 train" and all(rate > 0 for rate in result["images_per_s"].values())

@@ -1,0 +1,86 @@
+"""Throughput of the natural-image training pipeline (JPEG decode + RandomResizedCrop + flip + normalise).
+
+    python -m benchmarks.input_pipeline [--workers 1 2 4 8] [--voc-data-dir DIR] [--out result.json]
+
+The paper's recipe decodes ~12 M VOC JPEGs in all (README "Reproducing the paper"); this says how many threads
+keep an accelerator fed. By default the images are synthetic VOC-sized JPEGs (500 x 375, smooth content, ~60 KB);
+``--voc-data-dir`` uses the first images of a built VOC 2012 train split instead. Prints one JSON object: images per
+second for each worker count and its ratio to one worker (same images, same batches, measured in one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from attrjax.data import VOC_NORMALIZATION, LabeledImages, random_resized_crop_batches
+from attrjax.data.voc import load_voc
+from benchmarks import common
+
+
+def synthetic_jpegs(count: int, height: int, width: int, seed: int = 0) -> LabeledImages:
+    """``count`` JPEGs of upsampled noise (photo-like file sizes and decode cost), one label each."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    labels = np.eye(20, dtype=bool)[np.arange(count) % 20]
+    names = [f"synthetic{i}" for i in range(count)]
+    return LabeledImages(images=images, sizes=np.array([(height, width)] * count), labels=labels, names=names)
+
+
+def voc_images(data_dir: str, count: int) -> LabeledImages:
+    split = load_voc(data_dir, "train")
+    count = min(count, len(split))
+    return LabeledImages(images=split.images[:count], sizes=split.sizes[:count], labels=split.labels[:count],
+                         names=split.names[:count])
+
+
+def images_per_second(split: LabeledImages, batch_size: int, image_size: int, workers: int, steps: int) -> float:
+    batches = random_resized_crop_batches(split, batch_size, image_size=image_size, seed=0,
+                                          normalization=VOC_NORMALIZATION, workers=workers)
+    next(batches)  # starts the thread pool
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, os.cpu_count() or 1}))
+    parser.add_argument("--images", type=int, default=128, help="distinct images cycled through")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=227)
+    parser.add_argument("--steps", type=int, default=4, help="timed batches per worker count")
+    parser.add_argument("--voc-data-dir", default=None, help="a data_dir with voc2012/main built")
+    common.add_output_flag(parser)
+    args = parser.parse_args(argv)
+    if args.voc_data_dir:
+        split = voc_images(args.voc_data_dir, args.images)
+    else:
+        split = synthetic_jpegs(args.images, 375, 500)
+    rates = {workers: images_per_second(split, args.batch, args.image_size, workers, args.steps)
+             for workers in args.workers}
+    baseline = rates[min(rates)]
+    result = {
+        "benchmark": "input_pipeline",
+        "source": "voc2012 train" if args.voc_data_dir else "synthetic 500x375 JPEG",
+        "mean_jpeg_kb": float(np.mean([len(image) for image in split.images]) / 1e3),
+        "batch": args.batch, "image_size": args.image_size, "cpu_count": os.cpu_count(),
+        "images_per_s": {str(workers): rate for workers, rate in rates.items()},
+        "ratio_to_fewest_workers": {str(workers): rate / baseline for workers, rate in rates.items()},
+    }
+    common.emit(common.round_floats(result), args.out)
+
+
+if __name__ == "__main__":
+    main()
