@@ -75,6 +75,13 @@ def test_extracted_directory_and_rgb_masks_build_the_same(built_from_tarball, tm
         chex.assert_trees_all_equal(decode_mask(ours), decode_mask(theirs))
 
 
+def test_tarball_with_dot_slash_member_names(built_from_tarball, tmp_path):
+    voc_fixture.write_voc_tarball(tmp_path / "source", tmp_path / "manual", top="./VOCdevkit")
+    build_voc(tmp_path / "data", manual_dir=tmp_path / "manual", configs=("main",))
+    chex.assert_trees_all_equal(load_voc(tmp_path / "data", "train").labels,
+                                load_voc(built_from_tarball / "data", "train").labels)
+
+
 def test_localisation_arrays_resize_masks_nearest_and_keep_void_out_of_labels(built_from_tarball):
     images = load_voc(built_from_tarball / "data", "val", config="segmentation")
     arrays = resize_split(images, 227, labels_from_masks=True)

@@ -84,11 +84,11 @@ def write_voc_tree(root: pathlib.Path) -> pathlib.Path:
     return voc
 
 
-def write_voc_tarball(root: pathlib.Path, manual_dir: pathlib.Path) -> pathlib.Path:
+def write_voc_tarball(root: pathlib.Path, manual_dir: pathlib.Path, top: str = "VOCdevkit") -> pathlib.Path:
     """The tree of `write_voc_tree(root)` packed as the official archive (VOCdevkit/ at its top) in manual_dir."""
     write_voc_tree(root)
     manual_dir.mkdir(parents=True, exist_ok=True)
     tarball = manual_dir / TARBALL
     with tarfile.open(tarball, "w") as archive:
-        archive.add(root / "VOCdevkit", arcname="VOCdevkit")
+        archive.add(root / "VOCdevkit", arcname=top)
     return tarball

@@ -81,7 +81,9 @@ class _VocFiles:
         if self.root is None:
             tarball = self.find_tarball(manual_dir)
             self.tar = tarfile.open(tarball)
-            self.members = {member.name: member for member in self.tar.getmembers() if member.isfile()}
+            # Normalised names: archives written as `tar -cf x.tar ./VOCdevkit` prefix every member with "./".
+            self.members = {pathlib.PurePosixPath(member.name).as_posix(): member
+                            for member in self.tar.getmembers() if member.isfile()}
             self.root = self._root_in_tar(tarball)
 
     @staticmethod
