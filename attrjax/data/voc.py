@@ -189,18 +189,15 @@ def mask_indices(mask: Image.Image, where: str) -> np.ndarray:
     return indices
 
 
-class Voc2012Config(tfds.core.BuilderConfig):
-    """`main` (classification lists) or `segmentation` (the lists with class masks)."""
-
-
 class Voc2012(tfds.core.GeneratorBasedBuilder):
     """PASCAL VOC 2012 trainval: multi-label classification (ImageSets/Main) and class masks (Segmentation)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
-    BUILDER_CONFIGS = [Voc2012Config(name=name, description=f"ImageSets/{folder}") for name, folder in
-                       CONFIGS.items()]
+    # `main`: the classification lists; `segmentation`: the lists with class masks.
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=f"ImageSets/{folder}")
+                       for name, folder in CONFIGS.items()]
 
     @tfds.core.utils.classproperty
     @classmethod
