@@ -146,6 +146,48 @@ def test_f1_samples_hand_computed():
     np.testing.assert_allclose(f1_at_zero[:3], [0.8, 0.4, 0.0], rtol=1e-6)
 
 
+def test_a_nan_score_makes_its_ranking_undefined():
+    rng = np.random.default_rng(3)
+    scores = tied_scores(rng, (6, 5))
+    labels = rng.random((6, 5)) < 0.4
+    labels[:, 0] = True  # every row and column 0 has a positive
+    labels[0, 1] = labels[1, 2] = True
+    scores[0] = np.nan              # a NaN row (a diverged model)
+    scores[1, 3] = np.nan           # one NaN among finite scores, on a negative
+    ap = np.asarray(metrics.sample_average_precision(scores, labels))
+    assert np.isnan(ap[:2]).all()
+    expected = [reference_average_precision(y, s) for y, s in zip(labels[2:], scores[2:])]
+    np.testing.assert_allclose(ap[2:], expected, rtol=1e-6)
+    # Column k ranks the images of class k: every column holds row 0's NaN.
+    assert np.isnan(metrics.class_average_precision(scores, labels)).all()
+    finite_columns = metrics.class_average_precision(scores[2:], labels[2:])
+    np.testing.assert_allclose(finite_columns, [reference_average_precision(labels[2:, k], scores[2:, k])
+                                                for k in range(5)], rtol=1e-6)
+
+
+def test_infinite_scores_are_ordering_values():
+    # +-inf rank above / below every finite score and tie with each other: the AP of the same ranking written
+    # with large finite stand-ins.
+    labels = np.array([[1, 0, 0, 1, 0, 1], [0, 1, 0, 0, 0, 0]], bool)
+    scores = np.array([[np.inf, np.inf, -np.inf, 0.5, 2.0, -np.inf],
+                       [-np.inf, -np.inf, -np.inf, -np.inf, -np.inf, 1.0]], np.float32)
+    stand_ins = np.where(np.isinf(scores), np.sign(scores) * 1e30, scores)
+    expected = [reference_average_precision(y, s) for y, s in zip(labels, stand_ins)]
+    np.testing.assert_allclose(metrics.sample_average_precision(scores, labels), expected, rtol=1e-6)
+    # Row 0 by hand: positives at inf (tied with a negative), 0.5 and -inf: (1/2 + 2/4 + 3/6) / 3.
+    np.testing.assert_allclose(expected[0], 0.5)
+
+
+def test_f1_of_a_row_with_a_nan_logit_is_nan():
+    logits = jnp.array([[jnp.nan, jnp.nan, jnp.nan], [2.0, jnp.nan, -1.0], [2.0, 0.0, -1.0],
+                        [jnp.inf, -jnp.inf, 0.0]])
+    labels = jnp.array([[0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0]])
+    f1 = np.asarray(metrics.f1_samples(logits, labels))
+    assert np.isnan(f1[:2]).all()
+    # Row 2 predicts {0} = labels: 1. Row 3 predicts {0} (inf >= 0.5), labels {0, 1}: 2 * 1 / (1 + 2).
+    np.testing.assert_allclose(f1[2:], [1.0, 2 / 3], rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Localisation.
 
@@ -249,8 +291,9 @@ def test_pointing_game_tolerance_radius_is_inclusive_euclidean():
     mask[0, 7, 8] = True   # distance 5 from (4, 4)
     for tolerance, expected in [(0, 0.0), (4.99, 0.0), (5, 1.0), (7, 1.0)]:
         assert float(metrics.pointing_game(heatmap, mask, tolerance=tolerance)[0]) == expected
-    with pytest.raises(ValueError, match="tolerance"):
-        metrics.pointing_game(heatmap, mask, tolerance=-1)
+    for bad in (-1, -0.5, math.nan, math.inf, np.float32(np.nan), jnp.array(-2.0)):
+        with pytest.raises(ValueError, match=r"tolerance must be a finite number >= 0 \(pixels\), got"):
+            metrics.pointing_game(heatmap, mask, tolerance=bad)
     with pytest.raises(ValueError, match=r"\(1, 9, 9\).*\(1, 9, 8\)"):
         metrics.pointing_game(heatmap, mask[:, :, :8])
 

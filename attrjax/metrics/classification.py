@@ -1,13 +1,17 @@
-"""Multi-label classification metrics (PAPER.md §6.1), batched and jit-able.
+"""Multi-label classification metrics, batched and jit-able.
 
 The paper's "mAP" is the *sample-averaged* AP: per image, the AP of its K class scores against its K labels,
-averaged over images, i.e. ``jnp.nanmean(sample_average_precision(scores, labels))`` (the paper prints it
-x100; these functions return fractions in [0, 1]). The standard VOC class-wise mAP is
-``jnp.nanmean(class_average_precision(scores, labels))``. Undefined APs are NaN so that ``jnp.nanmean``
-leaves them out; there is deliberately no ``mean_ap`` wrapper around it.
+averaged over images (the paper prints it x100; these functions return fractions in [0, 1]). The standard VOC
+class-wise mAP averages ``class_average_precision`` over classes instead.
+
+An AP is NaN when it is undefined (a ranking without a positive) AND when its ranking holds a NaN score, so a
+plain ``jnp.nanmean`` would silently drop a broken model's rows. ``evaluation.classification_report`` averages
+honestly: it leaves out only the rows / classes without a positive, counts them, and returns NaN means as soon as
+a logit is not finite.
 
 Labels may be bool or numeric; entries > 0 are positives. Scores may be any monotone score (logits rank the
-same as probabilities).
+same as probabilities). +-inf scores are ordering values (above / below every finite score, tied with each other;
+e.g. the log-probability of 0); NaN orders nothing and makes its ranking's AP (its row's F1) NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def _scores_and_positives(scores, labels, scores_name="scores") -> tuple[jax.Arr
 def _average_precision(scores: jax.Array, positive: jax.Array) -> jax.Array:
     """AP of one ranking with sklearn's step-wise definition and tie handling.
 
-    scores: (N,) float, positive: (N,) bool -> () float, NaN without positives.
+    scores: (N,) float, positive: (N,) bool -> () float, NaN without positives or with a NaN score.
 
     AP = mean over positives i of precision(score_i), where precision(t) = #positives with score >= t divided
     by #items with score >= t. This equals sklearn's sum_n (R_n - R_{n-1}) P_n over distinct thresholds,
@@ -54,7 +58,7 @@ def _average_precision(scores: jax.Array, positive: jax.Array) -> jax.Array:
     num_positive = positives_below[-1]
     precision = (num_positive - positives_below[num_below]) / (n - num_below)
     ap = jnp.sum(jnp.where(positive, precision, 0.0)) / jnp.maximum(num_positive, 1)
-    return jnp.where(num_positive > 0, ap, jnp.nan)
+    return jnp.where((num_positive > 0) & ~jnp.any(jnp.isnan(scores)), ap, jnp.nan)
 
 
 @jax.jit
@@ -67,8 +71,8 @@ def sample_average_precision(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
     Returns:
       (B,) float: the AP of each row's ranking of its K classes, ties treated exactly as sklearn's
-      ``average_precision_score``; NaN for rows without a positive (sklearn returns 0 there, with a warning).
-      The paper's number is ``100 * jnp.nanmean(result)`` over the evaluation set.
+      ``average_precision_score``; NaN for rows without a positive (sklearn returns 0 there, with a warning)
+      and for rows with a NaN score. The paper's number is 100 x the mean over the rows with a positive.
     """
     scores, positive = _scores_and_positives(scores, labels)
     return jax.vmap(_average_precision)(scores, positive)
@@ -84,7 +88,8 @@ def class_average_precision(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
     Returns:
       (K,) float: the AP of each class's ranking of the B images (sklearn's step-wise definition with ties),
-      NaN for classes without a positive image. Class-wise mAP is ``jnp.nanmean(result)``.
+      NaN for classes without a positive image and for classes with a NaN score. Class-wise mAP is the mean
+      over the classes with a positive.
     """
     scores, positive = _scores_and_positives(scores, labels)
     return jax.vmap(_average_precision, in_axes=1)(scores, positive)
@@ -105,11 +110,13 @@ def f1_samples(logits: jax.Array, labels: jax.Array, *, threshold: float = 0.5) 
 
     Returns:
       (B,) float F1 = 2 TP / (#predicted + #true) per row. A row whose predicted and true sets are both empty
-      gets 0.0, sklearn's ``zero_division`` default. The paper's F1 is ``jnp.mean(result)``.
+      gets 0.0, sklearn's ``zero_division`` default; a row with a NaN logit is NaN (+inf is predicted, -inf
+      is not). The paper's F1 is ``jnp.mean(result)``.
     """
     logits, positive = _scores_and_positives(logits, labels, "logits")
     predicted = logits >= threshold
     true_positives = jnp.sum(predicted & positive, axis=-1)
     num_predicted_or_true = jnp.sum(predicted, axis=-1) + jnp.sum(positive, axis=-1)
     f1 = 2 * true_positives / jnp.maximum(num_predicted_or_true, 1)
-    return jnp.where(num_predicted_or_true > 0, f1, 0.0)
+    f1 = jnp.where(num_predicted_or_true > 0, f1, 0.0)
+    return jnp.where(jnp.any(jnp.isnan(logits), axis=-1), jnp.nan, f1)

@@ -36,15 +36,26 @@ def pointing_game(maps: jax.Array, masks: jax.Array, *, tolerance: float = 0) ->
       masks: (B, H, W) bool object masks (nonzero = inside).
       tolerance: a hit also counts when a mask pixel lies within this Euclidean distance, in pixels, of the
         maximum point (inclusive). The paper uses 0; the standard pointing game of Zhang et al. uses 15 px at
-        VOC resolution. May be a traced scalar; a Python number is checked to be >= 0.
+        VOC resolution. May be a traced scalar; a concrete one (a Python or NumPy number, an array outside jit)
+        must be finite and >= 0.
 
     Returns:
       (B,) float: 1.0 for a hit, 0.0 for a miss, NaN where the mask is empty or the map contains NaN
       (undefined, so ``jnp.nanmean`` leaves those images out instead of counting them as misses).
     """
-    if isinstance(tolerance, (int, float)) and tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    _check_tolerance(tolerance)
     return _pointing_game(maps, masks, tolerance)
+
+
+def _check_tolerance(tolerance) -> None:
+    """Raises ValueError unless a concrete ``tolerance`` is a finite number >= 0; a traced one passes."""
+    try:
+        value = float(tolerance)
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0 (pixels), got {tolerance!r}; use 0 for the "
+                         "maximum pixel alone, e.g. 15 for the standard pointing game at VOC resolution")
 
 
 @jax.jit
