@@ -18,8 +18,8 @@ def test_map_cosine_closed_forms():
 
 
 def test_same_peak_uses_the_first_row_major_maximum():
-    a = jnp.zeros((2, 2, 2)).at[0, 1, 0].set(1.0).at[1].set(1.0)  # second map: all ties -> peak at (0, 0)
-    b = jnp.zeros((2, 2, 2)).at[0, 1, 0].set(5.0).at[1, 0, 0].set(2.0)
+    a = jnp.zeros((2, 2, 2)).at[0, 1, 0].set(1.0).at[1].set(1.0).at[1, 1, 1].set(0.0)  # second map: tied maxima
+    b = jnp.zeros((2, 2, 2)).at[0, 1, 0].set(5.0).at[1, 0, 0].set(2.0)                 # -> peak at (0, 0)
     np.testing.assert_array_equal(same_peak(a, b), [1.0, 1.0])
     np.testing.assert_array_equal(same_peak(a, jnp.zeros((2, 2, 2)).at[:, 1, 1].set(1.0)), [0.0, 0.0])
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.metrics import importance_ranks, spearman_rank, top_k_iou
+from attrjax.metrics import importance_ranks, map_cosine, same_peak, spearman_rank, top_k_iou
 
 try:
     from scipy.stats import rankdata, spearmanr
@@ -69,11 +69,64 @@ def test_top_k_iou_closed_forms():
 
 
 def test_top_k_iou_ties_keep_exactly_k_pixels():
-    # all tied: the first k = ceil(0.3 * 10) = 3 pixels in row-major order
-    flat = jnp.zeros((1, 2, 5))
+    # all tied but the last pixel: the first k = ceil(0.3 * 10) = 3 pixels in row-major order {0, 1, 2}
+    flat = jnp.zeros((1, 2, 5)).at[0, 1, 4].set(-1.0)
     other = jnp.zeros((1, 2, 5)).at[0, 0, 3].set(1.0)  # top {3, 0, 1}
     np.testing.assert_allclose(top_k_iou(flat, other, 0.3), [2 / 4])
     assert np.isnan(top_k_iou(flat.at[0, 1, 1].set(jnp.nan), other, 0.3)[0])
+
+
+AGREEMENT = {"map_cosine": map_cosine, "same_peak": same_peak, "spearman": spearman_rank,
+             "top10_iou": lambda a, b: top_k_iou(a, b, 0.1)}
+
+
+def _reference_cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return a @ b / np.sqrt((a @ a) * (b @ b))
+
+
+def _reference_same_peak(a, b):
+    """First maximum in row-major order by an explicit scan."""
+    def peak(m):
+        flat = m.ravel().tolist()
+        return next(i for i, v in enumerate(flat) if v == max(flat))
+    return float(peak(a) == peak(b))
+
+
+def test_agreement_metrics_are_undefined_on_the_same_pairs():
+    """Every agreement metric is NaN exactly where either map has a NaN or inf pixel or is constant (no peak, no
+    order, no direction beyond the mean), so the four means average over the same pairs."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 5)).astype(np.float32)
+    other = rng.normal(size=(6, 5)).astype(np.float32)
+    undefined = [np.full((6, 5), np.nan), base.copy(), base.copy(), np.zeros((6, 5)), np.full((6, 5), 0.3)]
+    undefined[1][2, 3] = np.nan
+    undefined[2][0, 1] = np.inf
+    maps_a = np.stack([base, base, *undefined, np.zeros((6, 5)), np.full((6, 5), 2.0)]).astype(np.float32)
+    maps_b = np.stack([other, base, *[other] * 5, np.zeros((6, 5)), np.full((6, 5), 2.0)]).astype(np.float32)
+    for name, fn in AGREEMENT.items():
+        for a, b in ((maps_a, maps_b), (maps_b, maps_a)):
+            values = np.asarray(fn(a, b))
+            assert np.isfinite(values[:2]).all(), name
+            assert np.isnan(values[2:]).all(), (name, values)
+    np.testing.assert_allclose(map_cosine(maps_a[:2], maps_b[:2]),
+                               [_reference_cosine(a, b) for a, b in zip(maps_a[:2], maps_b[:2])], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(same_peak(maps_a[:2], maps_b[:2]),
+                                  [_reference_same_peak(a, b) for a, b in zip(maps_a[:2], maps_b[:2])])
+
+
+def test_identical_maps_agree_exactly_at_any_scale():
+    """A map compared with itself scores exactly 1 on every metric, even when its squares overflow or underflow
+    float32; the cosine of unrelated maps matches float64 at those scales too."""
+    rng = np.random.default_rng(4)
+    maps = rng.random((3, 7, 9)).astype(np.float32)
+    others = rng.normal(size=(3, 7, 9)).astype(np.float32)
+    for scale in (1.0, 1e25, 1e-30):
+        scaled, scaled_others = (maps * np.float32(scale)).astype(np.float32), (others * np.float32(scale))
+        for name, fn in AGREEMENT.items():
+            np.testing.assert_array_equal(fn(scaled, scaled), 1.0, err_msg=f"{name} at scale {scale}")
+        np.testing.assert_allclose(map_cosine(scaled, scaled_others),
+                                   [_reference_cosine(a, b) for a, b in zip(scaled, scaled_others)], rtol=1e-5, atol=1e-7)
 
 
 def test_bad_inputs_are_rejected():

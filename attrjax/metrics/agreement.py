@@ -2,6 +2,12 @@
 
 Every function takes maps (..., H, W) (any leading axes, e.g. (B, H, W) or (B, K, H, W)) and returns one value
 per map (...). Maps are compared pixel by pixel, so both must be at the same resolution.
+
+``map_cosine``, ``same_peak``, ``spearman_rank`` and ``top_k_iou`` are all NaN where either map of a pair is not
+comparable: it holds a NaN or +-inf pixel, or it is constant (every pixel equal, e.g. an all-zero Grad-CAM map).
+A constant map, zero or not, ranks no pixel above another: it has no peak, no order and no top-k set, and its
+cosine with a map would only measure that map's mean. So it agrees with nothing, not even with another constant
+map, and the four metrics are defined on the same pairs.
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from attrjax.metrics.classification import check_same_shape
-
-_EPS = 1e-12
 
 
 def _check_maps(maps_a, maps_b) -> tuple[jax.Array, jax.Array]:
@@ -31,24 +35,44 @@ def _flat(maps: jax.Array) -> jax.Array:
     return maps.reshape(*maps.shape[:-2], -1)
 
 
-def _has_nan(maps: jax.Array) -> jax.Array:
-    return jnp.any(jnp.isnan(maps), axis=(-2, -1))
+def _comparable(maps: jax.Array) -> jax.Array:
+    """(..., H, W) -> (...) bool: every pixel is finite and not all pixels are equal (see the module docstring)."""
+    flat = _flat(maps)
+    return jnp.all(jnp.isfinite(flat), axis=-1) & (jnp.max(flat, axis=-1) > jnp.min(flat, axis=-1))
+
+
+def _comparable_pairs(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
+    return _comparable(maps_a) & _comparable(maps_b)
 
 
 def map_cosine(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
-    """Cosine similarity of maps (..., H, W) flattened over the last two axes -> (...); NaN where a map is zero."""
+    """Cosine similarity of maps (..., H, W) flattened over the last two axes -> (...) in [-1, 1].
+
+    Each map is first divided by its largest |pixel|, so that the squares of very large or very small raw maps
+    neither overflow nor underflow float32, and a map compared with itself scores exactly 1 (s / sqrt(s * s) = 1
+    in IEEE arithmetic). NaN where either map is not comparable: NaN / inf pixels, or constant (zero included).
+    """
     maps_a, maps_b = _check_maps(maps_a, maps_b)
-    a, b = _flat(maps_a), _flat(maps_b)
-    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-    return jnp.where(norms > _EPS, jnp.sum(a * b, axis=-1) / jnp.maximum(norms, _EPS), jnp.nan)
+    a, b = _divide_by_max_magnitude(_flat(maps_a)), _divide_by_max_magnitude(_flat(maps_b))
+    cosine = jnp.sum(a * b, axis=-1) / jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
+    return jnp.where(_comparable_pairs(maps_a, maps_b), jnp.clip(cosine, -1.0, 1.0), jnp.nan)
+
+
+def _divide_by_max_magnitude(flat: jax.Array) -> jax.Array:
+    """(..., N) -> (..., N) with max |value| 1 per row (an all-zero row stays zero)."""
+    scale = jnp.max(jnp.abs(flat), axis=-1, keepdims=True)
+    return flat / jnp.where(scale > 0, scale, 1.0)
 
 
 def same_peak(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
-    """1.0 where both maps (..., H, W) have their first (row-major) maximum at the same pixel, else 0.0."""
+    """1.0 where both maps (..., H, W) have their first (row-major) maximum at the same pixel, else 0.0 -> (...).
+
+    NaN where either map is not comparable (NaN / inf pixels, or constant: no peak), the pairs where
+    ``map_cosine`` is NaN.
+    """
     maps_a, maps_b = _check_maps(maps_a, maps_b)
-    flat_a = maps_a.reshape(*maps_a.shape[:-2], -1)
-    flat_b = maps_b.reshape(*maps_b.shape[:-2], -1)
-    return (jnp.argmax(flat_a, -1) == jnp.argmax(flat_b, -1)).astype(maps_a.dtype)
+    same = jnp.argmax(_flat(maps_a), -1) == jnp.argmax(_flat(maps_b), -1)
+    return jnp.where(_comparable_pairs(maps_a, maps_b), same.astype(jnp.float32), jnp.nan)
 
 
 def importance_ranks(maps: jax.Array) -> jax.Array:
@@ -94,7 +118,8 @@ def spearman_rank(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
         all-class maps (B, K, H, W).
 
     Returns:
-      (...) float in [-1, 1]; NaN where either map is constant (its ranks have no variance) or contains NaN.
+      (...) float in [-1, 1]; NaN where either map is not comparable: constant (its ranks have no variance) or
+      holding a NaN / inf pixel.
     """
     maps_a, maps_b = _check_maps(maps_a, maps_b)
     a, b = _flat(maps_a), _flat(maps_b)
@@ -106,8 +131,7 @@ def spearman_rank(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
     centred_b = rank_fn(b.reshape(-1, n)).reshape(b.shape) - (n - 1) / 2
     norms = jnp.sqrt(jnp.sum(jnp.square(centred_a), -1) * jnp.sum(jnp.square(centred_b), -1))
     rho = jnp.sum(centred_a * centred_b, -1) / jnp.where(norms > 0, norms, 1.0)
-    defined = (norms > 0) & ~_has_nan(maps_a) & ~_has_nan(maps_b)
-    return jnp.where(defined, jnp.clip(rho, -1.0, 1.0), jnp.nan).reshape(batch_shape)
+    return jnp.where(_comparable_pairs(maps_a, maps_b), jnp.clip(rho, -1.0, 1.0), jnp.nan).reshape(batch_shape)
 
 
 def top_k_iou(maps_a: jax.Array, maps_b: jax.Array, fraction: float = 0.1) -> jax.Array:
@@ -122,7 +146,8 @@ def top_k_iou(maps_a: jax.Array, maps_b: jax.Array, fraction: float = 0.1) -> ja
       fraction: a Python float in (0, 1]; 1 compares whole maps (IoU 1).
 
     Returns:
-      (...) float in [0, 1]; NaN where either map contains NaN.
+      (...) float in [0, 1]; NaN where either map is not comparable: constant (its top set would be the first
+      k pixels of the row-major order, whatever the map) or holding a NaN / inf pixel.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be a Python number in (0, 1], got {fraction!r}")
@@ -134,4 +159,4 @@ def top_k_iou(maps_a: jax.Array, maps_b: jax.Array, fraction: float = 0.1) -> ja
     in_b = importance_ranks(maps_b) < k
     intersection = jnp.sum(in_a & in_b, axis=-1).astype(jnp.float32)
     iou = intersection / (2 * k - intersection)
-    return jnp.where(_has_nan(maps_a) | _has_nan(maps_b), jnp.nan, iou)
+    return jnp.where(_comparable_pairs(maps_a, maps_b), iou, jnp.nan)
