@@ -2,7 +2,11 @@
 
 import dataclasses
 import pathlib
+import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 
 import chex
@@ -15,6 +19,7 @@ from attrjax.data import builder, pipeline, shapes
 
 TINY_SIZES = {"num_train": 16, "num_val": 8, "num_localization": 8}
 TINY_SHAPES = shapes.ShapesConfig(image_size=32)
+TINY = {"shapes": TINY_SHAPES, "seed": 5, **TINY_SIZES}  # the build of `tiny_data_dir`
 IDENTITY = pipeline.Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -151,7 +156,7 @@ def test_load_split_from_missing_data_dir_raises(tmp_path):
 def test_load_split_of_unbuilt_dataset_names_a_build_command_that_works(tmp_path):
     config = shapes.ShapesConfig(image_size=32, num_classes=4, max_objects=2, context_cue=0.5)
     sizes = {"num_train": 3, "num_val": 2, "num_localization": 1}
-    with pytest.raises(FileNotFoundError, match="never built.*build_shapes") as error:
+    with pytest.raises(FileNotFoundError, match="not built .*there is no .*build_shapes") as error:
         builder.load_split(tmp_path, "val", shapes=config, seed=5, **sizes)
     command = shlex.split(str(error.value).split("`")[1])
     assert command[:3] == ["python", "-m", "attrjax.data.builder"]
@@ -186,13 +191,116 @@ def _zero_record_bytes(path):
         pytest.param(lambda path: path.unlink(), id="deleted"),
     ],
 )
-def test_load_split_of_damaged_file_names_it_and_says_rebuild(tmp_path, damage):
-    built = builder.build_shapes(tmp_path, shapes=TINY_SHAPES, **TINY_SIZES)
+def test_load_split_of_damaged_file_names_it_and_says_rebuild(tmp_path, tiny_data_dir, damage):
+    built = builder.build_shapes(tmp_path, **TINY)
     path = pathlib.Path(built.data_path / built.info.splits["train"].filenames[0])
     damage(path)
-    with pytest.raises(ValueError, match=rf"(?s){path.name}.*delete .* build it again"):
-        builder.load_split(tmp_path, "train", shapes=TINY_SHAPES, **TINY_SIZES)
-    builder.load_split(tmp_path, "val", shapes=TINY_SHAPES, **TINY_SIZES)  # the intact splits still read
+    with pytest.raises(ValueError, match=rf"(?s){path.name}.*delete .* build it again") as error:
+        builder.load_split(tmp_path, "train", **TINY)
+    builder.load_split(tmp_path, "val", **TINY)  # the intact splits still read
+    _follow_the_rebuild_advice(str(error.value))
+    _assert_same_as_clean_build(tmp_path, tiny_data_dir)
+
+
+def _load_all(data_dir) -> dict[str, dict[str, np.ndarray]]:
+    return {split: builder.load_split(data_dir, split, **TINY) for split in builder.SPLITS}
+
+
+def _assert_same_as_clean_build(data_dir, clean_data_dir):
+    for split, arrays in _load_all(clean_data_dir).items():
+        _assert_splits_equal(builder.load_split(data_dir, split, **TINY), arrays)
+
+
+def _follow_the_rebuild_advice(message: str) -> None:
+    """Deletes the folder that `message` says to delete, if any, and runs the build command it names."""
+    deleted = re.search(r"delete (\S+) and", message)
+    if deleted:
+        shutil.rmtree(deleted.group(1))
+    command = shlex.split(message.split("`")[1])
+    assert command[:3] == ["python", "-m", "attrjax.data.builder"]
+    builder.main(command[3:])
+
+
+def test_folder_without_dataset_info_is_named_and_its_build_command_rebuilds_it(tmp_path, tiny_data_dir, capsys):
+    # A version folder without dataset_info.json (a partial copy, a deleted file) is no build TFDS can read, yet
+    # TFDS's download_and_prepare sees the folder and returns at once: it used to be "built in 0.0 s", forever.
+    built = builder.build_shapes(tmp_path, **TINY)
+    info = pathlib.Path(built.data_path, "dataset_info.json")
+    info.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        builder.load_split(tmp_path, "train", **TINY)
+    assert f"{info.parent} has no dataset_info.json" in str(error.value)
+    capsys.readouterr()
+    _follow_the_rebuild_advice(str(error.value))
+    assert f"deleting {info.parent} to build it again" in capsys.readouterr().out
+    _assert_same_as_clean_build(tmp_path, tiny_data_dir)
+
+
+@pytest.mark.parametrize("damage", [pytest.param(_truncate_to_half, id="truncated"),
+                                    pytest.param(lambda path: path.unlink(), id="deleted")])
+def test_build_shapes_rebuilds_a_build_with_a_damaged_shard(tmp_path, tiny_data_dir, capsys, damage):
+    built = builder.build_shapes(tmp_path, **TINY)
+    path = pathlib.Path(built.data_path / built.info.splits["val"].filenames[0])
+    damage(path)
+    capsys.readouterr()
+    builder.build_shapes(tmp_path, **TINY)
+    output = capsys.readouterr().out
+    assert str(path) in output and f"deleting {built.data_path} to build it again" in output
+    _assert_same_as_clean_build(tmp_path, tiny_data_dir)
+
+
+def _build_killed_at_split(data_dir, split: str) -> subprocess.CompletedProcess:
+    """Runs build_shapes(data_dir, **TINY) in a process that is SIGKILLed, as by the OOM killer, as `split` starts."""
+    script = f"""
+import os, signal
+from attrjax.data import builder, shapes
+generate = builder.AttrjaxShapes._generate_examples
+def generate_or_die(self, split):
+    if split == {split!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    yield from generate(self, split)
+builder.AttrjaxShapes._generate_examples = generate_or_die
+builder.build_shapes({str(data_dir)!r}, shapes=shapes.{TINY_SHAPES!r}, seed=5, **{TINY_SIZES!r})
+"""
+    return subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parents[1],
+                          capture_output=True, check=False)
+
+
+def test_build_after_a_killed_build_rebuilds_and_deletes_its_temporary_folder(tmp_path, tiny_data_dir, capsys):
+    assert _build_killed_at_split(tmp_path, "val").returncode == -signal.SIGKILL
+    # TFDS wrote the train shard into incomplete.XXXXXX_1.0.0 and was killed before renaming it to 1.0.0.
+    (leftover,) = tmp_path.glob("attrjax_shapes/*/incomplete.*")
+    assert list(leftover.glob("attrjax_shapes-train.array_record*"))
+    assert not list(tmp_path.glob("attrjax_shapes/*/1.0.0"))
+    capsys.readouterr()
+    builder.build_shapes(tmp_path, **TINY)
+    assert f"deleting {leftover}" in capsys.readouterr().out
+    assert not leftover.exists()
+    _assert_same_as_clean_build(tmp_path, tiny_data_dir)
+
+
+def test_build_interrupted_by_an_exception_leaves_nothing_and_the_next_build_works(tmp_path, tiny_data_dir,
+                                                                                  monkeypatch):
+    generate = builder.AttrjaxShapes._generate_examples
+
+    def generate_or_interrupt(self, split):
+        if split == "val":
+            raise KeyboardInterrupt
+        yield from generate(self, split)
+
+    monkeypatch.setattr(builder.AttrjaxShapes, "_generate_examples", generate_or_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        builder.build_shapes(tmp_path, **TINY)
+    assert not list(tmp_path.glob("attrjax_shapes/*/*"))  # TFDS removed its temporary folder
+    monkeypatch.undo()
+    builder.build_shapes(tmp_path, **TINY)
+    _assert_same_as_clean_build(tmp_path, tiny_data_dir)
+
+
+def test_a_build_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(builder.AttrjaxShapes, "download_and_prepare", lambda self, **kwargs: None)
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(tmp_path))}.*there is no .*1\.0\.0"):
+        builder.build_shapes(tmp_path, **TINY)
 
 
 def test_builder_config_rejects_empty_split():

@@ -17,12 +17,11 @@ import hashlib
 import json
 import os
 import pathlib
-import time
 
 import numpy as np
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
 
+from attrjax.data import prepared
 from attrjax.data.shapes import ShapesConfig, render_example
 
 SPLITS = ("train", "val", "localization")
@@ -120,19 +119,17 @@ def build_shapes(
     num_localization: int = _DEFAULT_SPLIT_SIZES["num_localization"],
     seed: int = 0,
 ) -> AttrjaxShapes:
-    """Renders and writes the dataset under `data_dir` unless it is already there; returns the builder."""
+    """Renders and writes the dataset under `data_dir` unless a whole build is there; returns the builder.
+
+    A half-built or damaged build (no dataset_info.json, a shard missing or short of records) is deleted and built
+    again, as are the temporary folders of killed builds: the dataset is rendered deterministically, so the rebuild
+    is the same dataset.
+    """
     config = ShapesBuilderConfig(
         shapes=shapes, num_train=num_train, num_val=num_val, num_localization=num_localization, seed=seed
     )
-    builder = _builder(data_dir, config)
-    if builder.is_prepared():
-        print(f"attrjax_shapes: reusing {builder.data_path}")
-        return builder
-    print(f"attrjax_shapes: building {builder.data_path}")
-    start = time.perf_counter()
-    builder.download_and_prepare()
-    print(f"attrjax_shapes: built in {time.perf_counter() - start:.1f} s")
-    return builder
+    return prepared.build_or_reuse(lambda: _builder(data_dir, config), "attrjax_shapes",
+                                   lambda builder: builder.download_and_prepare())
 
 
 def _build_command(data_dir: str | os.PathLike, config: ShapesBuilderConfig) -> str:
@@ -147,31 +144,6 @@ def _build_command(data_dir: str | os.PathLike, config: ShapesBuilderConfig) -> 
     if config.seed != 0:
         options.append(f"--seed {config.seed}")
     return "python -m attrjax.data.builder " + " ".join(options)
-
-
-def _rebuild_hint(builder: AttrjaxShapes) -> str:
-    return f"delete {builder.data_path} and build it again (build_shapes(...) with the same arguments)"
-
-
-def _check_shard_files(builder: AttrjaxShapes, split: str) -> None:
-    """Raises ValueError naming the first shard of `split` that is missing, unreadable or short of records."""
-    split_info = builder.info.splits[split]
-    for filename, expected_records in zip(split_info.filenames, split_info.shard_lengths):
-        path = builder.data_path / filename
-        if not path.exists():
-            raise ValueError(f"{path} is missing from the attrjax_shapes dataset; {_rebuild_hint(builder)}")
-        # A damaged file fails to open (too short for a footer) or opens and reports not ok / too few records.
-        try:
-            reader = array_record_module.ArrayRecordReader(os.fspath(path))
-            found_records = reader.num_records() if reader.ok() else 0
-            reader.close()
-        except RuntimeError:
-            found_records = 0
-        if found_records != expected_records:
-            raise ValueError(
-                f"{path} is corrupt or truncated ({found_records} readable records, expected "
-                f"{expected_records}); {_rebuild_hint(builder)}"
-            )
 
 
 def load_split(
@@ -202,28 +174,16 @@ def load_split(
         shapes=shapes, num_train=num_train, num_val=num_val, num_localization=num_localization, seed=seed
     )
     builder = _builder(data_dir, config)
-    if not builder.is_prepared():
+    command = _build_command(data_dir, config)
+    problem = prepared.unfinished(builder)
+    if problem is not None:
         raise FileNotFoundError(
-            f"attrjax_shapes was never built in {os.fspath(data_dir)} with these options (looked for "
-            f"{builder.data_path}); run build_shapes(...) with the same arguments or "
-            f"`{_build_command(data_dir, config)}`"
+            f"attrjax_shapes is not built in {os.fspath(data_dir)} with these options ({problem}); run "
+            f"build_shapes(...) with the same arguments or `{command}`"
         )
-    _check_shard_files(builder, split)
-    source = builder.as_data_source(split)
-    arrays = {name: [] for name in _FEATURES}
-    start = 0
-    split_info = builder.info.splits[split]
-    for filename, num_records in zip(split_info.filenames, split_info.shard_lengths):
-        try:
-            records = source.__getitems__(list(range(start, start + num_records)))
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(
-                f"could not decode {builder.data_path / filename} ({error}); {_rebuild_hint(builder)}"
-            ) from error
-        for name, chunks in arrays.items():
-            chunks.append(np.stack([record[name] for record in records]))
-        start += num_records
-    return {name: np.concatenate(chunks) for name, chunks in arrays.items()}
+    remedy = f"delete {builder.data_path} and build it again: `{command}` or build_shapes(...) with the same arguments"
+    records = prepared.read_records(builder, split, remedy)
+    return {name: np.stack([record[name] for record in records]) for name in _FEATURES}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,121 @@
+"""Whether a TFDS array_record build on disk is finished and whole; building it again; reading it file by file.
+
+TFDS writes a build into a temporary `incomplete.XXXXXX_<version>` folder beside the version folder and renames it
+once every shard and `dataset_info.json` are written. A Python exception (KeyboardInterrupt included) deletes the
+temporary folder; a killed process (SIGKILL, the out-of-memory killer, a pre-empted machine) leaves it behind. A
+version folder without `dataset_info.json` (a partial copy, a deleted file) is no build TFDS can read, yet
+`download_and_prepare` sees the folder and returns without building anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import time
+from typing import Callable, TypeVar
+
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from tensorflow_datasets.core import constants
+
+Builder = TypeVar("Builder", bound=tfds.core.DatasetBuilder)
+
+
+def unfinished(builder: tfds.core.DatasetBuilder) -> str | None:
+    """Why `builder.data_path` holds no finished build, or None when its `dataset_info.json` is there."""
+    data_path = pathlib.Path(builder.data_path)
+    if not data_path.is_dir():
+        return f"there is no {data_path}"
+    if not (data_path / constants.DATASET_INFO_FILENAME).is_file():
+        return (f"{data_path} has no {constants.DATASET_INFO_FILENAME}, so it is no finished build (a partial copy? "
+                "files deleted from it?)")
+    return None
+
+
+def damaged_shard(path: pathlib.Path, num_records: int) -> str | None:
+    """Why the array_record file `path` does not hold `num_records` readable records, or None when it does."""
+    if not path.is_file():
+        return f"{path} is missing"
+    # A damaged file fails to open (too short for a footer) or opens and reports not ok / too few records.
+    try:
+        reader = array_record_module.ArrayRecordReader(os.fspath(path))
+        found = reader.num_records() if reader.ok() else 0
+        reader.close()
+    except RuntimeError:
+        found = 0
+    if found != num_records:
+        return f"{path} is corrupt or truncated ({found} readable records, expected {num_records})"
+    return None
+
+
+def build_problem(builder: tfds.core.DatasetBuilder) -> str | None:
+    """Why `builder.data_path` is not a finished build with every shard whole, or None when it is.
+
+    Checks each shard's record count, not its contents: damage inside a record surfaces in `read_records`.
+    """
+    problem = unfinished(builder)
+    if problem is not None:
+        return problem
+    for split_info in builder.info.splits.values():
+        for filename, num_records in zip(split_info.filenames, split_info.shard_lengths):
+            problem = damaged_shard(pathlib.Path(builder.data_path, filename), num_records)
+            if problem is not None:
+                return problem
+    return None
+
+
+def leftover_folders(builder: tfds.core.DatasetBuilder) -> list[pathlib.Path]:
+    """The temporary folders that killed builds of `builder`'s config and version left beside its data_path."""
+    return sorted(pathlib.Path(builder.data_path).parent.glob(f"{constants.INCOMPLETE_PREFIX}*_{builder.version}"))
+
+
+def build_or_reuse(make_builder: Callable[[], Builder], label: str, prepare: Callable[[Builder], None]) -> Builder:
+    """Reuses the build of `make_builder()` when it is finished and whole, else deletes what is there and builds it.
+
+    For datasets that are ours to rebuild. `prepare(builder)` runs `builder.download_and_prepare`; `label` starts
+    every line printed. The temporary folders of killed builds are deleted: once a finished build is in place, a
+    build still writing one could not rename it into place anyway.
+    """
+    builder = make_builder()
+    data_path = pathlib.Path(builder.data_path)
+    problem = build_problem(builder)
+    if problem is None:
+        print(f"{label}: reusing {data_path}")
+    else:
+        if data_path.exists():
+            print(f"{label}: {problem}; deleting {data_path} to build it again")
+            shutil.rmtree(data_path)
+            builder = make_builder()  # the old one read the deleted dataset_info.json
+        print(f"{label}: building {data_path}")
+        start = time.perf_counter()
+        prepare(builder)
+        problem = build_problem(builder)
+        if problem is not None:
+            raise RuntimeError(f"{label}: building {data_path} returned, but {problem}")
+        print(f"{label}: built in {time.perf_counter() - start:.1f} s")
+    for folder in leftover_folders(builder):
+        print(f"{label}: deleting {folder}, left by a build that was killed before it finished")
+        shutil.rmtree(folder)
+    return builder
+
+
+def read_records(builder: tfds.core.DatasetBuilder, split: str, remedy: str,
+                 decoders: dict | None = None) -> list[dict]:
+    """Every record of `split` ('train', 'train[:10]', 'train+test'), read one file at a time.
+
+    A file that is missing, short of records or does not decode raises ValueError naming it, followed by `remedy`
+    (what to do about it).
+    """
+    source = builder.as_data_source(split, decoders=decoders)  # this also picks the array_record files to read
+    records = []
+    for instruction in builder.info.splits[split].file_instructions:
+        path = pathlib.Path(instruction.filename)
+        problem = damaged_shard(path, instruction.examples_in_shard)
+        if problem is not None:
+            raise ValueError(f"{problem}; {remedy}")
+        try:
+            records += source.__getitems__(list(range(len(records), len(records) + instruction.take)))
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"could not decode {path} ({error}); {remedy}") from error
+    return records
