@@ -1,6 +1,9 @@
 """The VOC 2012 builder on a tiny tree in the official layout, as a tarball and extracted, and its bad inputs."""
 
 import pathlib
+import re
+import shlex
+import shutil
 import tarfile
 
 import chex
@@ -9,7 +12,7 @@ import pytest
 from PIL import Image
 
 from attrjax.data.images import VOID, decode_mask, decode_rgb, resize_split
-from attrjax.data.voc import CLASS_NAMES, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
+from attrjax.data.voc import CLASS_NAMES, SPLITS, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
 from attrjax.data.voc import main as voc_main
 from tests import voc_fixture
 from tests.voc_fixture import IMAGES, MAIN, SEGMENTATION, expected_labels, expected_mask
@@ -175,3 +178,99 @@ def test_command_line_builds_from_an_extracted_tree(tmp_path, capsys):
     assert load_voc(tmp_path / "data", "val").names == [f"{i}.jpg" for i in MAIN["val"]]
     voc_main(["--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "manual")])
     assert "voc2012/segmentation: reusing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Half-built or damaged builds and archives: named, and built again from the archive.
+
+
+def _assert_same_images(actual, expected):
+    assert actual.names == expected.names
+    assert actual.images == expected.images
+    chex.assert_trees_all_equal(actual.labels, expected.labels)
+    chex.assert_trees_all_equal(actual.sizes, expected.sizes)
+
+
+def _built_main(root: pathlib.Path) -> pathlib.Path:
+    """Builds the main config into `root`/data from a tarball in its default manual directory; returns its folder."""
+    voc_fixture.write_voc_tarball(root / "source", root / "data" / "downloads" / "manual")
+    build_voc(root / "data", configs=("main",))
+    (folder,) = (root / "data" / "voc2012" / "main").glob("1.0.0")
+    return folder
+
+
+def _follow_the_rebuild_advice(message: str) -> None:
+    """Deletes the folder that `message` says to delete, if any, and runs the build command it names."""
+    deleted = re.search(r"delete (\S+) and", message)
+    if deleted:
+        shutil.rmtree(deleted.group(1))
+    command = shlex.split(message.split("`")[1])
+    assert command[:3] == ["python", "-m", "attrjax.data.voc"]
+    voc_main(command[3:])
+
+
+def test_folder_without_dataset_info_is_named_and_built_again(built_from_tarball, tmp_path, capsys):
+    folder = _built_main(tmp_path)
+    (folder / "dataset_info.json").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        load_voc(tmp_path / "data", "train")
+    assert f"{folder} has no dataset_info.json" in str(error.value)
+    capsys.readouterr()
+    _follow_the_rebuild_advice(str(error.value))
+    assert f"deleting {folder} to build it again" in capsys.readouterr().out
+    for split in SPLITS:
+        _assert_same_images(load_voc(tmp_path / "data", split), load_voc(built_from_tarball / "data", split))
+
+
+def _scramble_records(path: pathlib.Path) -> None:
+    # The records are at the start of the file, its footer at the end: the chunk hashes no longer match.
+    data = bytearray(path.read_bytes())
+    data[200:1200] = bytes(1000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), id="truncated"),
+    pytest.param(_scramble_records, id="scrambled"),
+])
+def test_damaged_shard_is_named_and_built_again(built_from_tarball, tmp_path, damage):
+    folder = _built_main(tmp_path)
+    (shard,) = folder.glob("voc2012-train.array_record*")
+    damage(shard)
+    with pytest.raises(ValueError, match=re.escape(str(shard))) as error:
+        load_voc(tmp_path / "data", "train")
+    assert f"delete {folder} and build it again" in str(error.value)
+    _follow_the_rebuild_advice(str(error.value))
+    _assert_same_images(load_voc(tmp_path / "data", "train"), load_voc(built_from_tarball / "data", "train"))
+
+
+def _tarball_cuts(tarball: pathlib.Path) -> dict[str, int]:
+    with tarfile.open(tarball) as archive:
+        member = archive.getmember("VOCdevkit/VOC2012/JPEGImages/2008_000003.jpg")
+    return {"inside a file": member.offset_data + 10, "between files": member.offset,
+            "inside a header": member.offset + 100}
+
+
+@pytest.mark.parametrize("cut", ["inside a file", "between files", "inside a header"])
+def test_truncated_tarball_is_named_and_the_complete_one_builds(built_from_tarball, tmp_path, cut):
+    manual = tmp_path / "data" / "downloads" / "manual"
+    tarball = voc_fixture.write_voc_tarball(tmp_path / "source", manual)
+    complete = tarball.read_bytes()
+    tarball.write_bytes(complete[:_tarball_cuts(tarball)[cut]])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tarball))} .*truncated or damaged.*replace it"):
+        build_voc(tmp_path / "data", configs=("main",))
+    assert not list((tmp_path / "data" / "voc2012" / "main").iterdir())  # TFDS removed its temporary folder
+    tarball.write_bytes(complete)
+    build_voc(tmp_path / "data", configs=("main",))
+    _assert_same_images(load_voc(tmp_path / "data", "val"), load_voc(built_from_tarball / "data", "val"))
+
+
+def test_temporary_folder_of_a_killed_build_is_deleted(tmp_path, capsys):
+    # What TFDS leaves when the process is killed while it writes the build (see tests/test_data.py).
+    folder = _built_main(tmp_path)
+    leftover = folder.parent / f"incomplete.K1LLED_{folder.name}"
+    leftover.mkdir()
+    (leftover / "voc2012-train.array_record-00000-of-00001").write_bytes(b"half a shard")
+    build_voc(tmp_path / "data", configs=("main",))
+    assert f"deleting {leftover}" in capsys.readouterr().out
+    assert not leftover.exists() and folder.is_dir()

@@ -24,11 +24,11 @@ background either, so it counts for no class in the pointing game or the mask AU
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import pathlib
 import tarfile
-import time
 import xml.etree.ElementTree as ElementTree
 from typing import Iterator
 
@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from attrjax.data import prepared
 from attrjax.data.images import VOID, LabeledImages, decode_rgb, encode_png
 
 CLASS_NAMES = (
@@ -71,6 +72,37 @@ class VocLayoutError(FileNotFoundError):
     """The manual directory does not hold VOC 2012 in the layout of the official archive."""
 
 
+def _end_of_members(members: list[tarfile.TarInfo]) -> int:
+    """The byte offset just after the data of the last of `members`, where the end-of-archive marker belongs."""
+    if not members:
+        return 0
+    last = members[-1]
+    return last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _open_tarball(tarball: pathlib.Path) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    """The open archive and its members; ValueError naming `tarball` when it is truncated or damaged.
+
+    tarfile stops without an error at a truncated or unreadable header, as if the archive ended there; a real end
+    is marked by a zero block, which is checked for.
+    """
+    advice = (f"it is truncated or damaged (an interrupted download or copy?): replace it with a complete {TARBALL}"
+              " and build again")
+    try:
+        tar = tarfile.open(tarball)
+        members = tar.getmembers()
+    except tarfile.TarError as error:
+        raise ValueError(f"{tarball} cannot be read as a tar archive ({error}); {advice}") from error
+    end = _end_of_members(members)
+    with open(tarball, "rb") as file:
+        file.seek(end)
+        marker = file.read(tarfile.BLOCKSIZE)
+    if marker != bytes(tarfile.BLOCKSIZE):
+        raise ValueError(f"{tarball} stops after {len(members)} entries, at byte {end} of {tarball.stat().st_size}, "
+                         f"without the zero block that ends a tar archive; {advice}")
+    return tar, members
+
+
 class _VocFiles:
     """Read access to VOCdevkit/VOC2012 inside a tar archive or an extracted directory, by relative path."""
 
@@ -80,10 +112,10 @@ class _VocFiles:
         self.root = self.find_extracted(manual_dir)
         if self.root is None:
             tarball = self.find_tarball(manual_dir)
-            self.tar = tarfile.open(tarball)
+            self.tar, members = _open_tarball(tarball)
             # Normalised names: archives written as `tar -cf x.tar ./VOCdevkit` prefix every member with "./".
             self.members = {pathlib.PurePosixPath(member.name).as_posix(): member
-                            for member in self.tar.getmembers() if member.isfile()}
+                            for member in members if member.isfile()}
             self.root = self._root_in_tar(tarball)
 
     @staticmethod
@@ -259,22 +291,28 @@ def _builder(data_dir: str | os.PathLike, config: str) -> Voc2012:
     return Voc2012(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
 
 
+def _build_command(data_dir: str | os.PathLike) -> str:
+    return f"python -m attrjax.data.voc --data_dir {os.fspath(data_dir)}"
+
+
+def _prepare(builder: Voc2012, manual_dir: pathlib.Path) -> None:
+    """Writes `builder`'s config from the VOC files in `manual_dir`, decoding every image and mask once."""
+    if _VocFiles.find_extracted(manual_dir) is None:
+        _VocFiles.find_tarball(manual_dir)  # raises, naming what is missing, before TFDS's generic assertion
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+
+
 def build_voc(data_dir: str | os.PathLike, *, manual_dir: str | os.PathLike | None = None,
               configs: tuple[str, ...] = tuple(CONFIGS)) -> None:
-    """Builds the VOC configs under `data_dir` from the archive in `manual_dir` unless already built."""
+    """Builds the VOC configs under `data_dir` from the archive in `manual_dir` unless a whole build is there.
+
+    A half-built or damaged build (no dataset_info.json, a shard missing or short of records) is deleted and built
+    again from the archive, as are the temporary folders of killed builds.
+    """
     manual_dir = pathlib.Path(data_dir, "downloads", "manual") if manual_dir is None else pathlib.Path(manual_dir)
     for config in configs:
-        builder = _builder(data_dir, config)
-        if builder.is_prepared():
-            print(f"voc2012/{config}: reusing {builder.data_path}")
-            continue
-        if _VocFiles.find_extracted(manual_dir) is None:
-            _VocFiles.find_tarball(manual_dir)  # raises, naming what is missing, before TFDS's generic assertion
-        print(f"voc2012/{config}: building {builder.data_path} (every image and mask is decoded once)")
-        start = time.perf_counter()
-        download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-        builder.download_and_prepare(download_config=download_config)
-        print(f"voc2012/{config}: built in {time.perf_counter() - start:.1f} s")
+        prepared.build_or_reuse(functools.partial(_builder, data_dir, config), f"voc2012/{config}",
+                                functools.partial(_prepare, manual_dir=manual_dir))
 
 
 def multi_hot(objects_label, objects_difficult, include_difficult: bool) -> np.ndarray:
@@ -297,15 +335,16 @@ def load_voc(data_dir: str | os.PathLike, split: str, *, config: str = "main",
     if split not in SPLITS:
         raise ValueError(f"unknown VOC split {split!r}; VOC 2012 trainval has {', '.join(SPLITS)}")
     builder = _builder(data_dir, config)
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"voc2012/{config} is not built in {os.fspath(data_dir)} (looked for "
-                                f"{builder.data_path}); build it with `python -m attrjax.data.voc --data_dir "
-                                f"{os.fspath(data_dir)}` after placing {TARBALL} in the manual directory")
+    problem = prepared.unfinished(builder)
+    if problem is not None:
+        raise FileNotFoundError(f"voc2012/{config} is not built in {os.fspath(data_dir)} ({problem}); build it with "
+                                f"`{_build_command(data_dir)}` after placing {TARBALL} in the manual directory")
     skip = {"image": tfds.decode.SkipDecoding()}
     if config == "segmentation":
         skip["segmentation_mask"] = tfds.decode.SkipDecoding()
-    source = builder.as_data_source(split, decoders=skip)
-    records = source.__getitems__(list(range(len(source))))
+    remedy = (f"delete {builder.data_path} and build it again: `{_build_command(data_dir)}` (add --manual_dir DIR "
+              f"unless {TARBALL} or VOCdevkit/ is in {os.path.join(os.fspath(data_dir), 'downloads', 'manual')})")
+    records = prepared.read_records(builder, split, remedy, decoders=skip)
     return LabeledImages(
         images=[record["image"] for record in records],
         sizes=np.array([Image.open(io.BytesIO(record["image"])).size[::-1] for record in records]),
