@@ -7,8 +7,8 @@ import ast
 import dataclasses
 import functools
 import importlib
-import json
 import os
+import sys
 import zlib
 from typing import Callable
 
@@ -21,8 +21,11 @@ from absl import logging as absl_logging
 
 from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
+from attrjax.files import write_json
 from attrjax.models import VGG, import_vgg, init_variables, load_state_dict, vgg
-from attrjax.train import Objective, TrainState, checkpoint_manager, make_optimizer, restore_latest, train
+from attrjax.train import (Objective, RunConfigMismatchError, TrainState, check_run_config, checkpoint_manager,
+                           make_optimizer, read_run_config, restore_latest, run_record, train)
+from attrjax.train.run_config import ON_CONFIG_CHANGE
 
 
 def quiet_tfds():
@@ -41,19 +44,36 @@ def load_config(name: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         raise ValueError(f"unknown config {name!r}; available: {available}") from error
     config = module.get_config()
     for override in overrides:
-        key, _, text = override.partition("=")
+        key, equals, text = override.partition("=")
+        if not equals:
+            raise ValueError(f"config override {override!r} is not KEY=VALUE (e.g. teacher.num_steps=100)")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare string such as data.data_dir=/tmp/x
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
+        node, *parents = config, *key.split(".")[:-1]
+        leaf = key.split(".")[-1]
+        for depth, parent in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or parent not in node:
+                raise ValueError(f"unknown config key {key!r}: {_config_path(parents[:depth])} has no section "
+                                 f"{parent!r}" + _known_keys(node))
             node = node[parent]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {key!r}")
-        node[leaf] = value
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"unknown config key {key!r}" + _known_keys(node))
+        try:
+            node[leaf] = value
+        except TypeError as error:
+            raise ValueError(f"config key {key!r} holds a {type(node[leaf]).__name__}, not "
+                             f"{type(value).__name__} {value!r}") from error
     return config
+
+
+def _config_path(parents: list[str]) -> str:
+    return ".".join(parents) or "the config"
+
+
+def _known_keys(node) -> str:
+    return f"; it has: {', '.join(sorted(node.keys()))}" if isinstance(node, ml_collections.ConfigDict) else ""
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
@@ -70,7 +90,53 @@ def main_for(run: Callable, doc: str):
     args = arg_parser(doc.splitlines()[0]).parse_args()
     # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
-    run(load_config(args.config, args.set), args.workdir)
+    try:
+        run(load_config(args.config, args.set), args.workdir)
+    except RunConfigMismatchError as error:
+        sys.exit(f"error: {error}\n(on the command line: --set on_config_change=restart)")
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad settings, missing runs, divergence
+        sys.exit(f"error: {error}")
+
+
+def check_count(name: str, value, *, minimum: int = 1) -> None:
+    """Raises unless ``value`` is an int >= ``minimum`` (config values such as step counts and sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_fraction(name: str, value, *, closed: bool = False) -> None:
+    """Raises unless ``value`` is a number in [0, 1) (or [0, 1] when ``closed``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value <= 1 if closed else 0 <= value < 1):
+        raise ValueError(f"{name} must be a number in [0, 1{']' if closed else ')'}, got {value!r}")
+
+
+def check_config(config) -> None:
+    """The settings every experiment module shares: seed, data, checkpoint/log intervals, the rerun policy."""
+    check_count("seed", config.seed, minimum=0)
+    check_count("checkpoint_every", config.checkpoint_every)
+    check_count("log_every", config.log_every)
+    check_count("data.batch_size", config.data.batch_size)
+    check_count("data.image_size", config.data.image_size)
+    check_count("data.num_classes", config.data.num_classes, minimum=2)
+    check_fraction("stochastic_drop_rate", config.stochastic_drop_rate)
+    normalization(config)  # an unknown dataset name fails here
+    if config.data.labels not in ("multilabel", "single"):
+        raise ValueError(f"data.labels must be 'multilabel' or 'single', got {config.data.labels!r}")
+    if config.on_config_change not in ON_CONFIG_CHANGE:
+        raise ValueError(f"on_config_change must be one of {ON_CONFIG_CHANGE}, got {config.on_config_change!r}")
+
+
+def check_model_run(name: str, model_config, objective_fn: Callable[[], Objective], config) -> VGG:
+    """Validates one model's training settings without training it (model, steps, optimizer, objective); returns
+    the model. ``objective_fn`` builds the objective, whose constructor checks it."""
+    try:
+        check_count("num_steps", model_config.num_steps)
+        make_optimizer(model_config.optimizer, model_config.num_steps)
+        objective_fn()
+        return build_model(model_config, config)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"settings of the {name!r} run: {error}") from error
 
 
 def data_dir(config, workdir: str) -> str:
@@ -137,6 +203,15 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray] | attr_
     if num_classes != config.data.num_classes:
         raise ValueError(f"{config.data.name} has {num_classes} classes but config.data.num_classes is "
                          f"{config.data.num_classes}; set data.num_classes={num_classes}")
+    if config.data.labels == "single":
+        for name, split in splits.items():
+            labels = split.labels if isinstance(split, attr_data.LabeledImages) else split["labels"]
+            per_image = np.sum(np.asarray(labels) > 0, axis=-1)
+            wrong = np.flatnonzero(per_image != 1)
+            if wrong.size:
+                raise ValueError(f"data.labels='single' needs exactly one class per image, but {wrong.size} images of "
+                                 f"{config.data.name}'s {name} split have another count (image {wrong[0]} has "
+                                 f"{per_image[wrong[0]]}); set data.labels='multilabel'")
     return splits
 
 
@@ -170,35 +245,78 @@ def make_objective(config, **options) -> Objective:
     return Objective(labels=config.data.labels, **options)
 
 
+def compression_objective(config, run) -> Objective:
+    """The objective of a student or pruning run: its ``run.objective`` options, matched at
+    ``config.matching_layer``."""
+    return make_objective(config, matching_layer=config.matching_layer, **run.objective)
+
+
 def run_keys(name: str, config) -> tuple[jax.Array, jax.Array]:
     """The (init, step) keys of the run called ``name``: a pure function of the seed and the name."""
     init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(name.encode())))
     return init_key, step_key
 
 
+TEACHER = "teacher"
+# Where the data lives is not what it is: moving a dataset does not make its runs stale.
+DATA_LOCATIONS = ("data_dir", "manual_dir")
+
+
+def checkpoint_dir(name: str, workdir: str) -> str:
+    return os.path.join(workdir, name, "checkpoints")
+
+
+def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher: bool) -> dict:
+    """The settings that decide run ``name``'s result besides its steps, objective and parameter shapes (which
+    ``attrjax.train.train`` records itself): seed, data, the run's own ``settings`` (model or pruning config) and,
+    for runs trained against the teacher, the digest of the teacher run they learnt from."""
+    data = {key: value for key, value in config.data.to_dict().items() if key not in DATA_LOCATIONS}
+    record = {"run": name, "seed": config.seed, "data": data, "settings": settings}
+    if with_teacher:
+        teacher_record = read_run_config(checkpoint_dir(TEACHER, workdir))
+        if teacher_record is None:
+            raise FileNotFoundError(f"{checkpoint_dir(TEACHER, workdir)} has no trained teacher; run "
+                                    "experiments.train_teacher first")
+        record["teacher_digest"] = teacher_record["digest"]
+    return record
+
+
 def fit(name: str, model: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-        num_steps: int, config, workdir: str, train_split, *, teacher: VGG | None = None,
+        num_steps: int, config, workdir: str, train_split, *, settings: dict, teacher: VGG | None = None,
         teacher_variables: dict | None = None) -> dict:
-    """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables."""
+    """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables.
+
+    The run's directory is bound to its settings (``run_config``): a rerun with other settings is refused unless
+    ``config.on_config_change`` is ``"restart"``.
+    """
     _, step_key = run_keys(name, config)
     batches = functools.partial(train_batches, train_split, config)
     state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
-                     teacher_variables=teacher_variables, checkpoint_dir=os.path.join(workdir, name, "checkpoints"),
-                     checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name)
+                     teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
+                     checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
+                     run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
+                     on_config_change=config.on_config_change)
     return jax.device_get(state.variables)
 
 
-def restore_finished(name: str, template: dict, tx: optax.GradientTransformation, num_steps: int, config,
-                     workdir: str) -> dict:
-    """The final variables of a run that ``fit`` finished in ``workdir/name`` (``template``: variables of the same
-    shapes, ``tx``: its optimizer)."""
-    directory = os.path.join(workdir, name, "checkpoints")
-    manager = checkpoint_manager(directory, save_every=config.checkpoint_every) if os.path.isdir(directory) else None
-    latest = None if manager is None else manager.latest_step()
-    if latest != num_steps:
-        raise FileNotFoundError(f"{directory} holds no finished run of {name!r} (latest step {latest}, expected "
-                                f"{num_steps}); train it first")
-    return jax.device_get(restore_latest(manager, TrainState.create(template, tx)).variables)
+def restore_finished(name: str, template: dict, tx: optax.GradientTransformation, objective: Objective,
+                     num_steps: int, config, workdir: str, *, settings: dict, with_teacher: bool) -> dict:
+    """The final variables of a run that ``fit`` finished in ``workdir/name`` with the same settings (``template``:
+    variables of the same shapes, ``tx``: its optimizer)."""
+    directory = checkpoint_dir(name, workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} holds no run of {name!r}; train it first")
+    check_run_config(directory, run_record(num_steps, objective, template["params"],
+                                           run_config(name, settings, config, workdir, with_teacher=with_teacher)))
+    manager = checkpoint_manager(directory, save_every=config.checkpoint_every)
+    try:
+        state = restore_latest(manager, TrainState.create(template, tx), log=lambda line: print(f"[{name}] {line}"))
+    finally:
+        manager.close()
+    if int(state.step) != num_steps:
+        raise FileNotFoundError(f"{directory} holds no finished run of {name!r} (newest intact step "
+                                f"{int(state.step)}, expected {num_steps}); rerun its training command to finish it")
+    return jax.device_get(state.variables)
 
 
 def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_split, *,
@@ -211,7 +329,7 @@ def train_model(name: str, model_config, objective: Objective, config, workdir: 
         variables = pretrained_variables(name, model_config.pretrained, model, variables)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
     return model, fit(name, model, variables, tx, objective, model_config.num_steps, config, workdir, train_split,
-                      teacher=teacher, teacher_variables=teacher_variables)
+                      settings=model_config.to_dict(), teacher=teacher, teacher_variables=teacher_variables)
 
 
 def pretrained_variables(name: str, path: str, model: VGG, fresh_variables: dict) -> dict:
@@ -223,13 +341,19 @@ def pretrained_variables(name: str, path: str, model: VGG, fresh_variables: dict
 
 
 def save_json(path: str, payload):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+    """Valid JSON (NaN as null), written atomically."""
+    write_json(path, payload)
 
 
-def load_trained(name: str, model_config, config, workdir: str) -> tuple[VGG, dict]:
-    """The final variables of a model that ``train_model`` trained into ``workdir/name``."""
+def load_trained(name: str, model_config, objective: Objective, config, workdir: str) -> tuple[VGG, dict]:
+    """The final variables of a model that ``train_model`` trained into ``workdir/name`` with ``objective``."""
     model = build_model(model_config, config)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
     template = init_variables(model, jax.random.key(0))
-    return model, restore_finished(name, template, tx, model_config.num_steps, config, workdir)
+    return model, restore_finished(name, template, tx, objective, model_config.num_steps, config, workdir,
+                                   settings=model_config.to_dict(), with_teacher=name != TEACHER)
+
+
+def load_teacher(config, workdir: str) -> tuple[VGG, dict]:
+    """The trained teacher of ``workdir``."""
+    return load_trained(TEACHER, config.teacher, make_objective(config), config, workdir)

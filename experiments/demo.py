@@ -15,7 +15,14 @@ import time
 from experiments import common, distill, evaluate, prune, train_teacher
 
 
+def validate(config) -> None:
+    """Checks every run's settings, so a bad setting of a late run fails before the first one trains."""
+    for module in (train_teacher, distill, prune, evaluate):
+        module.validate(config)
+
+
 def run(config, workdir: str) -> dict:
+    validate(config)
     started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     print(f"attrjax demo: work directory {os.path.abspath(workdir)}")

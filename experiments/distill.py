@@ -7,10 +7,12 @@ Needs ``experiments.train_teacher`` to have run in the same work directory.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import ml_collections
 
+from attrjax.models import check_compatible
 from experiments import common
 
 
@@ -24,13 +26,27 @@ def student_runs(config) -> dict[str, ml_collections.ConfigDict]:
     return {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
 
 
+def validate(config) -> None:
+    """Raises for a bad setting of any student before the first one trains."""
+    common.check_config(config)
+    teacher = common.build_model(config.teacher, config)
+    for name, run_config in student_runs(config).items():
+        objective = functools.partial(common.compression_objective, config, run_config)
+        student = common.check_model_run(name, run_config, objective, config)
+        try:
+            check_compatible(teacher, student, [config.matching_layer] if objective().matching else [])
+        except ValueError as error:
+            raise ValueError(f"settings of the {name!r} run: {error}") from error
+
+
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Trains (or resumes) every student into ``workdir/<name>``; returns the seconds spent per student."""
+    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
-    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    teacher, teacher_variables = common.load_teacher(config, workdir)
     seconds = {}
     for name, run_config in student_runs(config).items():
-        objective = common.make_objective(config, matching_layer=config.matching_layer, **run_config.objective)
+        objective = common.compression_objective(config, run_config)
         started = time.perf_counter()
         common.train_model(name, run_config, objective, config, workdir, splits["train"], teacher=teacher,
                            teacher_variables=teacher_variables)

@@ -116,10 +116,11 @@ def write_csv(path: str, results: dict):
 
 def trained_models(config, workdir: str):
     """Yields ``(name, model, variables)`` for the teacher, then every student and every pruned network."""
-    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    teacher, teacher_variables = common.load_teacher(config, workdir)
     yield "teacher", teacher, teacher_variables
     for name, run_config in student_runs(config).items():
-        yield name, *common.load_trained(name, run_config, config, workdir)
+        objective = common.compression_objective(config, run_config)
+        yield name, *common.load_trained(name, run_config, objective, config, workdir)
     for name, pruning_run in prune.pruning_runs(config).items():
         yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
 
@@ -144,7 +145,21 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
     return ["figure.png", "methods.png"]
 
 
+def validate(config) -> None:
+    """Raises for a bad evaluation setting before any model is loaded (or, in the demo, trained)."""
+    common.check_config(config)
+    settings = config.eval
+    resolve_methods(settings.methods)
+    common.check_count("eval.batch_size", settings.batch_size)
+    for key in ("localization_images", "figure_images", "faithfulness_steps"):
+        common.check_count(f"eval.{key}", settings[key], minimum=0)
+    if isinstance(settings.tolerance, bool) or not isinstance(settings.tolerance, (int, float)) or not (
+            0 <= settings.tolerance < float("inf")):
+        raise ValueError(f"eval.tolerance must be a finite number of pixels >= 0, got {settings.tolerance!r}")
+
+
 def run(config, workdir: str, splits: dict | None = None) -> dict:
+    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
     methods = resolve_methods(config.eval.methods)
     localization = first_images(splits["localization"], config.eval.localization_images)

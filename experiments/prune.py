@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from attrjax.models import VGG
+from attrjax.models import VGG, init_variables
 from attrjax.pruning import apply_masks, iterative_sparsity, magnitude_masks, masked, prune_filters
 from attrjax.train import Objective, make_optimizer
 from experiments import common
@@ -45,13 +45,20 @@ def round_name(name: str, round_index: int) -> str:
     return f"{name}/round{round_index:02d}"
 
 
+def run_settings(setting: str, config, round_index: int | None = None) -> dict:
+    """The pruning settings a run's directory is bound to (the objective is recorded by the trainer)."""
+    settings = {"setting": setting, **config.pruning[setting].to_dict()}
+    return settings if round_index is None else dict(settings, round=round_index)
+
+
 def train_structured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
                      teacher_variables: dict) -> tuple[VGG, dict]:
     settings = config.pruning.structured
     model, variables = prune_filters(teacher, teacher_variables, settings.rates)
     tx = make_optimizer(settings.optimizer, settings.num_steps)
     return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_split,
-                             teacher=teacher, teacher_variables=teacher_variables)
+                             settings=run_settings("structured", config), teacher=teacher,
+                             teacher_variables=teacher_variables)
 
 
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
@@ -65,32 +72,63 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
         print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
         tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
         variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
-                               config, workdir, train_split, teacher=teacher, teacher_variables=teacher_variables)
+                               config, workdir, train_split, settings=run_settings("unstructured", config, k),
+                               teacher=teacher, teacher_variables=teacher_variables)
     return teacher, variables
 
 
 def load(name: str, run, config, workdir: str, teacher: VGG, teacher_variables: dict) -> tuple[VGG, dict]:
     """The final model and variables of a finished pruning run (raises if it has not been trained)."""
+    objective = common.compression_objective(config, run)
     if run.setting == "structured":
         settings = config.pruning.structured
         model, template = prune_filters(teacher, teacher_variables, settings.rates)
         tx = make_optimizer(settings.optimizer, settings.num_steps)
-        return model, common.restore_finished(name, template, tx, settings.num_steps, config, workdir)
+        return model, common.restore_finished(name, template, tx, objective, settings.num_steps, config, workdir,
+                                              settings=run_settings("structured", config), with_teacher=True)
     settings = config.pruning.unstructured
     no_masks = jax.tree.map(lambda leaf: jnp.ones(leaf.shape, bool), teacher_variables["params"])
     tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), no_masks)
-    return teacher, common.restore_finished(round_name(name, settings.rounds), teacher_variables, tx,
-                                            settings.steps_per_round, config, workdir)
+    return teacher, common.restore_finished(round_name(name, settings.rounds), teacher_variables, tx, objective,
+                                            settings.steps_per_round, config, workdir,
+                                            settings=run_settings("unstructured", config, settings.rounds),
+                                            with_teacher=True)
+
+
+def validate(config) -> None:
+    """Raises for a bad setting of any pruning run before the first one trains: rates (against a freshly
+    initialised teacher of the configured layout), step counts, rounds, optimizers and objectives."""
+    common.check_config(config)
+    teacher = common.build_model(config.teacher, config)
+    structured, unstructured = config.pruning.structured, config.pruning.unstructured
+    for name, pruning_run in pruning_runs(config).items():
+        try:
+            common.compression_objective(config, pruning_run)
+        except ValueError as error:
+            raise ValueError(f"settings of the {name!r} run: {error}") from error
+    try:
+        common.check_count("pruning.structured.num_steps", structured.num_steps)
+        make_optimizer(structured.optimizer, structured.num_steps)
+        for rate in structured.rates:
+            common.check_fraction("pruning.structured.rates", rate)
+        prune_filters(teacher, init_variables(teacher, jax.random.key(0)), structured.rates)
+        common.check_count("pruning.unstructured.rounds", unstructured.rounds)
+        common.check_count("pruning.unstructured.steps_per_round", unstructured.steps_per_round)
+        common.check_fraction("pruning.unstructured.rate", unstructured.rate)
+        make_optimizer(unstructured.optimizer, unstructured.steps_per_round)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"pruning settings: {error}") from error
 
 
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Trains (or resumes) every pruning run into ``workdir/<name>``; returns the seconds spent per run."""
+    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
-    teacher, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    teacher, teacher_variables = common.load_teacher(config, workdir)
     train_setting = {"structured": train_structured, "unstructured": train_unstructured}
     seconds = {}
     for name, pruning_run in pruning_runs(config).items():
-        objective = common.make_objective(config, matching_layer=config.matching_layer, **pruning_run.objective)
+        objective = common.compression_objective(config, pruning_run)
         started = time.perf_counter()
         train_setting[pruning_run.setting](name, objective, config, workdir, splits["train"], teacher,
                                            teacher_variables)

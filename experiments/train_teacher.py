@@ -10,11 +10,19 @@ import time
 from experiments import common
 
 
+def validate(config) -> None:
+    """Raises for a bad teacher setting before anything trains."""
+    common.check_config(config)
+    common.check_model_run(common.TEACHER, config.teacher, lambda: common.make_objective(config), config)
+
+
 def run(config, workdir: str, splits: dict | None = None) -> float:
     """Trains (or resumes) the teacher into ``workdir/teacher``; returns the seconds spent."""
+    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
     started = time.perf_counter()
-    common.train_model("teacher", config.teacher, common.make_objective(config), config, workdir, splits["train"])
+    common.train_model(common.TEACHER, config.teacher, common.make_objective(config), config, workdir,
+                       splits["train"])
     return time.perf_counter() - started
 
 

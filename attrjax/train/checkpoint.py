@@ -1,37 +1,177 @@
-"""Orbax checkpoints of the whole ``TrainState`` (params, BatchNorm statistics, optimizer state, step)."""
+"""Orbax checkpoints of the whole ``TrainState`` (params, BatchNorm statistics, optimizer state, step) that cannot
+lie: nothing non-finite is saved, every array is verified on restore, and a damaged checkpoint is set aside for the
+newest intact one.
+
+Each checkpoint step holds two items: ``state`` (the arrays, written by orbax) and ``manifest`` (JSON: for every
+leaf of the state its path, shape, dtype and CRC-32 of its bytes). orbax does not verify the data it reads back, so a
+flipped byte would otherwise resume silently with changed weights.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
+import zlib
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+STATE, MANIFEST = "state", "manifest"
+
+
+class NonFiniteStateError(FloatingPointError):
+    """Raised instead of saving a state that holds NaN or inf."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files are missing, unreadable or do not match their manifest."""
 
 
 def checkpoint_manager(directory: str, *, save_every: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """A manager that saves every ``save_every`` steps (and on ``force=True``) and keeps the newest few."""
-    if save_every < 1:
-        raise ValueError(f"save_every must be a positive number of steps, got {save_every}")
+    """A manager that saves every ``save_every`` steps (and on ``force=True``) and keeps the newest few.
+
+    Close it (``manager.close()``) on every exit path: an open manager prints orbax's background-thread errors at
+    interpreter exit.
+    """
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be a positive number of steps, got {save_every!r}")
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    handlers = {STATE: ocp.StandardCheckpointHandler(), MANIFEST: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state):
-    """Returns the newest saved state (with the shardings and dtypes of ``state``), or ``state`` if none exists."""
-    step = manager.latest_step()
-    if step is None:
-        return state
+def _host_array(leaf) -> np.ndarray:
+    """A leaf's value on this host: a replicated global array is read from its local copy."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+            raise ValueError("checkpoint manifests need replicated (or fully addressable) state arrays")
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
+def _paths_and_leaves(tree) -> list[tuple[str, Any]]:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _layout(tree) -> dict[str, dict[str, Any]]:
+    """``{path: {shape, dtype}}`` of every leaf of ``tree`` (arrays or shape-dtype structs; nothing is read)."""
+    return {path: {"shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype))}
+            for path, leaf in _paths_and_leaves(tree)}
+
+
+def manifest(host_state) -> dict[str, dict[str, Any]]:
+    """``{path: {shape, dtype, crc32}}`` of every leaf of ``host_state`` (a pytree of host NumPy arrays)."""
+    entries = _layout(host_state)
+    for path, value in _paths_and_leaves(host_state):
+        entries[path]["crc32"] = zlib.crc32(np.ascontiguousarray(value).view(np.uint8).reshape(-1))
+    return entries
+
+
+def non_finite_leaves(host_state) -> list[str]:
+    """Paths of the floating-point leaves of ``host_state`` (host NumPy arrays) that hold a NaN or an inf."""
+    return [path for path, value in _paths_and_leaves(host_state)
+            if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value))]
+
+
+def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, force: bool = False) -> bool:
+    """Saves ``state`` as ``step`` when the manager's interval (or ``force``) says so; returns whether it saved.
+
+    Pass the host's step counter where you have it: reading ``state.step`` waits for the device to finish the step.
+
+    Raises:
+      NonFiniteStateError: ``state`` holds NaN or inf; nothing is written, so the newest checkpoint stays the last
+        finite one.
+    """
+    step = int(state.step) if step is None else step
+    if not (force or manager.should_save(step)):
+        return False
+    host_state = jax.tree.map(_host_array, state)
+    bad = non_finite_leaves(host_state)
+    if bad:
+        raise NonFiniteStateError(f"refusing to checkpoint step {step}: {len(bad)} state arrays hold NaN or inf "
+                                  f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+    manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                  MANIFEST: ocp.args.JsonSave(manifest(host_state))}), force=force)
+    return True
+
+
+def _structure_mismatch(expected: dict, found: dict) -> list[str]:
+    """Differences of leaf paths, shapes and dtypes between two manifests, as readable lines."""
+    lines = [f"{path}: missing from the checkpoint" for path in expected if path not in found]
+    lines += [f"{path}: in the checkpoint but not in this model/optimizer" for path in found if path not in expected]
+    for path in expected.keys() & found.keys():
+        want, have = expected[path], found[path]
+        if (want["shape"], want["dtype"]) != (have["shape"], have["dtype"]):
+            lines.append(f"{path}: checkpoint {have['dtype']}{have['shape']}, expected {want['dtype']}{want['shape']}")
+    return sorted(lines)
+
+
+def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        found = manager.restore(step, args=ocp.args.Composite(**{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
+    except Exception as error:  # orbax raises many types for missing or damaged files
+        raise CorruptCheckpointError(f"its manifest cannot be read ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0][:200]})") from error
+    if not isinstance(found, dict) or not all(isinstance(entry, dict) for entry in found.values()):
+        raise CorruptCheckpointError("its manifest is missing or not a manifest (written by another program, or by "
+                                     "attrjax before checkpoints were verified?)")
+    return found
+
+
+def _restore_verified(manager: ocp.CheckpointManager, step: int, state):
+    """The state of checkpoint ``step``, verified against its manifest.
+
+    Raises:
+      ValueError: the checkpoint is intact but holds another model or optimizer (no older checkpoint would fit).
+      CorruptCheckpointError: files are missing, unreadable, or hold other bytes than were saved.
+    """
+    expected, found = _layout(state), _read_manifest(manager, step)
+    mismatch = _structure_mismatch(expected, found)
+    if mismatch:
+        raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model/optimizer:\n  "
+                         + "\n  ".join(mismatch[:10]) + (f"\n  ... and {len(mismatch) - 10} more" if len(mismatch) > 10
+                                                         else "")
+                         + "\nuse a fresh directory, or the model and optimizer that wrote it")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"checkpoint {manager.directory}/{step} does not fit this model/optimizer ({error}); "
-                         "use a fresh work directory or the configuration that wrote it") from error
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+    except Exception as error:  # tensorstore/orbax raise bare Exception for truncated or missing data files
+        raise CorruptCheckpointError(f"its arrays cannot be read ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0][:200]})") from error
+    changed = [path for path, entry in manifest(jax.tree.map(_host_array, restored)).items()
+               if entry["crc32"] != found[path].get("crc32")]
+    if changed:
+        raise CorruptCheckpointError(f"{len(changed)} arrays differ from what was saved (checksum mismatch: "
+                                     f"{', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})")
+    return restored
 
 
-def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, force: bool = False):
-    """Saves ``state`` as ``step`` when the manager's interval (or ``force``) says so. Pass the host's step counter
-    where you have it: reading ``state.step`` waits for the device to finish the step."""
-    step = int(state.step) if step is None else step
-    if force or manager.should_save(step):
-        manager.save(step, args=ocp.args.StandardSave(state), force=force)
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves a damaged step out of the manager's directory (kept for inspection, never resumed from)."""
+    directory = os.fspath(manager.directory)
+    target = os.path.join(f"{directory}.corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(directory, str(step)), target)
+    manager.reload()
+    return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, state, *, log: Callable[[str], None] = print):
+    """Returns the newest intact saved state (with the shardings and dtypes of ``state``), or ``state`` if none.
+
+    A checkpoint that fails verification (missing, truncated or altered files) is moved to ``<directory>.corrupt/``
+    with a message saying which step was skipped and why, and the next older one is tried.
+
+    Raises:
+      ValueError: the newest checkpoint holds another model or optimizer (it lists the differing arrays).
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return _restore_verified(manager, step, state)
+        except CorruptCheckpointError as error:
+            target = _set_aside(manager, step)
+            log(f"skipping checkpoint {manager.directory}/{step}: {error}; moved to {target}")
+    return state

@@ -1,9 +1,16 @@
-"""The training loop: one compiled step, progress lines, periodic checkpoints and exact resume."""
+"""The training loop: one compiled step, progress lines, periodic checkpoints and exact resume.
+
+A run cannot lie about itself: its checkpoint directory is bound to the settings that wrote it
+(``attrjax.train.run_config``), and no state holding NaN or inf is ever checkpointed. The loop reads the step's
+finiteness flags at every log line and before every save (never every step, which would wait for the device), and
+on divergence stops naming the first non-finite step, the term that went non-finite first and the likely cause.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -11,6 +18,7 @@ import optax
 
 from attrjax.models import VGG
 from attrjax.train import checkpoint
+from attrjax.train.run_config import bind_run_config
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
 from attrjax.train.state import TrainState
 from attrjax.train.step import Objective, jit_train_step, make_train_step
@@ -19,59 +27,144 @@ from attrjax.train.step import Objective, jit_train_step, make_train_step
 # so that a resumed run sees exactly the batches an uninterrupted one would.
 BatchesFrom = Callable[[int], Iterator[dict]]
 STEP_INPUTS = ("image", "labels")  # what the step reads; other keys (e.g. masks) stay on the host
+LOSS_TERMS = ("loss", "task_loss", "matching_loss")
 
 
 def check_batch(batch: dict, step: int):
-    """Host-side input validation: float images must be finite (NaN/inf would silently poison the weights)."""
-    images = batch["image"]
-    if not np.all(np.isfinite(images)):
-        raise ValueError(f"batch of step {step} contains non-finite image values (NaN or inf); check the data "
-                         "source and the normalisation constants")
+    """Host-side input validation: images and labels must be finite (NaN/inf would silently poison the weights)."""
+    for key in STEP_INPUTS:
+        values = np.asarray(batch[key])
+        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
+            raise ValueError(f"batch of step {step} contains non-finite {key} values (NaN or inf); check the data "
+                             "source" + (" and the normalisation constants" if key == "image" else ""))
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive number of steps, got {value!r}")
+
+
+def divergence_cause(record: dict, *, first_step_of_run: bool, objective: Objective) -> str:
+    """The likely cause of a non-finite step, from its metrics ``record`` (loss terms as floats, flags as bools)."""
+    if not record.get("teacher_finite", True):
+        return ("the teacher's logits or maps are NaN/inf: its variables are broken (retrain it, or check the "
+                "checkpoint or file it was loaded from)")
+    task_ok, match_ok = np.isfinite(record["task_loss"]), np.isfinite(record["matching_loss"])
+    if not task_ok and first_step_of_run:
+        return ("the task loss is non-finite on the run's first step, so a setting is wrong rather than the training "
+                "diverging: check the labels (" + objective.labels + f" labels, kd={objective.kd!r}) and the loss "
+                f"settings (temperature {objective.temperature}, kd_alpha {objective.kd_alpha})")
+    if not task_ok:
+        return ("the student's logits overflowed (the task loss went non-finite first): lower the learning rate, or "
+                "add warm-up or gradient clipping")
+    if not match_ok:
+        return (f"the matching loss went non-finite first: lower the matching weight (now "
+                f"{objective.matching_weight}) or the learning rate")
+    if not record["gradients_finite"]:
+        return "the losses were finite but their gradients overflowed: lower the learning rate or the matching weight"
+    return "the losses and gradients were finite but the update overflowed the weights: lower the learning rate"
+
+
+def _non_finite_terms(record: dict) -> list[str]:
+    terms = [key for key in LOSS_TERMS if not np.isfinite(record[key])]
+    return terms + [key[:-len("_finite")] for key in ("teacher_finite", "gradients_finite", "state_finite")
+                    if not record.get(key, True)]
+
+
+def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int, objective: Objective) -> None:
+    """Raises ``FloatingPointError`` for the first of ``pending`` ``(step, metrics)`` whose losses, gradients or
+    updated state are non-finite; one device-to-host transfer for all of them."""
+    steps, metrics = zip(*pending)
+    for step, record in zip(steps, jax.device_get(list(metrics))):
+        record = {key: (bool(value) if key.endswith("_finite") else float(value)) for key, value in record.items()}
+        terms = _non_finite_terms(record)
+        if terms:
+            cause = divergence_cause(record, first_step_of_run=step == start_step + 1, objective=objective)
+            raise FloatingPointError(
+                f"[{name}] step {step} went non-finite ({', '.join(terms)}: "
+                + ", ".join(f"{key} {record[key]:.4g}" for key in LOSS_TERMS)
+                + f"). Likely cause: {cause}. Nothing from step {step} on was checkpointed; the newest checkpoint "
+                "is the last finite state, so a rerun with a fixed setting resumes from it")
+
+
+def run_record(num_steps: int, objective: Objective, params, run_config: Mapping[str, Any] | None) -> dict:
+    """What a checkpoint directory of ``train`` is bound to: the step count, the objective, the parameter shapes
+    and the caller's ``run_config``."""
+    return {"num_steps": num_steps, "objective": dataclasses.asdict(objective),
+            "param_shapes": jax.tree.map(lambda leaf: list(np.shape(leaf)), params), "config": dict(run_config or {})}
 
 
 def train(student: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
           batches: BatchesFrom, num_steps: int, *, rng: jax.Array, teacher: VGG | None = None,
           teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
+          run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
           log_every: int = 50, name: str = "train", log: Callable[[str], None] = print,
           mesh: jax.sharding.Mesh | None = None):
-    """Trains ``student`` for ``num_steps`` steps, resuming from the newest checkpoint in ``checkpoint_dir``.
+    """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in ``checkpoint_dir``.
+
+    Args:
+      run_config: JSON-compatible settings of this run (data, seed, model, optimizer, ...) that ``checkpoint_dir`` is
+        bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.
+        A rerun whose record differs is refused (``attrjax.train.run_config``).
+      on_config_change: ``"refuse"`` (default) or ``"restart"`` (set the old directory aside and train afresh).
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and a list of logged metric dicts (step, losses, images/s).
+
+    Raises:
+      FloatingPointError: a step went non-finite (names the step, the term and the likely cause); nothing
+        non-finite was checkpointed.
+      attrjax.train.run_config.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
     """
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("log_every", log_every)
     mesh = data_mesh() if mesh is None else mesh
     step_fn = jit_train_step(make_train_step(student, tx, objective, teacher), mesh)
     state = TrainState.create(variables, tx)
-    manager = checkpoint.checkpoint_manager(checkpoint_dir, save_every=checkpoint_every) if checkpoint_dir else None
-    if manager is not None:
-        state = checkpoint.restore_latest(manager, state)
+    manager = None
+    if checkpoint_dir:
+        bind_run_config(checkpoint_dir, run_record(num_steps, objective, state.params, run_config),
+                        on_config_change=on_config_change, log=log)
+        manager = checkpoint.checkpoint_manager(checkpoint_dir, save_every=checkpoint_every)
+    try:
+        if manager is not None:
+            state = checkpoint.restore_latest(manager, state, log=lambda line: log(f"[{name}] {line}"))
+        return _run_steps(step_fn, state, teacher_variables, batches, num_steps, rng=rng, manager=manager, mesh=mesh,
+                          objective=objective, log_every=log_every, name=name, log=log)
+    finally:
+        if manager is not None:
+            manager.close()  # waits for the last save; an unclosed manager floods stderr at exit
+
+
+def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, objective, log_every,
+               name, log):
     start = int(state.step)
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
     state = replicate(state, mesh)
     teacher_variables = replicate(teacher_variables or {}, mesh)
 
-    history, tick, images_seen = [], time.perf_counter(), 0
+    history, tick, images_seen, pending = [], time.perf_counter(), 0, []
     batch_iter = batches(start)
     for step in range(start + 1, num_steps + 1):
         batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
         check_batch(batch, step)
         state, metrics = step_fn(state, teacher_variables, shard_batch(batch, mesh), rng)
         images_seen += len(batch["image"])
-        if manager is not None:
-            checkpoint.save(manager, state, step=step, force=step == num_steps)
-        if step % log_every == 0 or step == num_steps:
-            record = {key: float(value) for key, value in metrics.items()}
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"[{name}] loss became {record['loss']} at step {step}; lower the learning "
-                                         "rate or the matching weight")
+        pending.append((step, metrics))
+        last = step == num_steps
+        saving = manager is not None and (last or manager.should_save(step))
+        if saving or last or step % log_every == 0:
+            check_finite(pending, name=name, start_step=start, objective=objective)
+            pending = []
+        if saving:
+            checkpoint.save(manager, state, step=step, force=last)
+        if last or step % log_every == 0:
+            record = {key: float(metrics[key]) for key in LOSS_TERMS}
             elapsed = time.perf_counter() - tick
             record.update(step=step, images_per_s=images_seen / elapsed)
             history.append(record)
-            log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                                  if k.endswith("loss"))
+            log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {record[k]:.4f}" for k in LOSS_TERMS)
                 + f"  {record['images_per_s']:.0f} img/s")
             tick, images_seen = time.perf_counter(), 0
-    if manager is not None:
-        manager.wait_until_finished()
     return state, history

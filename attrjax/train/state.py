@@ -48,15 +48,28 @@ def sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9,
                        optax.sgd(learning_rate, momentum=momentum if momentum else None))
 
 
+OPTIMIZER_FIELDS = {"sgd": ("learning_rate", "momentum", "weight_decay", "schedule"),
+                    "adamw": ("learning_rate", "weight_decay", "schedule")}
+
+
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
-    """Optimizer from a config with ``name`` (sgd|adamw), ``learning_rate``, ``momentum``, ``weight_decay`` and
+    """Optimizer from a config with ``name`` (sgd|adamw), ``learning_rate``, ``momentum`` (sgd), ``weight_decay`` and
     schedule fields ``schedule``, ``warmup_steps``, ``boundaries`` (steps), ``decay_factor``."""
+    name = config.get("name")
+    if name not in OPTIMIZER_FIELDS:
+        raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
+    missing = [field for field in OPTIMIZER_FIELDS[name] if field not in config]
+    if missing:
+        raise ValueError(f"the {name} optimizer config lacks {', '.join(missing)} (it needs "
+                         f"{', '.join(OPTIMIZER_FIELDS[name])}); got {dict(config)}")
+    for field in ("learning_rate", "weight_decay") + (("momentum",) if name == "sgd" else ()):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"optimizer {field} must be a finite number >= 0, got {value!r}")
     schedule = learning_rate_schedule(config.learning_rate, num_steps, kind=config.schedule,
                                       warmup_steps=config.get("warmup_steps", 0),
                                       boundaries=config.get("boundaries", ()),
                                       decay_factor=config.get("decay_factor", 0.1))
-    if config.name == "sgd":
+    if name == "sgd":
         return sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
-    if config.name == "adamw":
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.name!r}; use 'sgd' or 'adamw'")
+    return optax.adamw(schedule, weight_decay=config.weight_decay)

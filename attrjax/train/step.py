@@ -60,8 +60,14 @@ class Objective:
             raise ValueError(f"drop_rate must lie in [0, 1), got {self.drop_rate}")
         if self.drop_rate and self.matching != "weighted":
             raise ValueError("stochastic matching (drop_rate > 0) needs matching='weighted'")
-        if self.matching_weight < 0:
+        if not self.matching_weight >= 0:  # also rejects NaN
             raise ValueError(f"matching_weight must be >= 0, got {self.matching_weight}")
+        if self.kd is not None and not 0 < self.temperature < float("inf"):
+            raise ValueError(f"the KD temperature must be a finite number > 0 (the paper's and Hinton's value is 4), "
+                             f"got {self.temperature}")
+        if self.kd is not None and not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha (the weight of the teacher's soft targets against the labels) must lie in "
+                             f"[0, 1], got {self.kd_alpha}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -138,14 +144,28 @@ def make_loss_fn(student: VGG, objective: Objective, teacher: VGG | None = None)
         match = (matching.matching_loss(teacher_maps, student_maps) if objective.matching
                  else jnp.zeros((), jnp.float32))
         loss = task + objective.matching_weight * match
-        return loss, (new_batch_stats, {"loss": loss, "task_loss": task, "matching_loss": match})
+        metrics = {"loss": loss, "task_loss": task, "matching_loss": match}
+        if objective.needs_teacher:
+            metrics["teacher_finite"] = all_finite((teacher_logits, teacher_maps))
+        return loss, (new_batch_stats, metrics)
 
     return loss_fn
+
+
+def all_finite(tree) -> jax.Array:
+    """() bool: whether every floating-point leaf of ``tree`` is free of NaN and inf (True for no such leaf)."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def make_train_step(student: VGG, tx: optax.GradientTransformation, objective: Objective,
                     teacher: VGG | None = None) -> Callable:
     """``train_step(state, teacher_variables, batch, rng) -> (state, metrics)``, not yet jitted.
+
+    ``metrics``: the loss terms (``loss``, ``task_loss``, ``matching_loss``) and () bool flags ``gradients_finite``,
+    ``state_finite`` (the updated params, BatchNorm statistics and optimizer state) and, with a teacher,
+    ``teacher_finite`` (its logits and maps).
 
     ``rng`` is the run's base key; the step folds in ``state.step`` so a resumed run draws the same randomness.
     """
@@ -158,6 +178,9 @@ def make_train_step(student: VGG, tx: optax.GradientTransformation, objective: O
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        # Scalars the loop reads at its checks to find the first step that went non-finite, and why.
+        metrics = dict(metrics, gradients_finite=all_finite(grads),
+                       state_finite=all_finite((params, batch_stats, opt_state)))
         return new_state, metrics
 
     return train_step

@@ -73,4 +73,7 @@ def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.Confi
                        method_options={}, faithfulness_steps=0)
     config.checkpoint_every = steps(5)
     config.log_every = 50
+    # A work directory is bound to the settings that wrote each of its runs: "refuse" a rerun with other settings,
+    # or "restart" the changed runs (the old ones are kept as <run>/checkpoints.replaced-<digest>).
+    config.on_config_change = "refuse"
     return config

@@ -73,4 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
                        faithfulness_steps=0)
     config.checkpoint_every = 250
     config.log_every = 100
+    # A work directory is bound to the settings that wrote each of its runs: "refuse" a rerun with other settings,
+    # or "restart" the changed runs (the old ones are kept as <run>/checkpoints.replaced-<digest>).
+    config.on_config_change = "refuse"
     return config
