@@ -116,15 +116,17 @@ def test_agreement_metrics_are_undefined_on_the_same_pairs():
 
 
 def test_identical_maps_agree_exactly_at_any_scale():
-    """A map compared with itself scores exactly 1 on every metric, even when its squares overflow or underflow
-    float32; the cosine of unrelated maps matches float64 at those scales too."""
+    """A map compared with itself scores exactly 1 on every metric, eagerly and under jit, even when its squares
+    overflow or underflow float32; the cosine of unrelated maps matches float64 at those scales too."""
     rng = np.random.default_rng(4)
-    maps = rng.random((3, 7, 9)).astype(np.float32)
-    others = rng.normal(size=(3, 7, 9)).astype(np.float32)
+    maps = rng.random((20, 7, 9)).astype(np.float32)
+    others = rng.normal(size=(20, 7, 9)).astype(np.float32)
     for scale in (1.0, 1e25, 1e-30):
         scaled, scaled_others = (maps * np.float32(scale)).astype(np.float32), (others * np.float32(scale))
         for name, fn in AGREEMENT.items():
-            np.testing.assert_array_equal(fn(scaled, scaled), 1.0, err_msg=f"{name} at scale {scale}")
+            for transform in (lambda f: f, jax.jit):
+                np.testing.assert_array_equal(transform(fn)(scaled, scaled.copy()), 1.0,
+                                              err_msg=f"{name} at scale {scale}")
         np.testing.assert_allclose(map_cosine(scaled, scaled_others),
                                    [_reference_cosine(a, b) for a, b in zip(scaled, scaled_others)], rtol=1e-5, atol=1e-7)
 

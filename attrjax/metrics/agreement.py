@@ -49,13 +49,16 @@ def map_cosine(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
     """Cosine similarity of maps (..., H, W) flattened over the last two axes -> (...) in [-1, 1].
 
     Each map is first divided by its largest |pixel|, so that the squares of very large or very small raw maps
-    neither overflow nor underflow float32, and a map compared with itself scores exactly 1 (s / sqrt(s * s) = 1
-    in IEEE arithmetic). NaN where either map is not comparable: NaN / inf pixels, or constant (zero included).
+    neither overflow nor underflow float32. Identical maps score exactly 1 (rounding would give 0.99999994 now
+    and then, e.g. for a teacher compared with itself). NaN where either map is not comparable: NaN / inf
+    pixels, or constant (zero included).
     """
     maps_a, maps_b = _check_maps(maps_a, maps_b)
-    a, b = _divide_by_max_magnitude(_flat(maps_a)), _divide_by_max_magnitude(_flat(maps_b))
+    flat_a, flat_b = _flat(maps_a), _flat(maps_b)
+    a, b = _divide_by_max_magnitude(flat_a), _divide_by_max_magnitude(flat_b)
     cosine = jnp.sum(a * b, axis=-1) / jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
-    return jnp.where(_comparable_pairs(maps_a, maps_b), jnp.clip(cosine, -1.0, 1.0), jnp.nan)
+    cosine = jnp.where(jnp.all(flat_a == flat_b, axis=-1), 1.0, jnp.clip(cosine, -1.0, 1.0))
+    return jnp.where(_comparable_pairs(maps_a, maps_b), cosine, jnp.nan)
 
 
 def _divide_by_max_magnitude(flat: jax.Array) -> jax.Array:
