@@ -8,7 +8,8 @@ masks.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Sequence
+import math
+from typing import Callable, Iterable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,10 @@ from attrjax.attribution.methods import check_method, class_maps
 from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve, f1_samples, insertion_curve,
                              localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
                              summarize_localization, top_k_iou)
+from attrjax.metrics.localization import mean_or_nan
 from attrjax.models import VGG
+
+AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 
 
 def make_predict_fn(model: VGG) -> Callable:
@@ -67,12 +71,34 @@ def predict(model: VGG, variables: dict, batches: Iterable[dict]) -> tuple[np.nd
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshold: float = 0.5) -> dict:
-    """The paper's sample-averaged AP ("mAP"), VOC-style class-wise mAP, and sample F1 (logit >= threshold)."""
+    """The paper's sample-averaged AP ("mAP"), VOC-style class-wise mAP, and sample F1 (logit >= threshold).
+
+    Args:
+      logits: (N, K) float; labels: (N, K) bool or {0, 1}, entries > 0 are positives.
+
+    Returns:
+      Python numbers: ``sample_map``, the mean AP over the images with a positive label; ``class_map``, the mean
+      AP over the classes with a positive image; ``f1``, the mean F1 over all images; ``num_images``;
+      ``num_images_without_positive`` and ``num_classes_without_positive``, what the two mAPs leave out (their AP
+      is undefined); ``num_images_with_nonfinite_logits``. A NaN or +-inf logit (an overflow: the metrics can
+      rank +-inf, but a model that outputs it has diverged) makes all three means NaN: nothing is averaged over
+      the remaining images as if the run were sound. A mean with nothing to average is NaN too.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    positive = labels > 0
+    nonfinite = ~np.all(np.isfinite(logits), axis=-1)
+
+    def mean(values, included):
+        return math.nan if nonfinite.any() else mean_or_nan(np.asarray(values)[included])
+
     return {
-        "sample_map": float(jnp.nanmean(sample_average_precision(logits, labels))),
-        "class_map": float(jnp.nanmean(class_average_precision(logits, labels))),
-        "f1": float(jnp.mean(f1_samples(logits, labels, threshold=f1_threshold))),
+        "sample_map": mean(sample_average_precision(logits, labels), positive.any(axis=1)),
+        "class_map": mean(class_average_precision(logits, labels), positive.any(axis=0)),
+        "f1": mean(f1_samples(logits, labels, threshold=f1_threshold), slice(None)),
         "num_images": int(len(logits)),
+        "num_images_without_positive": int((~positive.any(axis=1)).sum()),
+        "num_classes_without_positive": int((~positive.any(axis=0)).sum()),
+        "num_images_with_nonfinite_logits": int(nonfinite.sum()),
     }
 
 
@@ -90,7 +116,8 @@ def _top_class_faithfulness(model: VGG, steps: int, variables: dict, images: jax
 
 
 def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
-                        keep_maps: int = 0, reference: tuple[VGG, dict] | Sequence[np.ndarray] | None = None,
+                        keep_maps: int = 0,
+                        reference: tuple[VGG, dict] | Sequence[np.ndarray] | Literal["self"] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
                         keep_raw_maps: bool = False, faithfulness_steps: int = 0,
                         prediction_rule: str = "positive_logit") -> tuple[dict, dict]:
@@ -103,12 +130,15 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     Args:
       reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
         layer) the maps are compared with on every pair whose class is present, whatever either model predicts:
-        ``map_cosine`` (mean cosine similarity at the maps' own resolution), ``same_peak`` (fraction of pairs
-        whose maps peak at the same position), ``spearman`` (mean Spearman rank correlation of the pixels) and
-        ``top10_iou`` (mean IoU of the two maps' top-10% pixels), all at the maps' own resolution and with
-        undefined pairs (constant maps) left out of the means. Or the reference's raw maps per batch,
+        ``map_cosine`` (mean cosine similarity), ``same_peak`` (fraction of pairs whose maps peak at the same
+        position), ``spearman`` (mean Spearman rank correlation of the pixels) and ``top10_iou`` (mean IoU of the
+        two maps' top-10% pixels), all at the maps' own resolution. A pair where either map has a NaN / inf pixel
+        or is constant (e.g. all zero) has none of them (``metrics.agreement``): it is left out of the means and
+        counted in ``map_cosine_excluded``, ``same_peak_excluded``, ``spearman_excluded`` and
+        ``top10_iou_excluded``; a mean over no pair is NaN. Or the reference's raw maps per batch,
         ``examples["raw_maps"]`` of an earlier report over the same batches, so a teacher's maps are computed once
-        for many students.
+        for many students. Or ``"self"``: the model's own maps, computed once, so a teacher's agreement with
+        itself is measured (1 where defined; NaN for a broken model) rather than assumed.
       method_options: keyword arguments of the method (``attribution.methods.class_maps``).
       keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
         ``examples["raw_maps"]``.
@@ -118,11 +148,15 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         2 x (steps + 1) forward passes per image.
 
     Returns:
-      ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries);
+      ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries and
+      their ``*_excluded`` counts);
       ``examples`` holds the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
     """
     if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
         raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
+    if isinstance(reference, str) and reference != "self":
+        raise ValueError(f"reference must be (model, variables), per-batch raw maps, 'self' or None, got "
+                         f"{reference!r}")
     attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
     attribute_reference = (jax.jit(_all_class_maps(reference[0], layer, method, method_options))
                            if isinstance(reference, tuple) else None)
@@ -141,7 +175,9 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     per_batch, per_image, kept, raw_per_batch = [], [], [], []
     for index, batch in enumerate(batches):
         raw_maps, logits = attribute(variables, batch["image"])
-        if attribute_reference is not None:
+        if isinstance(reference, str):
+            reference_maps = raw_maps
+        elif attribute_reference is not None:
             reference_maps, _ = attribute_reference(reference[1], batch["image"])
         else:
             reference_maps = None if reference is None else reference[index]
@@ -159,9 +195,10 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
     scores = {key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]}
     summary = summarize_localization(scores)
     if reference is not None:
-        present = scores["present"]
-        summary.update({key: float(np.nanmean(scores[key][present]))
-                        for key in ("map_cosine", "same_peak", "spearman", "top10_iou")})
+        for key in AGREEMENT_KEYS:
+            values = scores[key][scores["present"]]
+            defined = values[~np.isnan(values)]
+            summary.update({key: mean_or_nan(defined), f"{key}_excluded": int(values.size - defined.size)})
     if faithfulness_steps:
         summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
     examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}

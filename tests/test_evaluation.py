@@ -1,13 +1,20 @@
 """Batched evaluation against a per-image, per-class loop of the single-class primitives."""
 
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attrjax.attribution import grad_cam, minmax_normalize, resize_maps
-from attrjax.evaluation import localization_report
+from attrjax.evaluation import classification_report, localization_report
 from attrjax.metrics import curve_auc, mask_auc, pointing_game
 from attrjax.models import VGG, init_variables, vgg
+from tests.test_metrics import reference_average_precision
+
+AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 
 
 def _batches(images, masks, batch_size):
@@ -86,3 +93,102 @@ def test_faithfulness_in_the_report_matches_a_per_image_deletion_by_hand():
             curves.append(float(curve_auc(np.asarray(points))))
     np.testing.assert_allclose(summary["deletion_auc"], np.mean(deletion), rtol=1e-5)
     np.testing.assert_allclose(summary["insertion_auc"], np.mean(insertion), rtol=1e-5)
+
+
+def _report_inputs():
+    """Logits (6, 4) with ties, labels with one image and one class without a positive."""
+    rng = np.random.default_rng(5)
+    logits = np.round(rng.normal(size=(6, 4)), 1).astype(np.float32)
+    labels = rng.random((6, 4)) < 0.5
+    labels[:, 0] = labels[0, 1] = True
+    labels[2] = False   # an image without a positive
+    labels[:, 3] = False  # a class without a positive
+    return logits, labels
+
+
+def test_classification_report_leaves_out_and_counts_what_has_no_positive():
+    logits, labels = _report_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice"
+        report = classification_report(logits, labels)
+    sample_aps = [reference_average_precision(y, s) for y, s in zip(labels, logits) if y.any()]
+    class_aps = [reference_average_precision(labels[:, k], logits[:, k]) for k in range(3)]
+    predicted = logits >= 0.5
+    f1 = [2 * (p & y).sum() / max(p.sum() + y.sum(), 1) for p, y in zip(predicted, labels)]
+    assert report == pytest.approx({"sample_map": np.mean(sample_aps), "class_map": np.mean(class_aps),
+                                    "f1": np.mean(f1), "num_images": 6, "num_images_without_positive": 1,
+                                    "num_classes_without_positive": 1, "num_images_with_nonfinite_logits": 0},
+                                   rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_classification_report_of_nonfinite_logits_is_nan(bad):
+    logits, labels = _report_inputs()
+    logits[4, 1] = logits[5, 2] = bad
+    report = classification_report(logits, labels)
+    assert all(math.isnan(report[key]) for key in ("sample_map", "class_map", "f1")), report
+    assert report["num_images_with_nonfinite_logits"] == 2 and report["num_images"] == 6
+
+
+def _tiny_setup():
+    model = vgg(((4,), (8,)), num_classes=3, image_size=16)
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(5, 16, 16, 3)).astype(np.float32)
+    masks = np.zeros((5, 16, 16), np.uint8)
+    masks[:, 2:9, 3:11] = 1
+    masks[:, 10:14, 10:15] = 2
+    masks[3, 0:2, 0:4] = 3
+    return model, images, masks
+
+
+def test_agreement_means_count_what_they_leave_out():
+    model, images, masks = _tiny_setup()
+    variables = init_variables(model, jax.random.key(4))
+    own, examples = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
+                                        keep_raw_maps=True)
+    raw = examples["raw_maps"]  # 2 batches of (4, 3, h, w), padding rows included
+    reference = [batch.copy() for batch in raw]
+    reference[0][1] = np.nan           # image 1: every class
+    reference[1][0, 1] = 0.0           # image 4, class 1 (present): a zero map
+    summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
+                                     reference=reference)
+    present = [(n, c) for n in range(5) for c in range(3) if (masks[n] == c + 1).any()]
+    student = np.concatenate(raw)[:5]
+    teacher = np.concatenate(reference)[:5]
+
+    def comparable(m):
+        return bool(np.isfinite(m).all() and m.max() > m.min())
+
+    excluded = sum(not (comparable(student[n, c]) and comparable(teacher[n, c])) for n, c in present)
+    assert 3 <= excluded < len(present)  # image 1's present classes and image 4's zero map, not everything
+    for key in AGREEMENT_KEYS:
+        assert summary[f"{key}_excluded"] == excluded, key
+        assert summary[key] == 1.0, key  # the other pairs compare identical maps, which agree exactly
+
+
+def test_agreement_with_nothing_comparable_is_nan_without_a_warning():
+    model, images, masks = _tiny_setup()
+    variables = init_variables(model, jax.random.key(4))
+    zeros = [np.zeros((4, 3, 8, 8), np.float32)] * 2  # conv2_1 maps of a 16 px image are 8 x 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
+                                         reference=zeros)
+    num_present = sum((masks[n] == c + 1).any() for n in range(5) for c in range(3))
+    for key in AGREEMENT_KEYS:
+        assert math.isnan(summary[key]) and summary[f"{key}_excluded"] == num_present, key
+
+
+def test_self_reference_scores_the_model_against_its_own_maps():
+    model, images, masks = _tiny_setup()
+    variables = init_variables(model, jax.random.key(4))
+    computed, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
+                                      reference=(model, variables))
+    own, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1", reference="self")
+    assert own == computed
+    broken = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), variables)
+    nan_summary, _ = localization_report(model, broken, _batches(images, masks, 4), layer="conv2_1",
+                                         reference="self")
+    num_present = sum((masks[n] == c + 1).any() for n in range(5) for c in range(3))
+    for key in AGREEMENT_KEYS:
+        assert math.isnan(nan_summary[key]) and nan_summary[f"{key}_excluded"] == num_present, key

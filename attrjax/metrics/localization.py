@@ -259,9 +259,14 @@ def summarize_localization(scores: dict[str, jax.Array]) -> dict[str, float | in
     aucs = np.asarray(scores["auc"], np.float64)[counted]
     aucs = aucs[~np.isnan(aucs)]
     return {
-        "pointing_accuracy": float(hits.mean()) if hits.size else math.nan,
-        "mean_auc": float(aucs.mean()) if aucs.size else math.nan,
+        "pointing_accuracy": mean_or_nan(hits),
+        "mean_auc": mean_or_nan(aucs),
         "num_counted": int(counted.sum()),
         "num_present_not_predicted": int((present & ~predicted & finite).sum()),
         "num_skipped_nonfinite": int((present & ~finite).sum()),
     }
+
+
+def mean_or_nan(values: np.ndarray) -> float:
+    """The mean of ``values`` (any shape) as a Python float; NaN, without NumPy's warning, when there are none."""
+    return float(np.mean(values, dtype=np.float64)) if np.size(values) else math.nan
