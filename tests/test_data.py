@@ -3,8 +3,6 @@
 import dataclasses
 import pathlib
 import re
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from attrjax.data import builder, pipeline, shapes
+from tests import damage
 
 TINY_SIZES = {"num_train": 16, "num_val": 8, "num_localization": 8}
 TINY_SHAPES = shapes.ShapesConfig(image_size=32)
@@ -158,9 +157,7 @@ def test_load_split_of_unbuilt_dataset_names_a_build_command_that_works(tmp_path
     sizes = {"num_train": 3, "num_val": 2, "num_localization": 1}
     with pytest.raises(FileNotFoundError, match="not built .*there is no .*build_shapes") as error:
         builder.load_split(tmp_path, "val", shapes=config, seed=5, **sizes)
-    command = shlex.split(str(error.value).split("`")[1])
-    assert command[:3] == ["python", "-m", "attrjax.data.builder"]
-    builder.main(command[3:])
+    damage.follow_the_advice(str(error.value), "attrjax.data.builder", builder.main)
     loaded = builder.load_split(tmp_path, "val", shapes=config, seed=5, **sizes)
     _assert_splits_equal(loaded, shapes.render_split(config, 2, builder.split_seed(5, "val")))
 
@@ -170,35 +167,23 @@ def test_load_split_of_unknown_split_raises(tiny_data_dir):
         builder.load_split(tiny_data_dir, "test", shapes=TINY_SHAPES, seed=5, **TINY_SIZES)
 
 
-def _truncate_to_half(path):
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-
-
-def _zero_record_bytes(path):
-    # Overwrites part of the record chunks, keeping the footer: the chunk hashes no longer match.
-    data = bytearray(path.read_bytes())
-    data[len(data) // 16:len(data) // 4] = bytes(len(data) // 4 - len(data) // 16)
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize(
-    "damage",
+    "spoil",
     [
-        pytest.param(_truncate_to_half, id="truncated"),
+        pytest.param(damage.truncate_to_half, id="truncated"),
         pytest.param(lambda path: path.write_bytes(b"not an array_record file"), id="overwritten"),
-        pytest.param(_zero_record_bytes, id="scrambled"),
+        pytest.param(damage.scramble_records, id="scrambled"),
         pytest.param(lambda path: path.unlink(), id="deleted"),
     ],
 )
-def test_load_split_of_damaged_file_names_it_and_says_rebuild(tmp_path, tiny_data_dir, damage):
+def test_load_split_of_damaged_file_names_it_and_says_rebuild(tmp_path, tiny_data_dir, spoil):
     built = builder.build_shapes(tmp_path, **TINY)
     path = pathlib.Path(built.data_path / built.info.splits["train"].filenames[0])
-    damage(path)
+    spoil(path)
     with pytest.raises(ValueError, match=rf"(?s){path.name}.*delete .* build it again") as error:
         builder.load_split(tmp_path, "train", **TINY)
     builder.load_split(tmp_path, "val", **TINY)  # the intact splits still read
-    _follow_the_rebuild_advice(str(error.value))
+    damage.follow_the_advice(str(error.value), "attrjax.data.builder", builder.main)
     _assert_same_as_clean_build(tmp_path, tiny_data_dir)
 
 
@@ -211,16 +196,6 @@ def _assert_same_as_clean_build(data_dir, clean_data_dir):
         _assert_splits_equal(builder.load_split(data_dir, split, **TINY), arrays)
 
 
-def _follow_the_rebuild_advice(message: str) -> None:
-    """Deletes the folder that `message` says to delete, if any, and runs the build command it names."""
-    deleted = re.search(r"delete (\S+) and", message)
-    if deleted:
-        shutil.rmtree(deleted.group(1))
-    command = shlex.split(message.split("`")[1])
-    assert command[:3] == ["python", "-m", "attrjax.data.builder"]
-    builder.main(command[3:])
-
-
 def test_folder_without_dataset_info_is_named_and_its_build_command_rebuilds_it(tmp_path, tiny_data_dir, capsys):
     # A version folder without dataset_info.json (a partial copy, a deleted file) is no build TFDS can read, yet
     # TFDS's download_and_prepare sees the folder and returns at once: it used to be "built in 0.0 s", forever.
@@ -231,17 +206,17 @@ def test_folder_without_dataset_info_is_named_and_its_build_command_rebuilds_it(
         builder.load_split(tmp_path, "train", **TINY)
     assert f"{info.parent} has no dataset_info.json" in str(error.value)
     capsys.readouterr()
-    _follow_the_rebuild_advice(str(error.value))
+    damage.follow_the_advice(str(error.value), "attrjax.data.builder", builder.main)
     assert f"deleting {info.parent} to build it again" in capsys.readouterr().out
     _assert_same_as_clean_build(tmp_path, tiny_data_dir)
 
 
-@pytest.mark.parametrize("damage", [pytest.param(_truncate_to_half, id="truncated"),
-                                    pytest.param(lambda path: path.unlink(), id="deleted")])
-def test_build_shapes_rebuilds_a_build_with_a_damaged_shard(tmp_path, tiny_data_dir, capsys, damage):
+@pytest.mark.parametrize("spoil", [pytest.param(damage.truncate_to_half, id="truncated"),
+                                   pytest.param(lambda path: path.unlink(), id="deleted")])
+def test_build_shapes_rebuilds_a_build_with_a_damaged_shard(tmp_path, tiny_data_dir, capsys, spoil):
     built = builder.build_shapes(tmp_path, **TINY)
     path = pathlib.Path(built.data_path / built.info.splits["val"].filenames[0])
-    damage(path)
+    spoil(path)
     capsys.readouterr()
     builder.build_shapes(tmp_path, **TINY)
     output = capsys.readouterr().out
@@ -250,7 +225,7 @@ def test_build_shapes_rebuilds_a_build_with_a_damaged_shard(tmp_path, tiny_data_
 
 
 def _build_killed_at_split(data_dir, split: str) -> subprocess.CompletedProcess:
-    """Runs build_shapes(data_dir, **TINY) in a process that is SIGKILLed, as by the OOM killer, as `split` starts."""
+    """Runs build_shapes(data_dir, **TINY) in a process SIGKILLed (as by the OOM killer) when `split` starts."""
     script = f"""
 import os, signal
 from attrjax.data import builder, shapes

@@ -29,6 +29,7 @@ from tensorflow_datasets.image_classification import caltech_birds
 
 from attrjax.data.images import VOID, decode_mask
 from attrjax.data.tfds_datasets import cub_segmentation_to_mask, load_tfds_split, pet_trimap_to_mask
+from tests import damage
 
 # (file stem, class index, split as in the archive's list files, (height, width)); none is in the pet builder's
 # _CORRUPT_SAMPLES, which it re-encodes with TensorFlow.
@@ -222,14 +223,19 @@ def test_unknown_dataset_or_split_is_named(pet):
         load_tfds_split("oxford_iiit_pet", "validation", data_dir)
 
 
-@pytest.mark.parametrize("version_folder, reason", [
+@pytest.mark.parametrize("folder, reason", [
     (None, "there is no {data_dir}/caltech_birds2011/0.2.0"),
     ("3.2.0", "it has only version(s) 3.2.0 and this tensorflow-datasets reads 0.2.0"),
-    ("0.2.0", "{data_dir}/caltech_birds2011/0.2.0 holds no finished build"),
+    # A partial copy: `tfds build` would take the folder for a finished build and build nothing.
+    ("0.2.0", "{data_dir}/caltech_birds2011/0.2.0 has no dataset_info.json, so it is no finished build (a partial "
+              "copy? files deleted from it?); delete it first"),
+    ("incomplete.K1LLED_0.2.0",
+     "there is no {data_dir}/caltech_birds2011/0.2.0; delete {data_dir}/caltech_birds2011/incomplete.K1LLED_0.2.0, "
+     "left by a build that was killed"),
 ])
-def test_unprepared_dataset_says_why_and_how_to_prepare_it(tmp_path, version_folder, reason):
-    if version_folder:
-        (tmp_path / "caltech_birds2011" / version_folder).mkdir(parents=True)
+def test_unprepared_dataset_says_why_and_how_to_prepare_it(tmp_path, folder, reason):
+    if folder:
+        (tmp_path / "caltech_birds2011" / folder).mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as error:
         load_tfds_split("caltech_birds2011", "train", tmp_path)
     message = str(error.value)
@@ -255,3 +261,22 @@ def test_mask_of_another_size_than_its_image_is_named(tmp_path):
     with pytest.raises(ValueError, match="the mask of Bengal_2 is 27x16 but its image is 28x16"):
         load_tfds_split("oxford_iiit_pet", "test", data_dir)
     assert len(load_tfds_split("oxford_iiit_pet", "train", data_dir)) == 3
+
+
+@pytest.mark.parametrize("spoil", [damage.truncate_to_half, damage.scramble_records])
+def test_damaged_shard_is_named_with_what_to_delete_and_run(pet, tmp_path, spoil):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(pet[0], data_dir)
+    folder = data_dir / "oxford_iiit_pet" / "4.0.0"
+    (shard,) = folder.glob("oxford_iiit_pet-test.array_record*")
+    spoil(shard)
+    with pytest.raises(ValueError) as error:
+        load_tfds_split("oxford_iiit_pet", "test", data_dir)
+    message = str(error.value)
+    assert str(shard) in message
+    assert (f"delete {folder} and prepare it again: `tfds build oxford_iiit_pet --data_dir {data_dir} "
+            "--file_format=array_record`") in message
+    assert len(load_tfds_split("oxford_iiit_pet", "train", data_dir)) == 3  # the intact split still reads
+    shutil.rmtree(folder)
+    _, written = prepare_pet(tmp_path)  # as `tfds build` would, into the same data_dir
+    _check_split(load_tfds_split("oxford_iiit_pet", "test", data_dir), written, "test", 37, _pet_mask)

@@ -2,8 +2,6 @@
 
 import pathlib
 import re
-import shlex
-import shutil
 import tarfile
 
 import chex
@@ -14,7 +12,7 @@ from PIL import Image
 from attrjax.data.images import VOID, decode_mask, decode_rgb, resize_split
 from attrjax.data.voc import CLASS_NAMES, SPLITS, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
 from attrjax.data.voc import main as voc_main
-from tests import voc_fixture
+from tests import damage, voc_fixture
 from tests.voc_fixture import IMAGES, MAIN, SEGMENTATION, expected_labels, expected_mask
 
 
@@ -192,21 +190,11 @@ def _assert_same_images(actual, expected):
 
 
 def _built_main(root: pathlib.Path) -> pathlib.Path:
-    """Builds the main config into `root`/data from a tarball in its default manual directory; returns its folder."""
+    """Builds the main config into `root`/data from a tarball in its default manual directory; returns the build."""
     voc_fixture.write_voc_tarball(root / "source", root / "data" / "downloads" / "manual")
     build_voc(root / "data", configs=("main",))
     (folder,) = (root / "data" / "voc2012" / "main").glob("1.0.0")
     return folder
-
-
-def _follow_the_rebuild_advice(message: str) -> None:
-    """Deletes the folder that `message` says to delete, if any, and runs the build command it names."""
-    deleted = re.search(r"delete (\S+) and", message)
-    if deleted:
-        shutil.rmtree(deleted.group(1))
-    command = shlex.split(message.split("`")[1])
-    assert command[:3] == ["python", "-m", "attrjax.data.voc"]
-    voc_main(command[3:])
 
 
 def test_folder_without_dataset_info_is_named_and_built_again(built_from_tarball, tmp_path, capsys):
@@ -216,31 +204,21 @@ def test_folder_without_dataset_info_is_named_and_built_again(built_from_tarball
         load_voc(tmp_path / "data", "train")
     assert f"{folder} has no dataset_info.json" in str(error.value)
     capsys.readouterr()
-    _follow_the_rebuild_advice(str(error.value))
+    damage.follow_the_advice(str(error.value), "attrjax.data.voc", voc_main)
     assert f"deleting {folder} to build it again" in capsys.readouterr().out
     for split in SPLITS:
         _assert_same_images(load_voc(tmp_path / "data", split), load_voc(built_from_tarball / "data", split))
 
 
-def _scramble_records(path: pathlib.Path) -> None:
-    # The records are at the start of the file, its footer at the end: the chunk hashes no longer match.
-    data = bytearray(path.read_bytes())
-    data[200:1200] = bytes(1000)
-    path.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("damage", [
-    pytest.param(lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), id="truncated"),
-    pytest.param(_scramble_records, id="scrambled"),
-])
-def test_damaged_shard_is_named_and_built_again(built_from_tarball, tmp_path, damage):
+@pytest.mark.parametrize("spoil", [damage.truncate_to_half, damage.scramble_records])
+def test_damaged_shard_is_named_and_built_again(built_from_tarball, tmp_path, spoil):
     folder = _built_main(tmp_path)
     (shard,) = folder.glob("voc2012-train.array_record*")
-    damage(shard)
+    spoil(shard)
     with pytest.raises(ValueError, match=re.escape(str(shard))) as error:
         load_voc(tmp_path / "data", "train")
     assert f"delete {folder} and build it again" in str(error.value)
-    _follow_the_rebuild_advice(str(error.value))
+    damage.follow_the_advice(str(error.value), "attrjax.data.voc", voc_main)
     _assert_same_images(load_voc(tmp_path / "data", "train"), load_voc(built_from_tarball / "data", "train"))
 
 

@@ -181,7 +181,8 @@ def load_split(
             f"attrjax_shapes is not built in {os.fspath(data_dir)} with these options ({problem}); run "
             f"build_shapes(...) with the same arguments or `{command}`"
         )
-    remedy = f"delete {builder.data_path} and build it again: `{command}` or build_shapes(...) with the same arguments"
+    remedy = (f"delete {builder.data_path} and build it again: `{command}` or build_shapes(...) with the same "
+              "arguments")
     records = prepared.read_records(builder, split, remedy)
     return {name: np.stack([record[name] for record in records]) for name in _FEATURES}
 

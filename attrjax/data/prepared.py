@@ -28,8 +28,8 @@ def unfinished(builder: tfds.core.DatasetBuilder) -> str | None:
     if not data_path.is_dir():
         return f"there is no {data_path}"
     if not (data_path / constants.DATASET_INFO_FILENAME).is_file():
-        return (f"{data_path} has no {constants.DATASET_INFO_FILENAME}, so it is no finished build (a partial copy? "
-                "files deleted from it?)")
+        return (f"{data_path} has no {constants.DATASET_INFO_FILENAME}, so it is no finished build (a partial "
+                "copy? files deleted from it?)")
     return None
 
 
@@ -71,7 +71,7 @@ def leftover_folders(builder: tfds.core.DatasetBuilder) -> list[pathlib.Path]:
 
 
 def build_or_reuse(make_builder: Callable[[], Builder], label: str, prepare: Callable[[Builder], None]) -> Builder:
-    """Reuses the build of `make_builder()` when it is finished and whole, else deletes what is there and builds it.
+    """Reuses the build of `make_builder()` if it is finished and whole, else deletes what is there and builds it.
 
     For datasets that are ours to rebuild. `prepare(builder)` runs `builder.download_and_prepare`; `label` starts
     every line printed. The temporary folders of killed builds are deleted: once a finished build is in place, a

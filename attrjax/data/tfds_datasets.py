@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from attrjax.data import prepared
 from attrjax.data.images import VOID, LabeledImages, default_workers, decode_mask, encode_png
 
 PET_TRIMAP_PET, PET_TRIMAP_BACKGROUND, PET_TRIMAP_BORDER = 1, 2, 3
@@ -81,15 +82,21 @@ def prepare_command(name: str, data_dir: str | os.PathLike) -> str:
 
 
 def _what_is_there(builder: tfds.core.DatasetBuilder) -> str:
-    """Why `builder` is not prepared, from the version folders of its dataset folder."""
+    """Why `builder` is not prepared, from the folders in its dataset folder, and what to delete beforehand."""
     dataset_dir = builder.data_path.parent
     folders = dataset_dir.iterdir() if dataset_dir.is_dir() else []
     versions = sorted(path.name for path in folders if tfds.core.Version.is_valid(path.name))
-    if str(builder.version) in versions:
-        return f"{builder.data_path} holds no finished build, e.g. an interrupted one"
-    if versions:
-        return f"it has only version(s) {', '.join(versions)} and this tensorflow-datasets reads {builder.version}"
-    return f"there is no {builder.data_path}"
+    if builder.data_path.exists():
+        reason = (f"{prepared.unfinished(builder)}; delete it first: `tfds build` would take the folder for a "
+                  "finished build and build nothing")
+    elif versions:
+        reason = (f"it has only version(s) {', '.join(versions)} and this tensorflow-datasets reads "
+                  f"{builder.version}")
+    else:
+        reason = f"there is no {builder.data_path}"
+    for folder in prepared.leftover_folders(builder):
+        reason += f"; delete {folder}, left by a build that was killed before it finished"
+    return reason
 
 
 def _builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
@@ -169,9 +176,11 @@ def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike, *,
     num_classes = builder.info.features["label"].num_classes
     start = time.perf_counter()
     skip = {"image": tfds.decode.SkipDecoding(), "segmentation_mask": tfds.decode.SkipDecoding()}
-    source = builder.as_data_source(split, decoders=skip)
-    print(f"{name}/{split}: reading {len(source)} images and masks from {builder.data_path}")
-    records = source.__getitems__(list(range(len(source))))
+    print(f"{name}/{split}: reading {builder.info.splits[split].num_examples} images and masks from "
+          f"{builder.data_path}")
+    remedy = (f"delete {builder.data_path} and prepare it again: `{prepare_command(name, data_dir)}` (or copy it "
+              "again from where it was prepared)")
+    records = prepared.read_records(builder, split, remedy, decoders=skip)
     with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
         converted = list(pool.map(_convert_example, records, [dataset] * len(records),
                                   [num_classes] * len(records)))
