@@ -86,7 +86,7 @@ def build_or_reuse(make_builder: Callable[[], Builder], label: str, prepare: Cal
         if data_path.exists():
             print(f"{label}: {problem}; deleting {data_path} to build it again")
             shutil.rmtree(data_path)
-            builder = make_builder()  # the old one read the deleted dataset_info.json
+            builder = make_builder()  # afresh: the old one may hold the info of what was deleted
         print(f"{label}: building {data_path}")
         start = time.perf_counter()
         prepare(builder)
