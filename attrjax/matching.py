@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from attrjax.metrics.classification import check_rank
+
 _NORM_EPS = 1e-12  # F.normalize's default: v / max(||v||, eps)
 
 
@@ -27,7 +29,13 @@ def matching_loss(teacher_maps: jax.Array, student_maps: jax.Array) -> jax.Array
 
     Returns:
       Scalar loss; finite for all-zero maps.
+
+    Raises:
+      ValueError: maps of another rank (e.g. (B,) scores, or (B, C, H, W) features not collapsed to one map per
+        sample) or of different shapes.
     """
+    check_rank("teacher_maps", teacher_maps, 3, "(B, H, W)")
+    check_rank("student_maps", student_maps, 3, "(B, H, W)")
     if teacher_maps.shape != student_maps.shape:
         raise ValueError(f"teacher maps {teacher_maps.shape} and student maps {student_maps.shape} differ; match "
                          "both networks at layers with the same spatial size and batch")

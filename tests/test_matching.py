@@ -1,6 +1,8 @@
 """The matching regulariser: closed form, finite at zero maps, stochastic draws, and its double-backprop gradient
 against finite differences through a real (tiny) model."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,16 @@ def test_teacher_maps_get_no_gradient():
 def test_mismatched_maps_are_rejected():
     with pytest.raises(ValueError, match="same spatial size"):
         matching_loss(jnp.zeros((2, 7, 7)), jnp.zeros((2, 8, 8)))
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 9), (2, 1, 3, 3)])
+def test_maps_of_another_rank_are_rejected(shape):
+    # (B,) would be normalised to +-1 per sample and give a plausible loss; (B, C, H, W) would merge C maps.
+    with pytest.raises(ValueError, match=r"teacher_maps must have rank 3 \(B, H, W\), got shape " + re.escape(
+            str(shape))):
+        matching_loss(jnp.ones(shape), jnp.ones(shape))
+    with pytest.raises(ValueError, match=r"student_maps must have rank 3 \(B, H, W\)"):
+        matching_loss(jnp.ones((2, 3, 3)), jnp.ones(shape))
 
 
 @pytest.mark.parametrize("channels,rate,dropped", [(512, 0.1, 51), (512, 0.3, 153), (64, 0.0, 0), (10, 0.95, 9)])

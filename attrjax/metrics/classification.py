@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 
 
-def check_rank(name: str, x: jax.Array, ndim: int) -> None:
-    """Raises ValueError unless ``x`` has rank ``ndim`` (shapes are static, so this also runs under jit)."""
+def check_rank(name: str, x: jax.Array, ndim: int, layout: str = "") -> None:
+    """Raises ValueError unless ``x`` has rank ``ndim`` (shapes are static, so this also runs under jit).
+
+    ``layout``, e.g. ``"(B, H, W)"``, names the axes in the message."""
     if x.ndim != ndim:
-        raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}")
+        raise ValueError(f"{name} must have rank {ndim}{' ' + layout if layout else ''}, got shape {x.shape}")
 
 
 def check_same_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
