@@ -122,13 +122,13 @@ def test_identical_maps_agree_exactly_at_any_scale():
     maps = rng.random((20, 7, 9)).astype(np.float32)
     others = rng.normal(size=(20, 7, 9)).astype(np.float32)
     for scale in (1.0, 1e25, 1e-30):
-        scaled, scaled_others = (maps * np.float32(scale)).astype(np.float32), (others * np.float32(scale))
+        scaled, scaled_others = maps * np.float32(scale), others * np.float32(scale)
         for name, fn in AGREEMENT.items():
             for transform in (lambda f: f, jax.jit):
                 np.testing.assert_array_equal(transform(fn)(scaled, scaled.copy()), 1.0,
                                               err_msg=f"{name} at scale {scale}")
-        np.testing.assert_allclose(map_cosine(scaled, scaled_others),
-                                   [_reference_cosine(a, b) for a, b in zip(scaled, scaled_others)], rtol=1e-5, atol=1e-7)
+        expected = [_reference_cosine(a, b) for a, b in zip(scaled, scaled_others)]
+        np.testing.assert_allclose(map_cosine(scaled, scaled_others), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_inputs_are_rejected():

@@ -2,8 +2,12 @@
 reads zip and legacy .pth files and refuses foreign globals; export/import round-trips; bad checkpoints fail clearly."""
 
 import importlib.util
+import io
 import os
 import pickle
+import pickletools
+import re
+import types
 import zipfile
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 import safetensors.numpy
 
 from attrjax.models import (export_vgg, import_vgg, init_variables, load_state_dict, read_pth_without_torch,
-                            save_state_dict, stage_widths_from_state_dict, vgg)
+                            save_state_dict, stage_widths_from_state_dict, torchvision, vgg)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torchvision"
 CFG = (4, "M", 8, 8, "M")  # torchvision's make_layers notation, as in fixtures/make_torch_checkpoints.py
@@ -211,7 +215,8 @@ def test_foreign_pickle_globals_are_refused_not_run(tmp_path, layout):
 def test_missing_files_and_unsupported_formats_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
         load_state_dict(tmp_path / "absent.safetensors")
-    with pytest.raises(ValueError, match=r"unsupported checkpoint file 'weights.h5'.*\.safetensors"):
+    with pytest.raises(ValueError, match=rf"unsupported checkpoint file '{re.escape(str(tmp_path))}/weights.h5'.*"
+                                         r"\.safetensors"):
         load_state_dict(tmp_path / "weights.h5")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -223,3 +228,100 @@ def test_missing_files_and_unsupported_formats_fail_clearly(tmp_path):
 def test_writing_pth_without_torch_says_what_to_use(tmp_path):
     with pytest.raises(ValueError, match=r"needs PyTorch.*\.safetensors or \.npz"):
         save_state_dict(_random_state_dict(0), tmp_path / "weights.pth")
+
+
+def _rewrite_zip(source, target, change):
+    """Copies the zip ``source`` to ``target`` with ``change(name, data) -> data | None`` (None drops the member)."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for name in src.namelist():
+            data = change(name, src.read(name))
+            if data is not None:
+                dst.writestr(name, data)
+
+
+DAMAGED = ("garbage.safetensors", "garbage.npz", "objects.npz", "cut_in_pickle.pth", "cut_in_storage_count.pth",
+           "storage_missing.pth", "garbage_pickle.pth")
+
+
+def _write_damaged(tmp_path, name):
+    """Writes the damaged file ``name`` of ``DAMAGED`` (each fails inside a third-party parser or the unpickler)."""
+    path = tmp_path / name
+    legacy = (FIXTURES / "tiny_vgg_legacy.pth").read_bytes()
+    stream = io.BytesIO(legacy)
+    for _ in range(5):  # magic, protocol, sys_info, the state dict, the storage keys
+        for _ in pickletools.genops(stream):
+            pass
+    first_storage = stream.tell()  # its 8-byte element count, then its data
+    contents = {"garbage.safetensors": b"garbage!" * 4, "garbage.npz": b"garbage!" * 4,
+                "cut_in_pickle.pth": legacy[:200], "cut_in_storage_count.pth": legacy[:first_storage + 4]}
+    if name in contents:
+        path.write_bytes(contents[name])
+    elif name == "objects.npz":
+        np.savez(path, weight=np.array([1, "x"], object))
+    elif name == "storage_missing.pth":
+        _rewrite_zip(FIXTURES / "tiny_vgg_zip.pth", path, lambda member, data: None if member.endswith("/data/0")
+                     else data)
+    else:
+        _rewrite_zip(FIXTURES / "tiny_vgg_zip.pth", path,
+                     lambda member, data: b"\x80\x02garbage" if member.endswith("data.pkl") else data)
+    return path
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_every_error_reading_a_file_names_it(tmp_path, name):
+    path = _write_damaged(tmp_path, name)
+    for reader in (load_state_dict, read_pth_without_torch) if name.endswith(".pth") else (load_state_dict,):
+        with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(path))}: ."):
+            reader(path)
+
+
+def test_torch_load_errors_name_the_file(tmp_path, monkeypatch):
+    def failing_load(*args, **kwargs):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    fake_torch = types.SimpleNamespace(load=failing_load, Tensor=type("Tensor", (), {}))
+    monkeypatch.setattr(torchvision, "_torch_or_none", lambda: fake_torch)
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"PK")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*failed finding central directory"):
+        load_state_dict(path)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_integer_weights_are_refused_not_cast(tmp_path, suffix, dtype):
+    state_dict = _random_state_dict(0)
+    state_dict["features.4.weight"] = np.ones_like(state_dict["features.4.weight"], dtype)
+    path = tmp_path / f"quantised{suffix}"
+    save_state_dict(state_dict, path)
+    name = np.dtype(dtype).name
+    with pytest.raises(ValueError, match=rf"(?s){re.escape(str(path))}.*features\.4\.weight \({name}\).*float"):
+        load_state_dict(path)
+    # In memory there is no file to name, but import_vgg refuses the cast as well.
+    with pytest.raises(ValueError, match=rf"(?s)not floating point.*features\.4\.weight \({name}\)"):
+        import_vgg(state_dict, _model())
+
+
+@pytest.mark.parametrize("name", ["tiny_vgg_zip.pth", "tiny_vgg_legacy.pth"])
+def test_integer_storages_in_pth_files_are_refused(tmp_path, name):
+    # Re-typing the float storages as 32-bit int ones (same width) makes every float tensor an int32 tensor.
+    path = tmp_path / name
+    if name.endswith("zip.pth"):
+        _rewrite_zip(FIXTURES / name, path, lambda member, data: data.replace(b"\nFloatStorage\n", b"\nIntStorage\n")
+                     if member.endswith("data.pkl") else data)
+    else:
+        path.write_bytes((FIXTURES / name).read_bytes().replace(b"\nFloatStorage\n", b"\nIntStorage\n"))
+    with pytest.raises(ValueError, match=rf"(?s){re.escape(str(path))}.*features\.0\.weight \(int32\)"):
+        read_pth_without_torch(path)
+
+
+def test_nonfinite_weights_are_reported_with_their_keys(tmp_path):
+    state_dict = _random_state_dict(0)
+    state_dict["features.0.weight"][1, 2, 0, 0] = np.nan
+    state_dict["features.5.running_var"][:] = np.inf
+    path = tmp_path / "diverged.npz"
+    save_state_dict(state_dict, path)
+    with pytest.warns(RuntimeWarning, match=rf"{re.escape(str(path))}: 2 tensors hold NaN or inf values: "
+                                            r"features\.0\.weight, features\.5\.running_var"):
+        loaded = load_state_dict(path)
+    chex.assert_trees_all_equal(loaded, state_dict)  # reported, not altered

@@ -18,6 +18,12 @@ Files: ``.safetensors``, ``.npz`` and PyTorch ``.pth``/``.pt``/``.pth.tar``. PyT
 it is installed (``weights_only=True``), otherwise with ``read_pth_without_torch``, a restricted unpickler for the
 zip format (torch>=1.6) and the legacy format (torch<1.6, which torchvision's ImageNet files use) that refuses
 every global but tensors, storages and ``OrderedDict``: no code from the file ever runs.
+
+Nothing is cast silently: an entry named like a float parameter or statistic (``*.weight``, ``*.bias``,
+``*.running_mean``, ``*.running_var``) with an integer or bool dtype is refused by the readers (naming the file)
+and by ``import_vgg``; integer buffers such as ``num_batches_tracked`` are read as they are (and ignored by
+``import_vgg``). Tensors with NaN or inf values are read but reported with a ``RuntimeWarning`` naming them:
+they are data a user may want to inspect, but a model built from them computes NaN.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -51,21 +58,24 @@ def load_state_dict(path: str | Path) -> StateDict:
     PyTorch files use ``torch.load(..., weights_only=True)`` when torch is importable, else
     ``read_pth_without_torch``. A training checkpoint ``{'state_dict': {...}, 'epoch': ...}`` yields its
     ``state_dict``. bfloat16 tensors come back as float32.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that cannot be read,
+    is not a flat state dict, or has integer / bool weights (see the module docstring); warns about NaN / inf.
     """
     path = Path(path)
     kind = _file_kind(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if kind == "safetensors":
-        return dict(_safetensors_numpy().load_file(str(path)))
+        safetensors_numpy = _safetensors_numpy()
+        return _read_checked(path, lambda p: safetensors_numpy.load_file(str(p)))
     if kind == "npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        return _read_checked(path, _read_npz)
     torch = _torch_or_none()
     if torch is None:
         return read_pth_without_torch(path)
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    return _state_dict_from(_map_tree(loaded, lambda x: _torch_to_numpy(torch, x)), path)
+    return _read_checked(path, lambda p: _map_tree(torch.load(p, map_location="cpu", weights_only=True),
+                                                   lambda x: _torch_to_numpy(torch, x)))
 
 
 def read_pth_without_torch(path: str | Path) -> StateDict:
@@ -74,16 +84,12 @@ def read_pth_without_torch(path: str | Path) -> StateDict:
     Only tensors (``torch._utils._rebuild_tensor[_v2|_v3]``, ``_rebuild_parameter``), storage types, dtypes and
     ``collections.OrderedDict`` may appear in the pickle; any other global raises ``pickle.UnpicklingError``
     before anything is called. Tensors are copied out of their storages (offset, size, stride); bfloat16 becomes
-    float32.
+    float32. Errors and warnings as ``load_state_dict``'s.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if zipfile.is_zipfile(path):
-        loaded = _read_zip_pth(path)
-    else:
-        loaded = _read_legacy_pth(path)
-    return _state_dict_from(loaded, path)
+    return _read_checked(path, lambda p: _read_zip_pth(p) if zipfile.is_zipfile(p) else _read_legacy_pth(p))
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | Path) -> None:
@@ -112,7 +118,25 @@ def _file_kind(path: Path) -> str:
     for suffix, kind in _SUFFIXES.items():
         if path.name.endswith(suffix):
             return kind
-    raise ValueError(f"unsupported checkpoint file {path.name!r}: use one of {', '.join(_SUFFIXES)}")
+    raise ValueError(f"unsupported checkpoint file {str(path)!r}: use one of {', '.join(_SUFFIXES)}")
+
+
+def _read_npz(path: Path) -> StateDict:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def _read_checked(path: Path, read: Callable[[Path], Any]) -> StateDict:
+    """``read(path)`` as a checked flat state dict (``_state_dict_from``). Whatever the parser raises about the
+    file's content (a third-party library's error, a truncated pickle, a missing zip member) is re-raised as a
+    ValueError naming ``path``; a refused pickle global and OS errors (which name the file) pass unchanged."""
+    try:
+        loaded = read(path)
+    except (_RefusedGlobal, OSError):
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    return _state_dict_from(loaded, path)
 
 
 def _safetensors_numpy():
@@ -157,7 +181,29 @@ def _state_dict_from(loaded: Any, path: Path) -> StateDict:
     not_arrays = [str(key) for key, value in loaded.items() if not isinstance(value, np.ndarray)]
     if not_arrays:
         raise ValueError(f"{path} is not a flat state dict: entries {', '.join(not_arrays)} are not tensors")
-    return {str(key): value for key, value in loaded.items()}
+    state_dict = {str(key): value for key, value in loaded.items()}
+    not_float = _non_float_weights(state_dict)
+    if not_float:
+        raise ValueError(f"{path} has integer or bool tensors where float weights are expected ({len(not_float)}): "
+                         f"{_listing(not_float)}. {_NOT_FLOAT_ADVICE}")
+    nonfinite = [key for key, value in state_dict.items() if not np.all(np.isfinite(value))]
+    if nonfinite:
+        warnings.warn(f"{path}: {len(nonfinite)} tensors hold NaN or inf values: {_listing(nonfinite)}; a model "
+                      "built from them computes NaN (was the checkpoint saved after training diverged?)",
+                      RuntimeWarning)
+    return state_dict
+
+
+_FLOAT_LEAVES = ("weight", "bias", "running_mean", "running_var")
+_NOT_FLOAT_ADVICE = ("Weights are never cast from integers (a quantised or non-weight file would import as "
+                     "plausible garbage): save the float model's state dict (float16/32/64 or bfloat16) instead.")
+
+
+def _non_float_weights(state_dict: Mapping[str, np.ndarray]) -> list[str]:
+    """``"key (dtype)"`` of every entry named like a float parameter or statistic (``*.weight``, ``*.bias``,
+    ``*.running_mean``, ``*.running_var``) whose dtype is not floating point (bfloat16 counts as floating)."""
+    return [f"{key} ({np.asarray(value).dtype})" for key, value in state_dict.items()
+            if key.rsplit(".", 1)[-1] in _FLOAT_LEAVES and not jnp.issubdtype(np.asarray(value).dtype, jnp.floating)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,14 +296,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if self._storage_ref is None or not isinstance(pid, tuple) or not pid or pid[0] != "storage":
-            raise pickle.UnpicklingError(f"{self._path}: unsupported persistent id {pid!r} (only tensor storages)")
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} (only tensor storages)")
         return self._storage_ref(pid)
 
 
-def _storage_dtype(storage_type: Any, path: Path) -> np.dtype:
+def _storage_dtype(storage_type: Any) -> np.dtype:
     """A persistent id's storage type, which ``find_class`` resolved to a NumPy dtype."""
     if not isinstance(storage_type, np.dtype):
-        raise pickle.UnpicklingError(f"{path}: a tensor storage has type {storage_type!r}, not a torch storage type")
+        raise pickle.UnpicklingError(f"a tensor storage has type {storage_type!r}, not a torch storage type")
     return storage_type
 
 
@@ -266,7 +312,7 @@ def _read_zip_pth(path: Path) -> Any:
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
-            raise ValueError(f"{path} is a zip file but not a PyTorch checkpoint (no single data.pkl)")
+            raise ValueError("a zip file but not a PyTorch checkpoint (no single data.pkl)")
         prefix = pickles[0][:-len("data.pkl")]
         byteorder = "little"
         if prefix + "byteorder" in archive.namelist():
@@ -274,7 +320,7 @@ def _read_zip_pth(path: Path) -> Any:
 
         def storage_ref(pid: tuple) -> _StorageRef:
             _, storage_type, key, _location, _numel = pid
-            return _StorageRef(str(key), _storage_dtype(storage_type, path), 0)
+            return _StorageRef(str(key), _storage_dtype(storage_type), 0)
 
         with archive.open(pickles[0]) as file:
             loaded = _RestrictedUnpickler(file, path, storage_ref).load()
@@ -285,7 +331,7 @@ def _read_zip_pth(path: Path) -> Any:
                 return x
             if x.storage.key not in buffers:
                 buffers[x.storage.key] = archive.read(f"{prefix}data/{x.storage.key}")
-            return _tensor_from_buffer(buffers[x.storage.key], x, byteorder, path)
+            return _tensor_from_buffer(buffers[x.storage.key], x, byteorder)
 
         return _map_tree(loaded, materialise)
 
@@ -298,21 +344,21 @@ def _read_legacy_pth(path: Path) -> Any:
         except _RefusedGlobal:
             raise
         except Exception as error:  # whatever garbage does to an unpickler: not a checkpoint
-            raise ValueError(f"{path} is neither a zip nor a legacy PyTorch checkpoint ({error!r})") from error
+            raise ValueError(f"neither a zip nor a legacy PyTorch checkpoint ({error!r})") from error
         if magic != _LEGACY_MAGIC:
-            raise ValueError(f"{path} is neither a zip nor a legacy PyTorch checkpoint (bad magic number)")
+            raise ValueError("neither a zip nor a legacy PyTorch checkpoint (bad magic number)")
         protocol = _RestrictedUnpickler(file, path).load()
         if protocol != _LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: unsupported legacy PyTorch protocol {protocol} (expected {_LEGACY_PROTOCOL})")
+            raise ValueError(f"unsupported legacy PyTorch protocol {protocol} (expected {_LEGACY_PROTOCOL})")
         sys_info = _RestrictedUnpickler(file, path).load()
         if not isinstance(sys_info, dict):
-            raise ValueError(f"{path}: malformed legacy PyTorch header (sys_info is a {type(sys_info).__name__})")
+            raise ValueError(f"malformed legacy PyTorch header (sys_info is a {type(sys_info).__name__})")
         byteorder = "little" if sys_info.get("little_endian", True) else "big"
         roots: dict[str, np.dtype] = {}
 
         def storage_ref(pid: tuple) -> _StorageRef:
             _, storage_type, root_key, _location, _numel, view_metadata = pid
-            dtype = roots[str(root_key)] = _storage_dtype(storage_type, path)
+            dtype = roots[str(root_key)] = _storage_dtype(storage_type)
             view_offset = 0 if view_metadata is None else view_metadata[1]  # (view_key, offset, numel)
             return _StorageRef(str(root_key), dtype, view_offset)
 
@@ -321,30 +367,30 @@ def _read_legacy_pth(path: Path) -> Any:
         for key in _RestrictedUnpickler(file, path).load():
             key = str(key)
             if key not in roots:
-                raise ValueError(f"{path}: storage {key!r} is listed but no tensor uses it")
+                raise ValueError(f"storage {key!r} is listed but no tensor uses it")
             (count,) = struct.unpack("<q" if byteorder == "little" else ">q", file.read(8))
             nbytes = count * roots[key].itemsize
             buffers[key] = file.read(nbytes)
             if len(buffers[key]) != nbytes:
-                raise ValueError(f"{path} is truncated: storage {key!r} needs {nbytes} bytes")
-    return _map_tree(loaded, lambda x: _tensor_from_buffer(buffers[x.storage.key], x, byteorder, path)
+                raise ValueError(f"the file is truncated: storage {key!r} needs {nbytes} bytes")
+    return _map_tree(loaded, lambda x: _tensor_from_buffer(buffers[x.storage.key], x, byteorder)
                      if isinstance(x, _PendingTensor) else x)
 
 
-def _tensor_from_buffer(buffer: bytes, tensor: _PendingTensor, byteorder: str, path: Path) -> np.ndarray:
+def _tensor_from_buffer(buffer: bytes, tensor: _PendingTensor, byteorder: str) -> np.ndarray:
     """Copies a strided view out of a storage's bytes (bounds-checked: as_strided itself checks nothing)."""
     flat = np.frombuffer(buffer, dtype=tensor.dtype)
     if byteorder != sys.byteorder and tensor.dtype.itemsize > 1:
         flat = flat.byteswap()
     start = tensor.storage.offset + tensor.offset
     if len(tensor.size) != len(tensor.stride) or min((start, *tensor.size, *tensor.stride)) < 0:
-        raise ValueError(f"{path}: invalid tensor geometry size={tensor.size} stride={tensor.stride}")
+        raise ValueError(f"invalid tensor geometry size={tensor.size} stride={tensor.stride}")
     if math.prod(tensor.size) == 0:
         array = np.zeros(tensor.size, tensor.dtype)
     else:
         last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
         if last >= flat.size:
-            raise ValueError(f"{path}: a tensor of size {tensor.size} reads past its storage ({flat.size} elements)")
+            raise ValueError(f"a tensor of size {tensor.size} reads past its storage ({flat.size} elements)")
         array = np.lib.stride_tricks.as_strided(flat[start:], shape=tensor.size,
                                                 strides=[s * flat.itemsize for s in tensor.stride]).copy()
     return array.astype(np.float32) if tensor.dtype == _DTYPES["bfloat16"] else array
@@ -443,8 +489,9 @@ def import_vgg(state_dict: Mapping[str, np.ndarray], model: VGG, *,
         ``params['classifier']`` becomes the head. The checkpoint's classifier, torchvision's ImageNet
         ``classifier.0/3/6`` or a ``classifier.1``, is then dropped, as the paper does for its teacher.
 
-    Everything is checked before anything is built; a ``ValueError`` lists missing keys, unexpected keys and
-    wrong shapes (PyTorch layout) with what to change. ``import_vgg(export_vgg(v, model), model) == v``.
+    Everything is checked before anything is built; a ``ValueError`` lists missing keys, unexpected keys, wrong
+    shapes (PyTorch layout) and integer / bool weights with what to change. float16, float64 and bfloat16
+    weights are converted to float32; integers are never cast. ``import_vgg(export_vgg(v, model), model) == v``.
     """
     state_dict = _strip_data_parallel_prefix(state_dict)
     key_map = _key_map(model)
@@ -516,13 +563,16 @@ def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: VGG, key_map:
     unexpected = [key for key in state_dict if key not in key_map]
     wrong = [(key, tuple(np.shape(state_dict[key])), shape) for key, shape in required.items()
              if key in state_dict and tuple(np.shape(state_dict[key])) != shape]
-    if not (missing or unexpected or wrong):
+    not_float = _non_float_weights(state_dict)
+    if not (missing or unexpected or wrong or not_float):
         return
     lines = [f"cannot import this state dict into {_describe(model)}:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if not_float:
+        lines.append(f"  not floating point ({len(not_float)}): {_listing(not_float)}. {_NOT_FLOAT_ADVICE}")
     for key, found, expected in wrong[:_LISTED]:
         lines.append(f"  wrong shape: {key} is {found} in the checkpoint, the model expects {expected}")
     if len(wrong) > _LISTED:
