@@ -62,7 +62,8 @@ def classification_and_size(model, variables, splits, config) -> dict:
 
 
 def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict):
-    """``{method: summary}`` and ``{method: examples}`` of one model; the teacher's raw maps are cached in
+    """``{method: summary}`` and ``{method: examples}`` of one model. The teacher is scored against its own maps
+    (``reference="self"``: 1 where they are comparable, NaN for a broken teacher) and its raw maps are cached in
     ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them."""
     summaries, examples = {}, {}
     for method in methods:
@@ -71,13 +72,12 @@ def localization_by_method(name, model, variables, arrays, methods, config, teac
         summaries[method], examples[method] = localization_report(
             model, variables, common.eval_batches(arrays, config), layer=config.eval_layer,
             tolerance=config.eval.tolerance, keep_maps=config.eval.figure_images, method=method,
-            method_options=config.eval.method_options.get(method), reference=teacher_maps.get(method),
+            method_options=config.eval.method_options.get(method),
+            reference="self" if is_teacher else teacher_maps.get(method),
             keep_raw_maps=is_teacher, faithfulness_steps=config.eval.faithfulness_steps,
             prediction_rule="top1" if config.data.labels == "single" else "positive_logit")
         if is_teacher:
             teacher_maps[method] = examples[method].pop("raw_maps")
-            # The teacher agrees with itself.
-            summaries[method].update(map_cosine=1.0, same_peak=1.0, spearman=1.0, top10_iou=1.0)
         summaries[method]["eval_s"] = time.perf_counter() - started
         print(f"evaluated {name} / {method} in {summaries[method]['eval_s']:.1f} s")
     return summaries, examples
@@ -126,7 +126,10 @@ def trained_models(config, workdir: str):
 
 
 def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[str]:
-    """figure.png (images x models, first method) and, with several methods, methods.png (methods x models)."""
+    """figure.png (images x models, first method) and, with several methods, methods.png (methods x models); none
+    with ``eval.figure_images=0``. Returns the names written."""
+    if not config.eval.figure_images:
+        return []
     teacher = examples["teacher"][methods[0]]
     # Each figure row shows the present class that the teacher scores highest.
     present = attr_data.present_classes(teacher["mask"], config.data.num_classes)
@@ -190,7 +193,8 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
     figures = write_figures(workdir, examples, methods, config)
-    print(f"wrote {os.path.join(workdir, 'results.json')}, results.csv, results.md and {', '.join(figures)}")
+    print(f"wrote {os.path.join(workdir, 'results.json')}, results.csv, results.md and "
+          + (", ".join(figures) if figures else "no figures (eval.figure_images=0)"))
     return results
 
 
