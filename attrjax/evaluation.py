@@ -144,8 +144,8 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
         ``examples["raw_maps"]``.
       faithfulness_steps: when > 0, also the deletion and insertion AUC (``metrics.faithfulness``, that many
         increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
-        ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images. Costs
-        2 x (steps + 1) forward passes per image.
+        ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images, NaN as soon
+        as one image's map or logits hold a NaN. Costs 2 x (steps + 1) forward passes per image.
 
     Returns:
       ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries and

@@ -107,6 +107,24 @@ def test_curves_match_a_brute_force_loop_with_ties(insert, score):
     np.testing.assert_allclose(curve, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("insert", [False, True])
+def test_a_map_with_a_nan_pixel_has_no_curve(insert):
+    """NaN orders no pixel, so the curve of a map holding one is NaN, not the curve of an arbitrary order;
+    +-inf pixels are ordering values (first / last), like large finite stand-ins."""
+    logit_fn, images, maps = _mlp_problem(batch=4)
+    maps[0, 2, 3] = np.nan
+    maps[1] = np.nan
+    maps[2, 0, 1], maps[2, 4, 4] = np.inf, -np.inf
+    target = np.array([2, 0, 1, 1])
+    curve_fn = insertion_curve if insert else deletion_curve
+    curve = np.asarray(curve_fn(logit_fn, images, maps, target, steps=4))
+    assert np.isnan(curve[:2]).all()
+    stand_ins = np.where(np.isinf(maps[2:]), np.sign(maps[2:]) * 1e30, maps[2:]).astype(np.float32)
+    expected = _brute_force(logit_fn, images[2:], stand_ins, target[2:], 4, 0.0, insert, "sigmoid")
+    np.testing.assert_allclose(curve[2:], expected, rtol=1e-5, atol=1e-6)
+    assert np.isnan(curve_auc(curve)[:2]).all()
+
+
 def test_chunked_equals_unchunked_and_jit_equals_eager():
     logit_fn, images, maps = _mlp_problem()
     target = np.array([1, 2])

@@ -41,7 +41,8 @@ def deletion_curve(logit_fn: LogitFn, images: jax.Array, maps: jax.Array, target
 
     Curve point i (0..steps) replaces the floor(i * H * W / steps) top-ranked pixels (all channels) of each
     image, so point 0 is the intact image and point ``steps`` the baseline image. The order is one stable sort of
-    each map, descending, ties broken by row-major position (see ``importance_ranks``; NaN pixels go last).
+    each map, descending, ties broken by row-major position (see ``importance_ranks``); +-inf pixels come first /
+    last, and a map with a NaN pixel orders nothing: its curve is NaN.
 
     Args:
       logit_fn: images (n, H, W, C) -> logits (n, K), for any n (the chunk size); a pure function, e.g. a model's
@@ -63,7 +64,8 @@ def deletion_curve(logit_fn: LogitFn, images: jax.Array, maps: jax.Array, target
         ``chunk_size=B`` evaluates one curve point per call.
 
     Returns:
-      (B, steps + 1) float scores; ``curve_auc`` of it is the deletion AUC (lower = more faithful).
+      (B, steps + 1) float scores, all NaN for an image whose map holds a NaN; ``curve_auc`` of it is the
+      deletion AUC (lower = more faithful).
     """
     return _perturbation_curve(logit_fn, images, maps, target, steps=steps, baseline=baseline, score=score,
                                chunk_size=chunk_size, insert=False)
@@ -145,4 +147,5 @@ def _perturbation_curve(logit_fn, images, maps, target, *, steps, baseline, scor
 
     _, values = chunking.scan(lambda carry, chunk_pairs: (carry, evaluate(chunk_pairs)), None, pairs)
     values = values.reshape(-1)[:num_pairs]
-    return values.reshape(steps + 1, batch).T
+    curves = values.reshape(steps + 1, batch).T
+    return jnp.where(jnp.any(jnp.isnan(maps), axis=(1, 2))[:, None], jnp.nan, curves)
