@@ -1,4 +1,4 @@
-"""Batched, jit-compiled evaluation of a model: predictions (PAPER.md §6.1) and attribution localisation (§6.2).
+"""Batched, jit-compiled evaluation of a model: predictions and attribution localisation.
 
 Every class of every image of a batch is attributed in one compiled call (``attribution.methods.class_maps``: Grad-CAM,
 LRP, Excitation Backprop, the gradient family), upsampled to the image size, and scored against the segmentation
@@ -39,7 +39,7 @@ def _all_class_maps(model: VGG, layer: str, method: str, options: dict | None, c
 
 
 def evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
-    """Raw maps (B,K,h,w) -> bilinearly upsampled to the image and min-max normalised (PAPER.md §6.2 steps 1-3)."""
+    """Raw maps (B,K,h,w) -> bilinearly upsampled to the image and min-max normalised."""
     return minmax_normalize(resize_maps(raw_maps, image_size))
 
 
@@ -48,7 +48,7 @@ def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam", method_
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
     Maps are ``method``'s (Grad-CAM at ``layer`` by default) for every class, bilinearly upsampled to the image size
-    and min-max normalised per map (PAPER.md §6.2 steps 1-3). ``class_chunk``: see ``attribution.methods.class_maps``.
+    and min-max normalised per map. ``class_chunk``: see ``attribution.methods.class_maps``.
     """
     all_class_maps = _all_class_maps(model, layer, method, method_options, class_chunk)
 
@@ -122,7 +122,7 @@ def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *,
                         keep_raw_maps: bool = False, faithfulness_steps: int = 0,
                         prediction_rule: str = "positive_logit") -> tuple[dict, dict]:
     """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
-    pairs (PAPER.md §6.2), in one pass that computes each batch's maps once.
+    pairs, in one pass that computes each batch's maps once.
 
     A pair counts when the class is in the image's mask and the model predicts it (``prediction_rule``, see
     ``metrics.localization.predicted_classes``: logit > 0 by default, ``top1`` for single-label models).

@@ -1,4 +1,4 @@
-"""The paper's attribution-matching regulariser and its stochastic variant (PAPER.md §2.5, §2.6)."""
+"""The paper's attribution-matching regulariser and its stochastic variant."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def matching_loss(teacher_maps: jax.Array, student_maps: jax.Array) -> jax.Array
 def stochastic_channel_keep(key: jax.Array, num_channels: int, drop_rate: float) -> jax.Array:
     """A (C,) float mask that zeroes floor(C * drop_rate) channels drawn uniformly without replacement.
 
-    One draw serves the whole batch (PAPER.md §2.6): multiply the teacher's sensitivities alpha (B,C) by it before
+    One draw serves the whole batch: multiply the teacher's sensitivities alpha (B,C) by it before
     collapsing, so the student matches a random sub-ensemble of the teacher's evidence. No 1/(1-p) rescaling is
     needed: the maps are normalised.
     """

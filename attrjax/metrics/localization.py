@@ -1,4 +1,4 @@
-"""Localisation quality of attribution maps against segmentation masks (PAPER.md §6.2), batched and jit-able.
+"""Localisation quality of attribution maps against segmentation masks, batched and jit-able.
 
 Both metrics only depend on the order of the map values, so the reference code's min-max normalisation of
 each map before scoring (order-preserving up to float rounding) is not applied. Maps must already be at mask
@@ -179,7 +179,7 @@ def predicted_classes(logits: jax.Array, rule: str = "positive_logit") -> jax.Ar
 
 def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Array, *,
                         tolerance: float = 0, prediction_rule: str = "positive_logit") -> dict[str, jax.Array]:
-    """Pointing game and mask AUC of every (image, class) pair of a batch (PAPER.md §6.2).
+    """Pointing game and mask AUC of every (image, class) pair of a batch.
 
     Wrap it in ``jax.jit`` to evaluate all classes of a batch in one compiled call.
 

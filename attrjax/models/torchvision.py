@@ -1,4 +1,4 @@
-"""torchvision / reference-code VGG checkpoints <-> attrjax ``VGG`` variables (PAPER.md §3, §9).
+"""torchvision / reference-code VGG checkpoints <-> attrjax ``VGG`` variables.
 
 The paper's teacher starts from torchvision's ImageNet ``vgg16_bn`` (``vgg16_bn-6c64b313.pth``) with a new
 Dropout + Linear(C*H*W, 20) head; the reference code's VOC checkpoints keep torchvision's key layout. A state dict
