@@ -38,4 +38,5 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
         except BaseException:
             os.unlink(f.name)
             raise
+    os.chmod(f.name, 0o644)  # temporary files are created private
     os.replace(f.name, path)

@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
             assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
             assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
     assert results["kd"]["params"] < results["teacher"]["params"]
-    teacher = common.load_trained("teacher", config.teacher, config, str(tmp_path))
+    teacher = common.load_teacher(config, str(tmp_path))
     pruned_model, _ = prune_filters(*teacher, config.pruning.structured.rates)
     assert results["structured"]["params"] == count_params_and_flops(pruned_model)["params"]
     assert results["structured"]["mflops"] < results["teacher"]["mflops"]
@@ -90,7 +90,7 @@ def test_config_overrides_and_errors():
 def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
     config = common.load_config("quick", TINY)
     with pytest.raises(FileNotFoundError, match="train it first"):
-        common.load_trained("teacher", config.teacher, config, str(tmp_path))
+        common.load_teacher(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "results.json")
     assert not os.path.exists(tmp_path / "teacher")  # looking did not create the run's directory
 

@@ -67,7 +67,7 @@ def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "voc2012/main: building" in out and "[kd_match] step 1/1" in out
     assert "[teacher] features from" in out and "a new 20-way classifier" in out
-    _, teacher_variables = common.load_trained("teacher", config.teacher, config, workdir)
+    _, teacher_variables = common.load_teacher(config, workdir)
     np.testing.assert_array_equal(teacher_variables["params"]["conv3_2"]["kernel"],
                                   checkpoint["features.11.weight"].transpose(2, 3, 1, 0))
     assert (tmp_path / "run" / "figure.png").read_bytes()[:4] == b"\x89PNG"
@@ -86,7 +86,7 @@ def test_pet_config_trains_a_single_label_teacher_and_scores_its_top_class(tmp_p
     assert len(common.class_names(config, workdir)) == 37
 
     train_teacher.run(config, workdir, splits)  # softmax cross-entropy on one-hot labels
-    model, variables = common.load_trained("teacher", config.teacher, config, workdir)
+    model, variables = common.load_teacher(config, workdir)
     row = evaluate.classification_and_size(model, variables, splits, config)
     assert 0.0 <= row["sample_map"] <= 1.0
     summaries, _ = evaluate.localization_by_method("teacher", model, variables, splits["localization"], ("gradcam",),

@@ -121,8 +121,8 @@ def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict:
     return found
 
 
-def _restore_verified(manager: ocp.CheckpointManager, step: int, state):
-    """The state of checkpoint ``step``, verified against its manifest.
+def restore_step(manager: ocp.CheckpointManager, step: int, state):
+    """The state of checkpoint ``step`` (with the shardings and dtypes of ``state``), verified against its manifest.
 
     Raises:
       ValueError: the checkpoint is intact but holds another model or optimizer (no older checkpoint would fit).
@@ -170,7 +170,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, *, log: Callable[[str]
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return _restore_verified(manager, step, state)
+            return restore_step(manager, step, state)
         except CorruptCheckpointError as error:
             target = _set_aside(manager, step)
             log(f"skipping checkpoint {manager.directory}/{step}: {error}; moved to {target}")

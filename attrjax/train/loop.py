@@ -62,7 +62,8 @@ def divergence_cause(record: dict, *, first_step_of_run: bool, objective: Object
                 f"{objective.matching_weight}) or the learning rate")
     if not record["gradients_finite"]:
         return "the losses were finite but their gradients overflowed: lower the learning rate or the matching weight"
-    return "the losses and gradients were finite but the update overflowed the weights: lower the learning rate"
+    return ("the losses and gradients were finite but the update made the weights non-finite: check the learning-rate "
+            "schedule, or lower the learning rate")
 
 
 def _non_finite_terms(record: dict) -> list[str]:
