@@ -181,7 +181,8 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
             f"`{config.matching_layer}`. Pointing accuracy and mask AUC are over the (image, class) pairs of the "
             f"localisation split ({len(localization['image'])} images) whose class is present in the mask and "
             "predicted (logit > 0). Cosine, same peak, Spearman and top-10% IoU compare each model's map with the "
-            "teacher's (same method) on every present pair.\n\n" + table + "\n")
+            "teacher's (same method) on every present pair where both maps are defined (pairs with a NaN or constant "
+            "map are left out and counted in results.json as `<metric>_excluded`).\n\n" + table + "\n")
     if config.eval.faithfulness_steps:
         text += ("\nDeletion / insertion AUC: each localisation image's top-scoring class, its map's pixels removed "
                  "from (inserted into) the zero (mean-colour) image in "
