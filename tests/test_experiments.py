@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
 from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
-from experiments import common, demo, prune
+from attrjax.train import RunConfigMismatchError, make_optimizer
+from experiments import common, demo, prune, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
@@ -105,3 +107,53 @@ def test_eval_methods_override_from_the_command_line(override, expected):
 def test_an_unknown_eval_method_is_named_in_the_error():
     with pytest.raises(ValueError, match="unknown attribution method 'gradcm'.*available: gradcam"):
         resolve_methods("gradcm,lrp")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("students.kd_match.objective.temperature=0.0", "'kd_match' run: the KD temperature must be a finite number > 0"),
+    ("students.kd.objective.kd_alpha=1.5", r"kd_alpha .* must lie in \[0, 1\]"),
+    ("pruning.unstructured.rounds=0", "pruning.unstructured.rounds must be an integer >= 1, got 0"),
+    ("pruning.structured.rates=[0.7]", "got 1 pruning rates for the 7 convs"),
+    ("pruning.structured.num_steps=0", "pruning.structured.num_steps must be an integer >= 1"),
+    ("teacher.num_steps=0", "'teacher' run: num_steps must be an integer >= 1"),
+    ("log_every=0", "log_every must be an integer >= 1, got 0"),
+    ("eval.localization_images=-1", "eval.localization_images must be an integer >= 0"),
+    ("eval.methods='gradcm'", "unknown attribution method 'gradcm'"),
+    ("on_config_change='resume'", "on_config_change must be one of"),
+    ("data.labels='binary'", "data.labels must be 'multilabel' or 'single'"),
+])
+def test_every_run_of_the_demo_is_validated_before_the_first_step(tmp_path, override, message):
+    config = common.load_config("quick", TINY + [override])
+    with pytest.raises(ValueError, match=message):
+        demo.run(config, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing was built or trained
+
+
+def test_optimizer_label_and_override_errors_name_what_is_wrong(tmp_path):
+    sgd_without_momentum = {"name": "sgd", "learning_rate": 0.1, "weight_decay": 0.0, "schedule": "constant"}
+    with pytest.raises(ValueError, match="sgd optimizer config lacks momentum"):
+        make_optimizer(ml_collections.ConfigDict(sgd_without_momentum), 10)
+    with pytest.raises(ValueError, match="teacher has no section 'nope'; it has: dropout_rate"):
+        common.load_config("quick", ["teacher.nope.x=1"])
+    with pytest.raises(ValueError, match="config key 'seed' holds a int, not str 'abc'"):
+        common.load_config("quick", ["seed=abc"])
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        common.load_config("quick", ["seed"])
+    with pytest.raises(ValueError, match="exactly one class per image.*set data.labels='multilabel'"):
+        common.load_splits(common.load_config("quick", TINY + ["data.labels='single'"]), str(tmp_path))
+
+
+def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path, capsys):
+    config = common.load_config("quick", TINY)
+    train_teacher.run(config, str(tmp_path))
+    reseeded = common.load_config("quick", TINY + ["seed=1"])
+    with pytest.raises(RunConfigMismatchError, match=r"teacher/checkpoints was written with other settings "
+                                                     r"\(1 differ\):\n  config.seed: 0 -> 1\n"):
+        train_teacher.run(reseeded, str(tmp_path))
+    with pytest.raises(RunConfigMismatchError, match="num_steps: 4 -> 5"):
+        common.load_teacher(common.load_config("quick", TINY + ["teacher.num_steps=5"]), str(tmp_path))
+    restarted = common.load_config("quick", TINY + ["seed=1", "on_config_change='restart'"])
+    train_teacher.run(restarted, str(tmp_path))
+    assert "moved to" in capsys.readouterr().out
+    assert [name for name in os.listdir(tmp_path / "teacher") if name.startswith("checkpoints.replaced-")]
+    common.load_teacher(reseeded, str(tmp_path))  # the directory now holds the seed-1 teacher
