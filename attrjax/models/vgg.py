@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attrjax.models.split import FunctionalSplitModel
+
 StageWidths = tuple[tuple[int, ...], ...]
 
 VGG_LAYOUTS: dict[str, StageWidths] = {
@@ -235,3 +237,23 @@ def check_compatible(teacher: VGG, student: VGG, layers: Sequence[str] = ()):
 
 __all__ = ["VGG", "VGG_LAYOUTS", "vgg", "scale_widths", "layer_names", "last_conv_layer", "init_variables",
            "check_compatible", "layer_spatial_size"]
+
+
+def vgg_split_model(model: VGG) -> FunctionalSplitModel:
+    """``model`` as a split model (``attrjax.models.split``), split by its own ``features``/``head`` methods at any
+    of its layers."""
+
+    def features(variables, images, layer, train, rng):
+        del rng  # no dropout before the head
+        out = model.apply(variables, images, layer=layer, train=train, method=VGG.features,
+                          mutable=["batch_stats"] if train else False)
+        return out if train else (out, {})
+
+    def head(variables, activations, layer, train, rng):
+        rngs = {"dropout": rng} if rng is not None else {}
+        out = model.apply(variables, activations, layer=layer, train=train, method=VGG.head, rngs=rngs,
+                          mutable=["batch_stats"] if train else False)
+        return out if train else (out, {})
+
+    return FunctionalSplitModel(init_fn=lambda rng, images: init_variables(model, rng), features_fn=features,
+                                head_fn=head, layer_names=model.layers[1:])

@@ -1,0 +1,213 @@
+"""Any classifier as a *split model*: what attrjax needs from a network to attribute, match and train it, as pure
+functions of explicit variables (so everything jits, vmaps and differentiates).
+
+A split model gives
+- ``layers``: the names of the layers it can be split at, in forward order;
+- ``init(rng, images) -> variables``: fresh variables, a dict of collections (``params`` and state such as
+  ``batch_stats``);
+- ``apply(variables, images, *, train, rng) -> (logits (B,K), state)``: ``state`` holds the updated state
+  collections in train mode (``{}`` in eval mode);
+- ``linearize(variables, images, layer, *, train, rng) -> LayerLinearization``: one forward pass that returns the
+  activations A (B,H,W,C) at ``layer``, the logits, the updated state, and ``vjp(cotangent (B,K)) -> (B,H,W,C)``,
+  the gradient of ``cotangent . logits`` with respect to A. Grad-CAM, the matching loss and the train step need
+  nothing else, and since ``vjp`` is a JAX function of the variables, ``jax.grad`` differentiates through it
+  (double backprop).
+
+Adapters: ``LinenSplitModel`` wraps any Flax linen module without methods of its own (it finds the layers by
+intercepting submodule calls, and takes the gradient at a layer through a zero perturbation of its output), and
+``FunctionalSplitModel`` takes plain ``features``/``head`` functions.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Variables = dict[str, Any]
+
+
+class LayerLinearization(NamedTuple):
+    """One forward pass of a split model, linearised at a layer."""
+
+    activations: jax.Array  # A, (B,H,W,C)
+    logits: jax.Array  # (B,K)
+    vjp: Callable[[jax.Array], jax.Array]  # cotangent (B,K) -> d(cotangent . logits)/dA (B,H,W,C)
+    state: Variables  # updated state collections (train mode), else {}
+
+
+class SplitModel(abc.ABC):
+    """The protocol; see the module docstring."""
+
+    @property
+    @abc.abstractmethod
+    def layers(self) -> tuple[str, ...]:
+        """Layer names in forward order."""
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array, images: jax.Array) -> Variables:
+        """Fresh variables for images (B,S,S,3)."""
+
+    @abc.abstractmethod
+    def apply(self, variables: Variables, images: jax.Array, *, train: bool = False,
+              rng: jax.Array | None = None) -> tuple[jax.Array, Variables]:
+        """``(logits (B,K), updated state)``; ``rng`` feeds dropout when training."""
+
+    @abc.abstractmethod
+    def linearize(self, variables: Variables, images: jax.Array, layer: str, *, train: bool = False,
+                  rng: jax.Array | None = None) -> LayerLinearization:
+        """The forward pass linearised at ``layer`` (see ``LayerLinearization``)."""
+
+    def check_layer(self, layer: str) -> None:
+        """Raises ValueError, listing the layers, unless ``layer`` is one of them."""
+        if layer not in self.layers:
+            raise ValueError(f"unknown layer {layer!r}; this model has: {', '.join(self.layers)}")
+
+    def activation_shape(self, variables: Variables, images: jax.Array, layer: str) -> tuple[int, ...]:
+        """The (B,H,W,C) shape of the activations at ``layer`` for ``images`` (nothing is computed)."""
+        return jax.eval_shape(lambda v, x: self.linearize(v, x, layer).activations, variables, images).shape
+
+
+def _check_activations(layer: str, activations) -> None:
+    if getattr(activations, "ndim", None) != 4 or not jnp.issubdtype(activations.dtype, jnp.floating):
+        shape = getattr(activations, "shape", type(activations).__name__)
+        raise ValueError(f"layer {layer!r} outputs {shape}, not activations (B,H,W,C); split at a layer that "
+                         "returns one feature map")
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalSplitModel(SplitModel):
+    """A split model from plain functions.
+
+    Attributes:
+      init_fn: ``(rng, images) -> variables``.
+      features_fn: ``(variables, images, layer, train, rng) -> (A (B,H,W,C), state)``.
+      head_fn: ``(variables, A, layer, train, rng) -> (logits (B,K), state)``; it receives the variables with the
+        state that ``features_fn`` returned, and returns the complete updated state.
+      layer_names: the layers ``features_fn`` and ``head_fn`` can split at, in forward order.
+    """
+
+    init_fn: Callable[[jax.Array, jax.Array], Variables]
+    features_fn: Callable[..., tuple[jax.Array, Variables]]
+    head_fn: Callable[..., tuple[jax.Array, Variables]]
+    layer_names: Sequence[str]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.layer_names)
+
+    def init(self, rng, images):
+        return self.init_fn(rng, images)
+
+    def apply(self, variables, images, *, train=False, rng=None):
+        activations, state = self.features_fn(variables, images, self.layers[-1], train, rng)
+        return self.head_fn({**variables, **state}, activations, self.layers[-1], train, rng)
+
+    def linearize(self, variables, images, layer, *, train=False, rng=None):
+        self.check_layer(layer)
+        activations, state = self.features_fn(variables, images, layer, train, rng)
+        _check_activations(layer, activations)
+        inner = {**variables, **state}
+        logits, vjp, state = jax.vjp(lambda a: self.head_fn(inner, a, layer, train, rng), activations, has_aux=True)
+        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
+
+
+def module_path(module: nn.Module) -> str:
+    """A linen submodule's layer name: its path of attribute names joined with dots (e.g. ``layer4.1``)."""
+    return ".".join(str(part) for part in module.path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinenSplitModel(SplitModel):
+    """Any Flax linen classifier ``module(images, **{train_argument: train}) -> logits`` as a split model.
+
+    Its layers are its submodules that output one feature map (B,H,W,C), named by their paths (``stage3``,
+    ``layer4.1``, ``backbone.block2.conv``; see ``module_path``), found by tracing one call with
+    ``flax.linen.intercept_methods``. Linearising at a layer adds a zero perturbation to that submodule's output in
+    an ordinary forward pass, so the gradient there is exact, the pass runs once (dropout and BatchNorm statistics
+    are those of this very pass) and ``jax.grad`` differentiates through it.
+
+    Attributes:
+      module: the linen module.
+      example_images: images (B,S,S,3) of the size the model takes, to trace its layers (e.g. ``jnp.zeros((1, S, S,
+        3))``).
+      train_argument: the keyword of ``module.__call__`` that switches training mode (``None``: the module has none).
+      state_collections: the mutable collections training updates (e.g. BatchNorm's ``batch_stats``).
+      rng_collection: the rng collection dropout draws from.
+    """
+
+    module: nn.Module
+    example_images: jax.Array
+    train_argument: str | None = "train"
+    state_collections: tuple[str, ...] = ("batch_stats",)
+    rng_collection: str = "dropout"
+
+    def _call(self, variables, images, train, rng):
+        kwargs = {} if self.train_argument is None else {self.train_argument: train}
+        rngs = {self.rng_collection: rng} if rng is not None else {}
+        mutable = list(self.state_collections) if train else False
+        out = self.module.apply(variables, images, rngs=rngs, mutable=mutable, **kwargs)
+        return out if train else (out, {})
+
+    @functools.cached_property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self._layer_shapes())
+
+    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Layer name -> (B,H,W,C) shape of its output, in the order the outputs are computed."""
+        shapes = {}
+
+        def record(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and context.module.path and getattr(out, "ndim", 0) == 4:
+                shapes[module_path(context.module)] = tuple(out.shape)
+            return out
+
+        def forward(images):
+            with nn.intercept_methods(record):
+                variables = self.module.init(jax.random.key(0), images, **(
+                    {} if self.train_argument is None else {self.train_argument: False}))
+                return self._call(variables, images, False, None)[0]
+
+        jax.eval_shape(forward, self.example_images)
+        return shapes
+
+    def init(self, rng, images):
+        init_rngs = {"params": rng, self.rng_collection: jax.random.fold_in(rng, 1)}
+        kwargs = {} if self.train_argument is None else {self.train_argument: False}
+        return dict(self.module.init(init_rngs, images, **kwargs))
+
+    def apply(self, variables, images, *, train=False, rng=None):
+        logits, state = self._call(variables, images, train, rng)
+        return logits, dict(state)
+
+    def linearize(self, variables, images, layer, *, train=False, rng=None):
+        self.check_layer(layer)
+
+        def forward(perturbation):
+            outputs = []
+
+            def perturb(next_fun, args, kwargs, context):
+                out = next_fun(*args, **kwargs)
+                if context.method_name == "__call__" and context.module.path and module_path(context.module) == layer:
+                    outputs.append(out)
+                    return out if perturbation is None else out + perturbation
+                return out
+
+            with nn.intercept_methods(perturb):
+                logits, state = self._call(variables, images, train, rng)
+            if len(outputs) != 1:
+                raise ValueError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; split at a layer "
+                                 "that runs once")
+            return logits, (outputs[0], dict(state))
+
+        activations = jax.eval_shape(lambda: forward(None)[1][0])
+        _check_activations(layer, activations)
+        zero = jnp.zeros(activations.shape, activations.dtype)
+        logits, vjp, (activations, state) = jax.vjp(forward, zero, has_aux=True)
+        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)

@@ -1,0 +1,142 @@
+"""Split models: a user's own linen CNN (no attrjax methods) and the VGG behave alike under the protocol."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attrjax.attribution import weighted_collapse
+from attrjax.matching import matching_loss
+from attrjax.models import init_variables, vgg
+from attrjax.models.split import LinenSplitModel
+from attrjax.models.vgg import vgg_split_model
+
+
+class Trunk(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        for index, width in enumerate((4, 6)):
+            x = nn.Conv(width, (3, 3), name=f"conv{index}")(x)
+            x = nn.BatchNorm(use_running_average=not train, name=f"bn{index}")(x)
+            x = jax.nn.relu(x)
+        return x
+
+
+class Head(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, a, train):
+        a = nn.Conv(5, (3, 3), strides=2, name="conv")(a)
+        a = nn.BatchNorm(use_running_average=not train, name="bn")(a)
+        a = nn.Dropout(0.5, deterministic=not train)(jnp.mean(jax.nn.relu(a), axis=(1, 2)))
+        return nn.Dense(self.num_classes, name="fc")(a)
+
+
+class UserCNN(nn.Module):
+    """What a user brings: a plain linen classifier."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return Head(name="head")(Trunk(name="trunk")(x, train), train)
+
+
+IMAGES = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+USER = LinenSplitModel(UserCNN(), IMAGES[:1])
+
+
+def _user_variables():
+    return USER.init(jax.random.key(1), IMAGES)
+
+
+def test_linen_layers_are_its_submodules_that_output_feature_maps_in_forward_order():
+    assert USER.layers == ("trunk.conv0", "trunk.bn0", "trunk.conv1", "trunk.bn1", "trunk", "head.conv", "head.bn")
+    chex.assert_equal(USER.activation_shape(_user_variables(), IMAGES, "head.conv"), (4, 4, 4, 5))
+    with pytest.raises(ValueError, match="unknown layer 'trunk.conv9'; this model has: trunk.conv0, trunk.bn0"):
+        USER.linearize(_user_variables(), IMAGES, "trunk.conv9")
+
+
+class TrunkOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return Trunk(name="trunk")(x, train)
+
+
+class HeadOnly(nn.Module):
+    """The head under the same path as in ``UserCNN``, so dropout draws the same mask from the same rng."""
+
+    @nn.compact
+    def __call__(self, a, train):
+        return Head(name="head")(a, train)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_linen_linearization_equals_a_hand_written_vjp_of_the_head(train):
+    variables = _user_variables()
+    rng = jax.random.key(7)
+    lin = USER.linearize(variables, IMAGES, "trunk", train=train, rng=rng)
+    mutable = ["batch_stats"] if train else False
+    trunk_out = TrunkOnly().apply(variables, IMAGES, train, mutable=mutable)
+    activations = trunk_out[0] if train else trunk_out
+
+    def head(a):
+        out = HeadOnly().apply(variables, a, train, rngs={"dropout": rng}, mutable=mutable)
+        return out[0] if train else out
+
+    logits, vjp = jax.vjp(head, activations)
+    cotangent = jax.random.normal(jax.random.key(3), logits.shape)
+    chex.assert_trees_all_close(lin.activations, activations, atol=1e-6)
+    chex.assert_trees_all_close(lin.logits, logits, atol=1e-6)
+    chex.assert_trees_all_close(lin.vjp(cotangent), vjp(cotangent)[0], atol=1e-6)
+    full_logits, state = USER.apply(variables, IMAGES, train=train, rng=rng)
+    chex.assert_trees_all_close(lin.logits, full_logits, atol=1e-6)  # same pass, same dropout mask
+    chex.assert_trees_all_close(lin.state, state)
+    assert (set(state) == {"batch_stats"}) == train
+
+
+def _vgg():
+    model = vgg(((4,), (6,)), num_classes=3, image_size=8, attribution_layer="pool1")
+    return model, vgg_split_model(model), init_variables(model, jax.random.key(1))
+
+
+def test_the_vgg_adapter_equals_its_own_features_and_head():
+    model, split, variables = _vgg()
+    assert split.layers == model.layers[1:]
+    lin = split.linearize(variables, IMAGES, "pool1")
+    features = model.apply(variables, IMAGES, layer="pool1", method=type(model).features)
+    logits, vjp = jax.vjp(lambda a: model.apply(variables, a, layer="pool1", method=type(model).head), features)
+    cotangent = jax.nn.one_hot(jnp.array([0, 1, 2, 0]), 3)
+    chex.assert_trees_all_close(lin.logits, logits, atol=1e-6)
+    chex.assert_trees_all_close(lin.vjp(cotangent), vjp(cotangent)[0], atol=1e-6)
+    chex.assert_trees_all_close(split.apply(variables, IMAGES)[0], model.apply(variables, IMAGES), atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["linen", "vgg"])
+def test_the_double_backprop_matching_gradient_equals_finite_differences(which):
+    with jax.enable_x64(True):  # central differences in float64
+        if which == "linen":
+            split, layer = LinenSplitModel(UserCNN(), IMAGES[:1].astype(jnp.float64)), "trunk"
+        else:
+            model = vgg(((4,), (6,)), num_classes=3, image_size=8, attribution_layer="pool1", dtype=jnp.float64)
+            split, layer = vgg_split_model(model), "pool1"
+        images = IMAGES.astype(jnp.float64)
+        variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), split.init(jax.random.key(1), images))
+        teacher_maps = jax.nn.relu(jax.random.normal(jax.random.key(5), split.activation_shape(
+            variables, images, layer)[:3], jnp.float64))
+
+        def loss(params):
+            lin = split.linearize({**variables, "params": params}, images, layer)
+            alpha = jnp.sum(lin.vjp(jax.nn.one_hot(jnp.argmax(lin.logits, -1), lin.logits.shape[-1])), axis=(1, 2))
+            return matching_loss(teacher_maps, weighted_collapse(lin.activations, alpha))
+
+        params = variables["params"]
+        grads = jax.grad(loss)(params)
+        direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(11), p.shape, p.dtype), params)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        eps = 1e-6
+        shifted = [loss(jax.tree.map(lambda p, d, s=s: p + s * eps * d, params, direction)) for s in (1, -1)]
+        numeric = (shifted[0] - shifted[1]) / (2 * eps)
+        assert float(jnp.abs(analytic)) > 1e-6
+        np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5)
