@@ -12,6 +12,7 @@ from attrjax.matching import matching_loss
 from attrjax.models import init_variables, vgg
 from attrjax.models.split import LinenSplitModel
 from attrjax.models.vgg import vgg_split_model
+from attrjax.train import Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
 
 
 class Trunk(nn.Module):
@@ -140,3 +141,49 @@ def test_the_double_backprop_matching_gradient_equals_finite_differences(which):
         numeric = (shifted[0] - shifted[1]) / (2 * eps)
         assert float(jnp.abs(analytic)) > 1e-6
         np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5)
+
+
+class WidthCNN(nn.Module):
+    """A user's classifier family: same layers, any width."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = jax.nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(self.width, (3, 3), name="stem")(x)))
+        x = nn.Conv(self.width, (3, 3), strides=2, name="block")(x)
+        x = nn.Dropout(0.3, deterministic=not train)(jnp.mean(jax.nn.relu(x), axis=(1, 2)))
+        return nn.Dense(3, name="fc")(x)
+
+
+def test_a_users_linen_pair_trains_with_kd_and_matching_compiling_once(tmp_path):
+    teacher, student = WidthCNN(8), WidthCNN(4)
+    teacher_variables = LinenSplitModel(teacher, IMAGES[:1]).init(jax.random.key(0), IMAGES)
+    objective = Objective(kd="binary", matching="weighted", matching_weight=10.0, matching_layer="block")
+    tx = sgd(0.05)
+    step = jit_train_step(chex.assert_max_traces(make_train_step(student, tx, objective, teacher), n=1), data_mesh())
+    state = replicate(TrainState.create(LinenSplitModel(student, IMAGES[:1]).init(jax.random.key(1), IMAGES), tx),
+                      data_mesh())
+    batch = shard_batch({"image": IMAGES, "labels": jnp.eye(3)[jnp.array([0, 1, 2, 0])]}, data_mesh())
+    teacher_variables = replicate(teacher_variables, data_mesh())
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, teacher_variables, batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["matching_loss"]) > 0 and bool(metrics["state_finite"])
+    assert losses[-1] < losses[0]
+    assert set(state.batch_stats) == {"BatchNorm_0"}  # the student's train-mode BatchNorm statistics moved on
+    with pytest.raises(ValueError, match="unknown layer 'stage9'; this model has: stem, BatchNorm_0, block"):
+        make_train_step(student, tx, Objective(kd="binary", matching="weighted", matching_layer="stage9"),
+                        teacher)(state, teacher_variables, batch, jax.random.key(2))
+    with pytest.raises(ValueError, match="the teacher predicts 3 classes but the student 5"):
+        five_way = VGGLikeFive()
+        make_train_step(five_way, tx, Objective(kd="binary"), teacher)(
+            TrainState.create(LinenSplitModel(five_way, IMAGES[:1]).init(jax.random.key(1), IMAGES), tx),
+            teacher_variables, batch, jax.random.key(2))
+
+
+class VGGLikeFive(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(5)(jnp.mean(nn.Conv(4, (3, 3), name="conv")(x), axis=(1, 2)))

@@ -8,8 +8,8 @@
 """
 
 from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam_all_classes, minmax_normalize,
-                                         resize_maps, sensitivities_and_logits, target_weights, top1_target,
-                                         weighted_collapse)
+                                         resize_maps, sensitivities_and_logits, sensitivities_from_vjp, target_weights,
+                                         top1_target, weighted_collapse)
 from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
                                            integrated_gradients, saliency, smooth_grad, sum_channels)
 from attrjax.attribution.propagation import (excitation_backprop, fold_batchnorm, folded_logits, linear_layer_names,
@@ -17,7 +17,7 @@ from attrjax.attribution.propagation import (excitation_backprop, fold_batchnorm
 from attrjax.attribution.rap import rap
 
 __all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "minmax_normalize", "resize_maps",
-           "sensitivities_and_logits", "target_weights", "top1_target", "weighted_collapse",
+           "sensitivities_and_logits", "sensitivities_from_vjp", "target_weights", "top1_target", "weighted_collapse",
            "guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
            "smooth_grad", "sum_channels",
            "excitation_backprop", "fold_batchnorm", "folded_logits", "linear_layer_names", "lrp", "resolve_rules",

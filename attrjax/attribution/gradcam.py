@@ -66,9 +66,14 @@ def sensitivities_and_logits(head_fn: HeadFn, features: jax.Array, target: Targe
         logits, vjp_fn, aux = jax.vjp(head_fn, features, has_aux=True)
     else:
         logits, vjp_fn = jax.vjp(head_fn, features)
-    (grads,) = vjp_fn(target_weights(target, logits))
-    alpha = jnp.sum(grads, axis=(1, 2))
+    alpha = sensitivities_from_vjp(lambda cotangent: vjp_fn(cotangent)[0], logits, target)
     return (alpha, logits, aux) if has_aux else (alpha, logits)
+
+
+def sensitivities_from_vjp(vjp_fn: Callable[[jax.Array], jax.Array], logits: jax.Array, target: Target) -> jax.Array:
+    """Channel sensitivities alpha (B,C) from ``vjp_fn`` (cotangent (B,K) -> d(cotangent . logits)/dA (B,H,W,C),
+    e.g. a split model's ``linearize(...).vjp``) and the logits (B,K) it belongs to."""
+    return jnp.sum(vjp_fn(target_weights(target, logits)), axis=(1, 2))
 
 
 def weighted_collapse(features: jax.Array, alpha: jax.Array, *, relu: bool = True) -> jax.Array:

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 import optax
 
-from attrjax.models import VGG
 from attrjax.train import checkpoint
 from attrjax.train.run_config import bind_run_config
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
@@ -95,8 +94,8 @@ def run_record(num_steps: int, objective: Objective, params, run_config: Mapping
             "param_shapes": jax.tree.map(lambda leaf: list(np.shape(leaf)), params), "config": dict(run_config or {})}
 
 
-def train(student: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-          batches: BatchesFrom, num_steps: int, *, rng: jax.Array, teacher: VGG | None = None,
+def train(student, variables: dict, tx: optax.GradientTransformation, objective: Objective,
+          batches: BatchesFrom, num_steps: int, *, rng: jax.Array, teacher=None,
           teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
           run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
           log_every: int = 50, name: str = "train", log: Callable[[str], None] = print,
@@ -104,6 +103,8 @@ def train(student: VGG, variables: dict, tx: optax.GradientTransformation, objec
     """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in ``checkpoint_dir``.
 
     Args:
+      student, teacher: split models (``attrjax.models.split``), attrjax's VGG, or Flax linen classifiers.
+      variables: the student's initial ``{"params", "batch_stats"?}``.
       run_config: JSON-compatible settings of this run (data, seed, model, optimizer, ...) that ``checkpoint_dir`` is
         bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.
         A rerun whose record differs is refused (``attrjax.train.run_config``).

@@ -1,9 +1,10 @@
-"""One jit-compiled train step: task loss + KD + lambda * attribution matching (PAPER.md §2.7).
+"""One jit-compiled train step: task loss + KD + lambda * attribution matching.
 
 The teacher is a frozen second apply function (eval mode, ``stop_gradient``); its variables are a step argument,
 never constants baked into the compiled program and never part of the student's checkpoint. The student's
-weighted collapsed map comes from a ``jax.vjp`` of its own head, so ``jax.grad`` of the loss differentiates through
-the student's gradients (double backprop) with no extra ceremony.
+weighted collapsed map comes from a ``jax.vjp`` at its matching layer (``SplitModel.linearize``), so ``jax.grad`` of
+the loss differentiates through the student's gradients (double backprop) with no extra ceremony. Any model goes:
+the step takes split models, attrjax's VGG, or plain Flax linen classifiers.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from attrjax import distill, matching
-from attrjax.attribution import activation_collapse, sensitivities_and_logits, top1_target, weighted_collapse
-from attrjax.models import VGG, check_compatible
+from attrjax.attribution import activation_collapse, sensitivities_from_vjp, top1_target, weighted_collapse
+from attrjax.models import VGG, SplitModel, as_split_model, check_compatible
 from attrjax.train.sharding import batch_sharding, replicated
 from attrjax.train.state import TrainState
 
@@ -32,7 +33,7 @@ class Objective:
     Attributes:
       labels: ``multilabel`` (labels (B,K) multi-hot, soft-margin loss) or ``single`` (labels (B,) int or (B,K) one-hot,
         softmax CE).
-      kd: None, ``binary`` (Bernoulli KD, PAPER.md §2.7a) or ``softmax`` (Hinton KD); replaces the task loss.
+      kd: None, ``binary`` (per-class Bernoulli KD) or ``softmax`` (Hinton KD); replaces the task loss.
       temperature, kd_alpha: KD's T and alpha.
       matching: None, ``weighted`` (weighted collapsed attribution matching) or ``activation`` (unweighted).
       matching_weight: lambda.
@@ -86,59 +87,66 @@ def _task_loss(objective: Objective, student_logits, teacher_logits, labels):
     return distill.multilabel_soft_margin_loss(student_logits, labels)
 
 
-def _teacher_outputs(teacher: VGG, teacher_variables, images, objective: Objective, channel_key):
+def _teacher_outputs(teacher: SplitModel, teacher_variables, images, objective: Objective, channel_key):
     """Teacher logits (B,K) and, when matching, its (B,H,W) map for its top-1 class; all constants."""
     teacher_variables = jax.lax.stop_gradient(teacher_variables)
-    layer = objective.matching_layer if objective.matching else None  # KD alone: any split gives the logits
-    feats = teacher.apply(teacher_variables, images, layer=layer, method=VGG.features)
-
-    def head(a):
-        return teacher.apply(teacher_variables, a, layer=layer, method=VGG.head)
-
-    if objective.matching == "weighted":
-        alpha, logits = sensitivities_and_logits(head, feats, top1_target)
-        if objective.drop_rate:
-            alpha = alpha * matching.stochastic_channel_keep(channel_key, alpha.shape[-1], objective.drop_rate)
-        return logits, weighted_collapse(feats, alpha)
-    logits = head(feats)
-    maps = activation_collapse(feats) if objective.matching == "activation" else None
-    return logits, maps
+    if not objective.matching:
+        return teacher.apply(teacher_variables, images)[0], None
+    lin = teacher.linearize(teacher_variables, images, objective.matching_layer)
+    if objective.matching == "activation":
+        return lin.logits, activation_collapse(lin.activations)
+    alpha = sensitivities_from_vjp(lin.vjp, lin.logits, top1_target)
+    if objective.drop_rate:
+        alpha = alpha * matching.stochastic_channel_keep(channel_key, alpha.shape[-1], objective.drop_rate)
+    return lin.logits, weighted_collapse(lin.activations, alpha)
 
 
-def make_loss_fn(student: VGG, objective: Objective, teacher: VGG | None = None) -> Callable:
-    """``loss_fn(params, batch_stats, teacher_variables, batch, rng) -> (loss, (batch_stats, metrics))``."""
+def _check_pair(teacher_logits, student_logits, teacher_maps, student_maps, layer) -> None:
+    """Shapes are static, so a mismatched pair fails here, when the step is first traced."""
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"the teacher predicts {teacher_logits.shape[-1]} classes but the student "
+                         f"{student_logits.shape[-1]}; distillation needs the same class axis")
+    if teacher_maps is not None and teacher_maps.shape != student_maps.shape:
+        raise ValueError(f"maps at {layer!r} are {teacher_maps.shape[1:]} in the teacher but {student_maps.shape[1:]} "
+                         "in the student: match at a layer where both have the same spatial size")
+
+
+def make_loss_fn(student, objective: Objective, teacher=None) -> Callable:
+    """``loss_fn(params, batch_stats, teacher_variables, batch, rng) -> (loss, (batch_stats, metrics))``.
+
+    ``student`` and ``teacher``: split models (``attrjax.models.split``), attrjax's VGG, or any Flax linen
+    classifier (wrapped by ``attrjax.models.as_split_model``); ``objective.matching_layer`` names a layer of both.
+    """
     if objective.needs_teacher:
         if teacher is None:
             raise ValueError(f"objective {objective} needs a teacher: pass teacher= and teacher variables")
-        check_compatible(teacher, student, [objective.matching_layer] if objective.matching else [])
-    layer = objective.matching_layer if objective.matching else None
+        if isinstance(teacher, VGG) and isinstance(student, VGG):  # fail before anything is traced
+            check_compatible(teacher, student, [objective.matching_layer] if objective.matching else [])
 
     def loss_fn(params, batch_stats, teacher_variables, batch, rng):
         dropout_key, channel_key = jax.random.split(rng)
         images, labels = batch["image"], batch["labels"]
+        student_model = as_split_model(student, images)
+        teacher_logits = teacher_maps = None
         if objective.needs_teacher:
-            teacher_logits, teacher_maps = _teacher_outputs(teacher, teacher_variables, images, objective,
-                                                            channel_key)
+            teacher_logits, teacher_maps = _teacher_outputs(as_split_model(teacher, images), teacher_variables,
+                                                            images, objective, channel_key)
+
+        variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+        student_maps = None
+        if objective.matching:
+            lin = student_model.linearize(variables, images, objective.matching_layer, train=True, rng=dropout_key)
+            logits, state = lin.logits, lin.state
+            if objective.matching == "weighted":
+                # The student is attributed to the teacher's top-1 class, through its own (train-mode) head.
+                target = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1])
+                student_maps = weighted_collapse(lin.activations, sensitivities_from_vjp(lin.vjp, logits, target))
+            else:
+                student_maps = activation_collapse(lin.activations)
         else:
-            teacher_logits = teacher_maps = None
-
-        feats, updates = student.apply({"params": params, "batch_stats": batch_stats}, images, layer=layer,
-                                       train=True, method=VGG.features, mutable=["batch_stats"])
-
-        def head(a):
-            logits, head_updates = student.apply({"params": params, "batch_stats": updates["batch_stats"]}, a,
-                                                 layer=layer, train=True, method=VGG.head, mutable=["batch_stats"],
-                                                 rngs={"dropout": dropout_key})
-            return logits, head_updates["batch_stats"]
-
-        if objective.matching == "weighted":
-            # The student is attributed to the teacher's top-1 class, through its own (train-mode) head.
-            target = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), teacher_logits.shape[-1])
-            alpha, logits, new_batch_stats = sensitivities_and_logits(head, feats, target, has_aux=True)
-            student_maps = weighted_collapse(feats, alpha)
-        else:
-            logits, new_batch_stats = head(feats)
-            student_maps = activation_collapse(feats) if objective.matching == "activation" else None
+            logits, state = student_model.apply(variables, images, train=True, rng=dropout_key)
+        if objective.needs_teacher:
+            _check_pair(teacher_logits, logits, teacher_maps, student_maps, objective.matching_layer)
 
         task = _task_loss(objective, logits, teacher_logits, labels)
         match = (matching.matching_loss(teacher_maps, student_maps) if objective.matching
@@ -147,7 +155,7 @@ def make_loss_fn(student: VGG, objective: Objective, teacher: VGG | None = None)
         metrics = {"loss": loss, "task_loss": task, "matching_loss": match}
         if objective.needs_teacher:
             metrics["teacher_finite"] = all_finite((teacher_logits, teacher_maps))
-        return loss, (new_batch_stats, metrics)
+        return loss, (state.get("batch_stats", {}), metrics)
 
     return loss_fn
 
@@ -159,8 +167,8 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def make_train_step(student: VGG, tx: optax.GradientTransformation, objective: Objective,
-                    teacher: VGG | None = None) -> Callable:
+def make_train_step(student, tx: optax.GradientTransformation, objective: Objective,
+                    teacher=None) -> Callable:
     """``train_step(state, teacher_variables, batch, rng) -> (state, metrics)``, not yet jitted.
 
     ``metrics``: the loss terms (``loss``, ``task_loss``, ``matching_loss``) and () bool flags ``gradients_finite``,

@@ -1,0 +1,22 @@
+"""``as_split_model``: the one place that turns what a user passes as a model into a split model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from attrjax.models.split import LinenSplitModel, SplitModel
+from attrjax.models.vgg import VGG, vgg_split_model
+
+
+def as_split_model(model, example_images: jax.Array) -> SplitModel:
+    """A ``SplitModel`` as it is, attrjax's ``VGG`` through its own features/head, any other Flax linen module
+    through ``LinenSplitModel`` (``example_images`` (B,S,S,3): images of the size it takes)."""
+    if isinstance(model, SplitModel):
+        return model
+    if isinstance(model, VGG):
+        return vgg_split_model(model)
+    if isinstance(model, nn.Module):
+        return LinenSplitModel(model, example_images[:1])
+    raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen module or an "
+                    "attrjax.models.split.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
