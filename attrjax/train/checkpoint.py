@@ -109,12 +109,17 @@ def _structure_mismatch(expected: dict, found: dict) -> list[str]:
     return sorted(lines)
 
 
+def _summary(error: Exception) -> str:
+    """The first line of an orbax/tensorstore error, without the storage spec it appends."""
+    text = (str(error).split("See full TensorStore details")[0].strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:200]}"
+
+
 def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict:
     try:
         found = manager.restore(step, args=ocp.args.Composite(**{MANIFEST: ocp.args.JsonRestore()}))[MANIFEST]
     except Exception as error:  # orbax raises many types for missing or damaged files
-        raise CorruptCheckpointError(f"its manifest cannot be read ({type(error).__name__}: "
-                                     f"{str(error).splitlines()[0][:200]})") from error
+        raise CorruptCheckpointError(f"its manifest cannot be read ({_summary(error)})") from error
     if not isinstance(found, dict) or not all(isinstance(entry, dict) for entry in found.values()):
         raise CorruptCheckpointError("its manifest is missing or not a manifest (written by another program, or by "
                                      "attrjax before checkpoints were verified?)")
@@ -139,8 +144,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state):
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
     except Exception as error:  # tensorstore/orbax raise bare Exception for truncated or missing data files
-        raise CorruptCheckpointError(f"its arrays cannot be read ({type(error).__name__}: "
-                                     f"{str(error).splitlines()[0][:200]})") from error
+        raise CorruptCheckpointError(f"its arrays cannot be read ({_summary(error)})") from error
     changed = [path for path, entry in manifest(jax.tree.map(_host_array, restored)).items()
                if entry["crc32"] != found[path].get("crc32")]
     if changed:
