@@ -53,9 +53,8 @@ import numpy as np
 from flax import traverse_util
 
 # Private helpers of the sibling VGG modules, shared so that both families initialise, report and convert alike.
-from attrjax.models.torchvision import (_LISTED, _NOT_FLOAT_ADVICE, _NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH,
-                                        StateDict, _listing, _non_float_weights, _permute,
-                                        _strip_data_parallel_prefix)
+from attrjax.models.torchvision import (_LISTED, _NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _listing,
+                                        _permute, _strip_data_parallel_prefix, check_state_dict_fits)
 from attrjax.models.vgg import _torch_bias_init, _torch_kernel_init
 
 BLOCKS = ("basic", "bottleneck")
@@ -464,25 +463,7 @@ def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: ResNet,
                       ) -> None:
     """Raises one ValueError listing every way ``state_dict`` does not fit ``key_map``, with hints."""
     required = {key: _torch_shape(shapes[path]) for key, path in key_map.items() if path is not None}
-    missing = [key for key in required if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in key_map]
-    wrong = [f"{key} is {tuple(np.shape(state_dict[key]))} in the checkpoint, the model expects {shape}"
-             for key, shape in required.items() if key in state_dict and tuple(np.shape(state_dict[key])) != shape]
-    not_float = _non_float_weights(state_dict)
-    if not (missing or unexpected or wrong or not_float):
-        return
-    lines = [f"cannot import this state dict into {_describe(model)}:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-    if not_float:
-        lines.append(f"  not floating point ({len(not_float)}): {_listing(not_float)}. {_NOT_FLOAT_ADVICE}")
-    lines += [f"  wrong shape: {problem}" for problem in wrong[:_LISTED]]
-    if len(wrong) > _LISTED:
-        lines.append(f"  ... and {len(wrong) - _LISTED} more wrong shapes")
-    lines += [f"  hint: {hint}" for hint in _hints(state_dict, model)]
-    raise ValueError("\n".join(lines))
+    check_state_dict_fits(state_dict, required, key_map, _describe(model), lambda wrong: _hints(state_dict, model))
 
 
 def _hints(state_dict: Mapping[str, np.ndarray], model: ResNet) -> list[str]:

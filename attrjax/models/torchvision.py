@@ -559,14 +559,26 @@ def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: VGG, key_map:
                       ) -> None:
     required = {key: _permute(flax_shapes[source], _TO_TORCH[len(flax_shapes[source])])
                 for key, source in key_map.items() if source is not _NUM_BATCHES_TRACKED}
+    check_state_dict_fits(state_dict, required, key_map, _describe(model),
+                          lambda wrong: _hints(state_dict, model, wrong))
+
+
+WrongShape = tuple[str, tuple[int, ...], tuple[int, ...]]  # (key, shape in the checkpoint, shape the model expects)
+
+
+def check_state_dict_fits(state_dict: Mapping[str, np.ndarray], required: Mapping[str, tuple[int, ...]],
+                          known_keys, description: str, hints: Callable[[list[WrongShape]], list[str]]) -> None:
+    """Raises one ValueError listing every way ``state_dict`` does not fit a model: missing and unexpected keys
+    (``required``: key -> torch shape; ``known_keys``: every key the model reads or ignores), wrong shapes,
+    non-float weights, then ``hints(wrong shapes)``; ``description`` names the model."""
     missing = [key for key in required if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in key_map]
+    unexpected = [key for key in state_dict if key not in known_keys]
     wrong = [(key, tuple(np.shape(state_dict[key])), shape) for key, shape in required.items()
-             if key in state_dict and tuple(np.shape(state_dict[key])) != shape]
+             if key in state_dict and tuple(np.shape(state_dict[key])) != tuple(shape)]
     not_float = _non_float_weights(state_dict)
     if not (missing or unexpected or wrong or not_float):
         return
-    lines = [f"cannot import this state dict into {_describe(model)}:"]
+    lines = [f"cannot import this state dict into {description}:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
     if unexpected:
@@ -577,7 +589,7 @@ def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: VGG, key_map:
         lines.append(f"  wrong shape: {key} is {found} in the checkpoint, the model expects {expected}")
     if len(wrong) > _LISTED:
         lines.append(f"  ... and {len(wrong) - _LISTED} more wrong shapes")
-    lines += [f"  hint: {hint}" for hint in _hints(state_dict, model, wrong)]
+    lines += [f"  hint: {hint}" for hint in hints(wrong)]
     raise ValueError("\n".join(lines))
 
 
