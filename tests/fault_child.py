@@ -3,7 +3,8 @@
     python tests/fault_child.py WORKDIR NUM_STEPS [step|save|nan K]
 
 ``step K``: the process SIGKILLs itself before step K runs; ``save K``: in the middle of writing the checkpoint of
-step K; ``nan K``: the learning rate is NaN at step K, so the run diverges there. A finished run writes WORKDIR/final.npz.
+step K; ``nan K``: the learning rate is NaN at step K, so the run diverges there. A finished run writes
+WORKDIR/final.npz.
 """
 
 import os
@@ -54,8 +55,9 @@ def main(workdir: str, num_steps: int, mode: str = "", kill_step: int = 0):
 
         ocp.CheckpointManager.save, ocp.JsonCheckpointHandler.async_save = save, item_save
     teacher, student = _models()
-    state, _ = train(student, init_variables(student, jax.random.key(1)), sgd(learning_rate), MATCHED, batches, num_steps,
-                     rng=jax.random.key(5), teacher=teacher, teacher_variables=init_variables(teacher, jax.random.key(0)),
+    state, _ = train(student, init_variables(student, jax.random.key(1)), sgd(learning_rate), MATCHED, batches,
+                     num_steps, rng=jax.random.key(5), teacher=teacher,
+                     teacher_variables=init_variables(teacher, jax.random.key(0)),
                      checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log=print)
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get((state.params, state.batch_stats, state.opt_state)))[0]
     np.savez(os.path.join(workdir, "final.npz"), **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})

@@ -197,7 +197,8 @@ def test_a_run_resumes_past_a_damaged_checkpoint(tmp_path, four_step_run):
     state, _ = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
                      rng=jax.random.key(0), checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=2,
                      log=lines.append)
-    assert any("skipping checkpoint" in line for line in lines) and "[train] resuming from the checkpoint of step 2" in lines
+    assert any("skipping checkpoint" in line for line in lines)
+    assert "[train] resuming from the checkpoint of step 2" in lines
     manager = checkpoint_manager(str(pristine), save_every=2)
     finished = restore_latest(manager, state)
     manager.close()
@@ -212,11 +213,13 @@ def test_a_directory_refuses_other_settings_or_restarts_when_asked(tmp_path):
                      num_steps, rng=jax.random.key(0), checkpoint_dir=str(tmp_path / "run"), checkpoint_every=2,
                      run_config=run_config, log=lambda _: None, **kwargs)[0]
 
-    run(2, {"seed": 0, "data": {"name": "shapes"}})
-    for num_steps, run_config, difference in ((4, {"seed": 0, "data": {"name": "shapes"}}, "num_steps: 2 -> 4"),
-                                              (2, {"seed": 1, "data": {"name": "shapes"}}, "config.seed: 0 -> 1"),
-                                              (2, {"seed": 0, "data": {"name": "voc2012"}}, 'config.data.name: "shapes" -> "voc2012"'),
-                                              (2, {"seed": 0}, 'config.data.name: "shapes" -> "<absent>"')):
+    shapes = {"seed": 0, "data": {"name": "shapes"}}
+    run(2, shapes)
+    for num_steps, run_config, difference in (
+            (4, shapes, "num_steps: 2 -> 4"),
+            (2, {**shapes, "seed": 1}, "config.seed: 0 -> 1"),
+            (2, {**shapes, "data": {"name": "voc2012"}}, 'config.data.name: "shapes" -> "voc2012"'),
+            (2, {"seed": 0}, 'config.data.name: "shapes" -> "<absent>"')):
         with pytest.raises(RunConfigMismatchError, match=f"1 differ.*\\n  {difference}\\n.*on_config_change"):
             run(num_steps, run_config)
     state = run(4, {"seed": 1}, on_config_change="restart")

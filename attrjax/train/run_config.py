@@ -42,8 +42,10 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     """``"key: old -> new"`` for every dotted key whose value differs (``<absent>`` where a side lacks it)."""
     old_flat, new_flat = _flatten(json_compatible(dict(old))), _flatten(json_compatible(dict(new)))
     absent = "<absent>"
+    changed = [key for key in sorted(old_flat.keys() | new_flat.keys())
+               if old_flat.get(key, absent) != new_flat.get(key, absent)]
     return [f"{key}: {json.dumps(old_flat.get(key, absent))} -> {json.dumps(new_flat.get(key, absent))}"
-            for key in sorted(old_flat.keys() | new_flat.keys()) if old_flat.get(key, absent) != new_flat.get(key, absent)]
+            for key in changed]
 
 
 def read_run_config(directory: str) -> dict | None:
