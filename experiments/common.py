@@ -21,7 +21,6 @@ from absl import logging as absl_logging
 
 from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
-from attrjax.files import write_json
 from attrjax.models import VGG, import_vgg, init_variables, load_state_dict, vgg
 from attrjax.train import (Objective, RunConfigMismatchError, TrainState, check_run_config, checkpoint_manager,
                            make_optimizer, read_run_config, restore_latest, run_record, train)
@@ -338,11 +337,6 @@ def pretrained_variables(name: str, path: str, model: VGG, fresh_variables: dict
     variables = import_vgg(load_state_dict(path), model, new_head_variables=fresh_variables)
     print(f"[{name}] features from {path}, a new {model.num_classes}-way classifier")
     return variables
-
-
-def save_json(path: str, payload):
-    """Valid JSON (NaN as null), written atomically."""
-    write_json(path, payload)
 
 
 def load_trained(name: str, model_config, objective: Objective, config, workdir: str) -> tuple[VGG, dict]:

@@ -24,6 +24,7 @@ import numpy as np
 from attrjax import data as attr_data
 from attrjax.attribution.methods import resolve_methods
 from attrjax.evaluation import classification_report, localization_report, predict
+from attrjax.files import write_json
 from attrjax.pruning import count_params_and_flops, sparsity_summary
 from experiments import common, prune
 from experiments.distill import student_runs
@@ -175,7 +176,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
 
     table = markdown_table(results, methods[0])
     print("\n" + table + "\n")
-    common.save_json(os.path.join(workdir, "results.json"), {"config": config.to_dict(), "results": results})
+    write_json(os.path.join(workdir, "results.json"), {"config": config.to_dict(), "results": results})
     write_csv(os.path.join(workdir, "results.csv"), results)
     text = (f"# attrjax results\n\nMain table: {methods[0]} (Grad-CAM and EBP at `{config.eval_layer}`), matching at "
             f"`{config.matching_layer}`. Pointing accuracy and mask AUC are over the (image, class) pairs of the "
