@@ -21,17 +21,18 @@ from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve,
                              localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
                              summarize_localization, top_k_iou)
 from attrjax.metrics.localization import mean_or_nan
-from attrjax.models import VGG
+from attrjax.models import SplitModel, logits_fn
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 
 
-def make_predict_fn(model: VGG) -> Callable:
-    """``predict(variables, images (B,S,S,3)) -> logits (B,K)`` in eval mode, jitted."""
-    return jax.jit(lambda variables, images: model.apply(variables, images))
+def make_predict_fn(model) -> Callable:
+    """``predict(variables, images (B,S,S,3)) -> logits (B,K)`` in eval mode, jitted, for any model that
+    ``attrjax.models.as_split_model`` takes (a split model, attrjax's VGG, a Flax linen classifier)."""
+    return jax.jit(lambda variables, images: logits_fn(model, variables)(images))
 
 
-def _all_class_maps(model: VGG, layer: str, method: str, options: dict | None, class_chunk: int = 8) -> Callable:
+def _all_class_maps(model, layer: str, method: str, options: dict | None, class_chunk: int = 8) -> Callable:
     """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: ``method``'s map of every class."""
     check_method(method)
     return functools.partial(class_maps, model, method=method, layer=layer, class_chunk=class_chunk,
@@ -43,7 +44,7 @@ def evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
     return minmax_normalize(resize_maps(raw_maps, image_size))
 
 
-def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam", method_options: dict | None = None, *,
+def make_attribution_fn(model, layer: str, method: str = "gradcam", method_options: dict | None = None, *,
                         class_chunk: int = 8) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
@@ -59,7 +60,7 @@ def make_attribution_fn(model: VGG, layer: str, method: str = "gradcam", method_
     return jax.jit(attribute)
 
 
-def predict(model: VGG, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N,K) and labels (N,K) over padded eval batches (their ``valid`` rows only)."""
     predict_fn = make_predict_fn(model)
     logits, labels = [], []
@@ -103,21 +104,21 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _top_class_faithfulness(model: VGG, steps: int, variables: dict, images: jax.Array, maps: jax.Array,
+def _top_class_faithfulness(model, steps: int, variables: dict, images: jax.Array, maps: jax.Array,
                             logits: jax.Array) -> dict:
     """Deletion and insertion AUC (B,) of each image's top-scoring class, for maps (B,K,S,S) and logits (B,K); jitted
     once per model whatever the attribution method."""
     top = jnp.argmax(logits, axis=-1)
     top_maps = jnp.take_along_axis(maps, top[:, None, None, None], axis=1)[:, 0]  # (B,S,S)
-    curve_args = (lambda x: model.apply(variables, x), images, top_maps, top)
+    curve_args = (logits_fn(model, variables), images, top_maps, top)
     curve_kwargs = dict(steps=steps, chunk_size=images.shape[0])
     return {"deletion_auc": curve_auc(deletion_curve(*curve_args, **curve_kwargs)),
             "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
 
 
-def localization_report(model: VGG, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
+def localization_report(model, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
                         keep_maps: int = 0,
-                        reference: tuple[VGG, dict] | Sequence[np.ndarray] | Literal["self"] | None = None,
+                        reference: tuple[SplitModel, dict] | Sequence[np.ndarray] | Literal["self"] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
                         keep_raw_maps: bool = False, faithfulness_steps: int = 0,
                         prediction_rule: str = "positive_logit") -> tuple[dict, dict]:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from attrjax.attribution import weighted_collapse
+from attrjax.attribution.methods import class_maps
+from attrjax.evaluation import localization_report, make_predict_fn
 from attrjax.matching import matching_loss
 from attrjax.models import init_variables, vgg
 from attrjax.models.split import LinenSplitModel
@@ -187,3 +189,25 @@ class VGGLikeFive(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         return nn.Dense(5)(jnp.mean(nn.Conv(4, (3, 3), name="conv")(x), axis=(1, 2)))
+
+
+def test_a_users_linen_model_goes_through_the_evaluation():
+    variables = _user_variables()
+    maps, logits = class_maps(UserCNN(), variables, IMAGES, "gradcam", layer="trunk")
+    chex.assert_shape(maps, (4, 3, 8, 8))
+    lin = USER.linearize(variables, IMAGES, "trunk")
+    for k in range(3):  # each class's map is Grad-CAM from that class's own vjp
+        alpha = jnp.sum(lin.vjp(jax.nn.one_hot(jnp.full((4,), k), 3)), axis=(1, 2))
+        chex.assert_trees_all_close(maps[:, k], weighted_collapse(lin.activations, alpha), atol=1e-6)
+    chex.assert_trees_all_close(make_predict_fn(UserCNN())(variables, IMAGES), logits, atol=1e-6)
+    saliency_maps, _ = class_maps(UserCNN(), variables, IMAGES, "saliency")
+    chex.assert_shape(saliency_maps, (4, 3, 8, 8))
+    with pytest.raises(ValueError, match="method 'lrp' needs attrjax's VGG.*for a UserCNN use gradcam"):
+        class_maps(UserCNN(), variables, IMAGES, "lrp")
+    masks = np.zeros((4, 8, 8), np.int32)
+    masks[:, 2:5, 2:5] = np.array([1, 2, 3, 1])[:, None, None]  # class c + 1 marks class c's pixels
+    batch = {"image": IMAGES, "mask": jnp.asarray(masks), "valid": np.ones(4, bool)}
+    summary, _ = localization_report(UserCNN(), variables, [batch], layer="trunk", reference="self",
+                                     faithfulness_steps=2, prediction_rule="top1")
+    assert summary["map_cosine"] == 1.0 and 0.0 <= summary["deletion_auc"] <= 1.0
+    assert summary["num_counted"] == int(np.sum(np.argmax(np.asarray(logits), -1) == np.array([0, 1, 2, 0])))

@@ -7,7 +7,8 @@
 - ``methods``: every method by name, all classes of a batch at once (the evaluation's entry point).
 """
 
-from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam_all_classes, minmax_normalize,
+from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam_all_classes,
+                                         grad_cam_all_classes_from_vjp, minmax_normalize,
                                          resize_maps, sensitivities_and_logits, sensitivities_from_vjp, target_weights,
                                          top1_target, weighted_collapse)
 from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
@@ -16,7 +17,8 @@ from attrjax.attribution.propagation import (excitation_backprop, fold_batchnorm
                                              lrp, resolve_rules)
 from attrjax.attribution.rap import rap
 
-__all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "minmax_normalize", "resize_maps",
+__all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "grad_cam_all_classes_from_vjp",
+           "minmax_normalize", "resize_maps",
            "sensitivities_and_logits", "sensitivities_from_vjp", "target_weights", "top1_target", "weighted_collapse",
            "guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
            "smooth_grad", "sum_channels",

@@ -105,13 +105,20 @@ def grad_cam_all_classes(head_fn: HeadFn, features: jax.Array, *, relu: bool = T
       ``(maps, logits)``: maps (B,K,H,W), logits (B,K).
     """
     logits, vjp_fn = jax.vjp(head_fn, features)
+    return grad_cam_all_classes_from_vjp(lambda cotangent: vjp_fn(cotangent)[0], features, logits, relu=relu), logits
+
+
+def grad_cam_all_classes_from_vjp(vjp_fn: Callable[[jax.Array], jax.Array], features: jax.Array, logits: jax.Array,
+                                  *, relu: bool = True) -> jax.Array:
+    """Grad-CAM maps (B,K,H,W) of every class from ``vjp_fn`` (cotangent (B,K) -> d(cotangent . logits)/dA
+    (B,H,W,C), e.g. a split model's ``linearize(...).vjp``), the features A (B,H,W,C) and the logits (B,K)."""
     batch, num_classes = logits.shape
     one_hots = jnp.broadcast_to(jnp.eye(num_classes, dtype=logits.dtype)[:, None, :],
                                 (num_classes, batch, num_classes))
-    (grads,) = jax.vmap(vjp_fn)(one_hots)  # (K,B,H,W,C)
+    grads = jax.vmap(vjp_fn)(one_hots)  # (K,B,H,W,C)
     alpha = jnp.sum(grads, axis=(2, 3))  # (K,B,C)
     maps = jnp.einsum("bhwc,kbc->bkhw", features, alpha)
-    return (jax.nn.relu(maps) if relu else maps), logits
+    return jax.nn.relu(maps) if relu else maps
 
 
 def activation_collapse(features: jax.Array) -> jax.Array:

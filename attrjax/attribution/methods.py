@@ -1,7 +1,7 @@
 """Every attribution method by name, for every class of a batch at once: the evaluation's entry point.
 
 ``class_maps(model, variables, images, method, layer=...)`` returns raw maps (B,K,h,w), one per image and class,
-with the paper's per-method conventions (PAPER.md §6.2):
+with the paper's per-method conventions:
 
 | method | map |
 |---|---|
@@ -30,21 +30,17 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from attrjax.attribution.gradcam import grad_cam_all_classes
+from attrjax.attribution.gradcam import grad_cam_all_classes_from_vjp
 from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, integrated_gradients, saliency,
                                            smooth_grad, sum_channels)
 from attrjax.attribution.propagation import excitation_backprop, lrp
 from attrjax.attribution.rap import rap
 from attrjax.chunking import chunked_map
-from attrjax.models import VGG
+from attrjax.models import VGG, as_split_model, logits_fn
 
 # (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
-ClassMapFn = Callable[[VGG, dict, jax.Array, jax.Array, str], jax.Array]
+ClassMapFn = Callable[..., jax.Array]
 _SMOOTH_GRAD_KEY = 0  # SmoothGrad's noise is a fixed function of the method, so evaluations are reproducible.
-
-
-def _logit_fn(model: VGG, variables: dict) -> Callable[[jax.Array], jax.Array]:
-    return lambda x: model.apply(variables, x)
 
 
 def _max_abs_channel(gradients: jax.Array) -> jax.Array:
@@ -64,26 +60,29 @@ def _rap(model, variables, images, classes, layer, **options):
 
 
 def _saliency(model, variables, images, classes, layer, **options):
-    return saliency(_logit_fn(model, variables), images, classes, **options)
+    return saliency(logits_fn(model, variables), images, classes, **options)
 
 
 def _input_x_gradient(model, variables, images, classes, layer, **options):
-    return input_x_gradient(_logit_fn(model, variables), images, classes, **options)
+    return input_x_gradient(logits_fn(model, variables), images, classes, **options)
 
 
 def _integrated_gradients(model, variables, images, classes, layer, **options):
-    return sum_channels(integrated_gradients(_logit_fn(model, variables), images, classes, **options))
+    return sum_channels(integrated_gradients(logits_fn(model, variables), images, classes, **options))
 
 
 def _smooth_grad(model, variables, images, classes, layer, **options):
     key = jax.random.key(_SMOOTH_GRAD_KEY)
-    return _max_abs_channel(smooth_grad(_logit_fn(model, variables), images, classes, rng=key, **options))
+    return _max_abs_channel(smooth_grad(logits_fn(model, variables), images, classes, rng=key, **options))
 
 
 def _guided_backprop(model, variables, images, classes, layer, **options):
     return _max_abs_channel(guided_backprop(model, variables, images, classes, **options))
 
 
+# Propagation rules and guided backprop are written for attrjax's VGG (its layer sequence); the gradient family and
+# Grad-CAM work for any model.
+VGG_ONLY_METHODS = ("ebp", "lrp", "rap", "guided_backprop")
 PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
@@ -115,12 +114,14 @@ def resolve_methods(spec: str) -> tuple[str, ...]:
     return methods
 
 
-def class_maps(model: VGG, variables: dict, images: jax.Array, method: str = "gradcam", *, layer: str | None = None,
+def class_maps(model, variables: dict, images: jax.Array, method: str = "gradcam", *, layer: str | None = None,
                class_chunk: int = 8, **options) -> tuple[jax.Array, jax.Array]:
     """Raw maps of every class for a batch: ``(maps (B,K,h,w), logits (B,K))``.
 
     Args:
-      model, variables: a VGG and its variables (eval mode).
+      model, variables: a model and its variables (eval mode): a split model (``attrjax.models.split``), attrjax's
+        VGG or any Flax linen classifier for Grad-CAM and the gradient family; attrjax's VGG for
+        ``VGG_ONLY_METHODS``.
       images: (B,S,S,3) normalised images.
       method: one of ``METHODS`` (see the module docstring).
       layer: where ``gradcam`` and ``ebp`` read their maps (required for them; the other methods attribute the
@@ -134,12 +135,16 @@ def class_maps(model: VGG, variables: dict, images: jax.Array, method: str = "gr
         raise ValueError(f"method {method!r} reads its map at a layer; pass layer= (e.g. the last conv)")
     if class_chunk < 1:
         raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
+    if method in VGG_ONLY_METHODS and not isinstance(model, VGG):
+        raise ValueError(f"method {method!r} needs attrjax's VGG: its propagation rules are written for the VGG's "
+                         f"layer sequence; for a {type(model).__name__} use gradcam or the gradient family "
+                         "(saliency, input_x_gradient, integrated_gradients, smooth_grad)")
     if method == "gradcam":
         if options:
             raise ValueError(f"gradcam takes no options, got {sorted(options)}")
-        features = model.apply(variables, images, layer=layer, method=VGG.features)
-        return grad_cam_all_classes(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), features)
-    logits = model.apply(variables, images)
+        lin = as_split_model(model, images).linearize(variables, images, layer)
+        return grad_cam_all_classes_from_vjp(lin.vjp, lin.activations, lin.logits), lin.logits
+    logits = logits_fn(model, variables)(images)
     batch, num_classes = logits.shape
     one_class = functools.partial(PER_CLASS_METHODS[method], model, variables, images, layer=layer, **options)
     per_class = chunked_map(lambda k: one_class(jnp.full((batch,), k)), jnp.arange(num_classes), class_chunk)

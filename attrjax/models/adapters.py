@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 
@@ -20,3 +22,8 @@ def as_split_model(model, example_images: jax.Array) -> SplitModel:
         return LinenSplitModel(model, example_images[:1])
     raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen module or an "
                     "attrjax.models.split.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
+
+
+def logits_fn(model, variables: dict) -> Callable[[jax.Array], jax.Array]:
+    """``images (B,S,S,3) -> logits (B,K)`` of any model that ``as_split_model`` takes, in eval mode."""
+    return lambda images: as_split_model(model, images).apply(variables, images)[0]
