@@ -2,6 +2,7 @@
 
 import chex
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from attrjax.attribution.methods import class_maps
 from attrjax.evaluation import localization_report, make_predict_fn
 from attrjax.matching import matching_loss
 from attrjax.models import init_variables, vgg
-from attrjax.models.split import LinenSplitModel
+from attrjax.models.split import LinenSplitModel, NNXSplitModel, _calls_observed
 from attrjax.models.vgg import vgg_split_model
 from attrjax.train import Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
 
@@ -211,3 +212,79 @@ def test_a_users_linen_model_goes_through_the_evaluation():
                                      faithfulness_steps=2, prediction_rule="top1")
     assert summary["map_cosine"] == 1.0 and 0.0 <= summary["deletion_auc"] <= 1.0
     assert summary["num_counted"] == int(np.sum(np.argmax(np.asarray(logits), -1) == np.array([0, 1, 2, 0])))
+
+
+class UserNNX(nnx.Module):
+    """A user's Flax NNX classifier."""
+
+    def __init__(self, width: int, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, width, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(width, rngs=rngs)
+        self.blocks = nnx.List([nnx.Conv(width, width, (3, 3), rngs=rngs),
+                                nnx.Conv(width, 6, (3, 3), strides=2, rngs=rngs)])
+        self.head_bn = nnx.BatchNorm(6, rngs=rngs)  # train-mode BatchNorm inside the head
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.fc = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        for block in self.blocks:
+            x = jax.nn.relu(block(x))
+        return self.fc(self.drop(jnp.mean(self.head_bn(x), axis=(1, 2))))
+
+
+def _nnx_split(width=4):
+    return NNXSplitModel.from_module(UserNNX(width, nnx.Rngs(0)), IMAGES)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_nnx_linearization_equals_a_perturbed_forward_and_finite_differences(train):
+    split = _nnx_split()
+    assert split.layers == ("conv1", "bn1", "blocks.0", "blocks.1", "head_bn")
+    variables = split.init(None, IMAGES)
+    rng = jax.random.key(4)
+    lin = split.linearize(variables, IMAGES, "blocks.0", train=train, rng=rng)
+    logits, state = split.apply(variables, IMAGES, train=train, rng=rng)
+    chex.assert_trees_all_close(lin.logits, logits, atol=1e-6)  # one pass: same dropout mask, same statistics
+    chex.assert_trees_all_close(lin.state, state)
+    cotangent = jax.random.normal(jax.random.key(3), logits.shape)
+    model = split._merged(variables, train, rng)
+    if not train:  # eval mode is deterministic: the head after blocks.0, written out by hand
+        def head(a):
+            x = jax.nn.relu(model.blocks[1](jax.nn.relu(a)))
+            return model.fc(model.drop(jnp.mean(model.head_bn(x), axis=(1, 2))))
+
+        expected = jax.vjp(head, lin.activations)[1](cotangent)[0]
+        chex.assert_trees_all_close(lin.vjp(cotangent), expected, atol=1e-6)
+    else:  # dropout draws from the reseeded streams: central differences along a direction
+        direction = jax.random.normal(jax.random.key(5), lin.activations.shape)
+        eps = 1e-4
+
+        def perturbed(scale):  # the forward pass with blocks.0's output moved along ``direction``
+            model = split._merged(variables, train, rng)
+            with _calls_observed([model.blocks[0]], lambda module, out: out + scale * direction):
+                return jnp.vdot(cotangent, model(IMAGES))
+
+        numeric = (perturbed(eps) - perturbed(-eps)) / (2 * eps)
+        np.testing.assert_allclose(float(jnp.vdot(lin.vjp(cotangent), direction)), float(numeric), rtol=2e-2)
+    if train:
+        assert not jnp.allclose(state["batch_stats"]["head_bn"]["mean"].value,
+                                variables["batch_stats"]["head_bn"]["mean"].value)
+
+
+def test_an_nnx_pair_trains_with_kd_and_matching_and_evaluates():
+    teacher, student = _nnx_split(8), _nnx_split(4)
+    objective = Objective(kd="binary", matching="weighted", matching_weight=10.0, matching_layer="blocks.1")
+    tx = sgd(0.05)
+    step = jit_train_step(chex.assert_max_traces(make_train_step(student, tx, objective, teacher), n=1), data_mesh())
+    state = replicate(TrainState.create(student.init(None, IMAGES), tx), data_mesh())
+    teacher_variables = replicate(teacher.init(None, IMAGES), data_mesh())
+    batch = shard_batch({"image": IMAGES, "labels": jnp.eye(3)[jnp.array([0, 1, 2, 0])]}, data_mesh())
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, teacher_variables, batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["matching_loss"]) > 0
+    assert losses[-1] < losses[0]
+    maps, _ = class_maps(student, state.variables, IMAGES, "gradcam", layer="blocks.1")
+    chex.assert_shape(maps, (4, 3, 4, 4))

@@ -7,20 +7,26 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from attrjax.models.split import LinenSplitModel, SplitModel
+from flax import nnx
+
+from attrjax.models.split import LinenSplitModel, NNXSplitModel, SplitModel
 from attrjax.models.vgg import VGG, vgg_split_model
 
 
 def as_split_model(model, example_images: jax.Array) -> SplitModel:
     """A ``SplitModel`` as it is, attrjax's ``VGG`` through its own features/head, any other Flax linen module
-    through ``LinenSplitModel`` (``example_images`` (B,S,S,3): images of the size it takes)."""
+    through ``LinenSplitModel``, a Flax NNX module through ``NNXSplitModel.from_module`` (its variables are then
+    ``{"params": nnx.Param state, "batch_stats": nnx.BatchStat state}``). ``example_images`` (B,S,S,3): images of the
+    size the model takes."""
     if isinstance(model, SplitModel):
         return model
     if isinstance(model, VGG):
         return vgg_split_model(model)
     if isinstance(model, nn.Module):
         return LinenSplitModel(model, example_images[:1])
-    raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen module or an "
+    if isinstance(model, nnx.Module):
+        return NNXSplitModel.from_module(model, example_images)
+    raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen or NNX module or an "
                     "attrjax.models.split.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
 
 

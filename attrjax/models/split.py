@@ -14,13 +14,15 @@ A split model gives
   (double backprop).
 
 Adapters: ``LinenSplitModel`` wraps any Flax linen module without methods of its own (it finds the layers by
-intercepting submodule calls, and takes the gradient at a layer through a zero perturbation of its output), and
-``FunctionalSplitModel`` takes plain ``features``/``head`` functions.
+intercepting submodule calls, and takes the gradient at a layer through a zero perturbation of its output),
+``NNXSplitModel`` does the same for a Flax NNX module, and ``FunctionalSplitModel`` takes plain ``features``/``head``
+functions.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
@@ -28,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 Variables = dict[str, Any]
 
@@ -208,6 +211,138 @@ class LinenSplitModel(SplitModel):
 
         activations = jax.eval_shape(lambda: forward(None)[1][0])
         _check_activations(layer, activations)
+        zero = jnp.zeros(activations.shape, activations.dtype)
+        logits, vjp, (activations, state) = jax.vjp(forward, zero, has_aux=True)
+        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
+
+
+@contextlib.contextmanager
+def _calls_observed(modules: Sequence[nnx.Module], observe: Callable[[nnx.Module, Any], Any]):
+    """While active, every call of one of ``modules`` returns ``observe(module, output)``.
+
+    NNX has no method interception, so the classes' ``__call__`` is wrapped for the duration (calls of other
+    instances pass through unchanged); used only inside a trace of a freshly merged model.
+    """
+    targets = {id(module) for module in modules}
+    originals = {cls: cls.__call__ for cls in {type(module) for module in modules}}
+
+    def wrap(original):
+        def call(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            return observe(self, out) if id(self) in targets else out
+        return call
+
+    for cls, original in originals.items():
+        cls.__call__ = wrap(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+
+
+def _nnx_path(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXSplitModel(SplitModel):
+    """Any Flax NNX classifier ``module(images) -> logits`` as a split model.
+
+    Variables are ``{"params": nnx.State of the nnx.Param leaves, "batch_stats": nnx.State of the nnx.BatchStat
+    leaves}`` (``from_module`` splits a module that way); everything else (rng streams, static attributes) stays in
+    the adapter. Training mode is ``module.train()`` (dropout on, BatchNorm on batch statistics), eval mode
+    ``module.eval()``; in training the rng streams are reseeded from the ``rng`` argument, so dropout is a pure
+    function of it. Layers are the submodules that output one feature map (B,H,W,C), named by their attribute
+    paths (``conv1``, ``blocks.2``), in the order they run.
+
+    Attributes:
+      graphdef: the module's structure, from ``nnx.split``.
+      rest: the module's state other than params and BatchNorm statistics (rng streams).
+      example_images: images (B,S,S,3) of the size the model takes, to trace its layers.
+    """
+
+    graphdef: Any
+    rest: Any
+    example_images: jax.Array
+    initial_variables: Variables
+
+    @classmethod
+    def from_module(cls, module: nnx.Module, example_images: jax.Array) -> "NNXSplitModel":
+        """The adapter and, as ``initial_variables``, the module's current params and BatchNorm statistics."""
+        graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+        return cls(graphdef, rest, example_images[:1], {"params": params, "batch_stats": batch_stats})
+
+    def _merged(self, variables: Variables, train: bool, rng) -> nnx.Module:
+        # copy=True: fresh Variables that belong to this trace (dropout and reseeding mutate the rng state).
+        model = nnx.merge(self.graphdef, variables["params"], variables.get("batch_stats", nnx.State({})),
+                          self.rest, copy=True)
+        if train:
+            model.train()
+            if rng is not None:
+                keys = jax.tree.leaves(nnx.state(model, nnx.RngKey), is_leaf=lambda x: isinstance(x, nnx.Variable))
+                streams = sorted({key.tag for key in keys})
+                nnx.reseed(model, **{stream: jax.random.fold_in(rng, index) for index, stream in enumerate(streams)})
+        else:
+            model.eval()
+        return model
+
+    def _run(self, variables, images, train, rng, observe_layer: str | None = None, perturbation=None):
+        model = self._merged(variables, train, rng)
+        submodules = {_nnx_path(path): module for path, module in model.iter_modules() if path}
+        outputs = []
+        if observe_layer is None:
+            logits = model(images)
+        else:
+            def observe(module, out):
+                outputs.append(out)
+                return out if perturbation is None else out + perturbation
+
+            with _calls_observed([submodules[observe_layer]], observe):
+                logits = model(images)
+            if len(outputs) != 1:
+                raise ValueError(f"layer {observe_layer!r} ran {len(outputs)} times in one forward pass; split at a "
+                                 "layer that runs once")
+        state = {"batch_stats": nnx.state(model, nnx.BatchStat)} if train else {}
+        return logits, (outputs[0] if outputs else None), state
+
+    @functools.cached_property
+    def layers(self) -> tuple[str, ...]:
+        def forward(variables, images):
+            model = self._merged(variables, False, None)
+            paths = {id(module): _nnx_path(path) for path, module in model.iter_modules() if path}
+            order = []
+
+            def record(module, out):
+                if getattr(out, "ndim", 0) == 4:
+                    order.append(paths[id(module)])
+                return out
+
+            with _calls_observed([module for path, module in model.iter_modules() if path], record):
+                model(images)
+            return order
+
+        order: list[str] = []
+        jax.eval_shape(lambda v, x: order.extend(forward(v, x)), self.initial_variables, self.example_images)
+        return tuple(dict.fromkeys(order))
+
+    def init(self, rng, images):
+        del rng, images  # an NNX module is created initialised: its variables came with it
+        return dict(self.initial_variables)
+
+    def apply(self, variables, images, *, train=False, rng=None):
+        logits, _, state = self._run(variables, images, train, rng)
+        return logits, state
+
+    def linearize(self, variables, images, layer, *, train=False, rng=None):
+        self.check_layer(layer)
+        activations = jax.eval_shape(lambda: self._run(variables, images, train, rng, layer)[1])
+        _check_activations(layer, activations)
+
+        def forward(perturbation):
+            logits, out, state = self._run(variables, images, train, rng, layer, perturbation)
+            return logits, (out, state)
+
         zero = jnp.zeros(activations.shape, activations.dtype)
         logits, vjp, (activations, state) = jax.vjp(forward, zero, has_aux=True)
         return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
