@@ -17,3 +17,16 @@ def test_readme_python_example_runs():
     chex.assert_shape(namespace["teacher_maps"], (8, 7, 7))
     chex.assert_shape(namespace["grads"], (7, 7, 16, 20))
     assert float(jnp.abs(namespace["grads"]).sum()) > 0
+
+
+def test_readme_own_model_examples_run():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    namespace = {}
+    exec(blocks[1], namespace)  # noqa: S102 - the linen example
+    assert int(namespace["state"].step) == 20 and 0 <= namespace["summary"]["mean_auc"] <= 1
+    linen_cosine = namespace["summary"]["map_cosine"]
+    exec(blocks[2], namespace)  # noqa: S102 - the NNX example, reusing the linen one's data and objective
+    assert int(namespace["state"].step) == 20 and -1 <= namespace["summary"]["map_cosine"] <= 1
+    assert -1 <= linen_cosine <= 1
