@@ -116,17 +116,17 @@ def _top_class_faithfulness(model, steps: int, variables: dict, images: jax.Arra
             "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
 
 
-def localization_report(model, variables: dict, batches: Iterable[dict], *, layer: str, tolerance: float = 0,
-                        keep_maps: int = 0,
+def localization_report(model, variables: dict, batches: Iterable[dict], *, layer: str, prediction_rule: str,
+                        tolerance: float = 0, keep_maps: int = 0,
                         reference: tuple[SplitModel, dict] | Sequence[np.ndarray] | Literal["self"] | None = None,
                         method: str = "gradcam", method_options: dict | None = None,
-                        keep_raw_maps: bool = False, faithfulness_steps: int = 0,
-                        prediction_rule: str = "positive_logit") -> tuple[dict, dict]:
+                        keep_raw_maps: bool = False, faithfulness_steps: int = 0) -> tuple[dict, dict]:
     """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
     pairs, in one pass that computes each batch's maps once.
 
     A pair counts when the class is in the image's mask and the model predicts it (``prediction_rule``, see
-    ``metrics.localization.predicted_classes``: logit > 0 by default, ``top1`` for single-label models).
+    ``metrics.localization.predicted_classes``: ``positive_logit`` (logit > 0) for multi-label models, ``top1``
+    for single-label ones; required, since the wrong rule silently scores other pairs).
 
     Args:
       reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same

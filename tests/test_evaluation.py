@@ -37,7 +37,7 @@ def test_localization_report_matches_a_per_pair_loop():
     layer = "conv2_1"
 
     summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer=layer,
-                                     reference=(model, variables))
+                                     reference=(model, variables), prediction_rule="positive_logit")
 
     hits, aucs = [], []
     for n in range(5):
@@ -71,7 +71,7 @@ def test_faithfulness_in_the_report_matches_a_per_image_deletion_by_hand():
     masks = np.ones((3, 8, 8), np.uint8)
     steps = 4
     summary, _ = localization_report(model, variables, _batches(images, masks, 2), layer="conv2_1",
-                                     faithfulness_steps=steps)
+                                     faithfulness_steps=steps, prediction_rule="positive_logit")
 
     deletion, insertion = [], []
     for image in images:
@@ -145,13 +145,13 @@ def test_agreement_means_count_what_they_leave_out():
     model, images, masks = _tiny_setup()
     variables = init_variables(model, jax.random.key(4))
     own, examples = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
-                                        keep_raw_maps=True)
+                                        keep_raw_maps=True, prediction_rule="positive_logit")
     raw = examples["raw_maps"]  # 2 batches of (4, 3, h, w), padding rows included
     reference = [batch.copy() for batch in raw]
     reference[0][1] = np.nan           # image 1: every class
     reference[1][0, 1] = 0.0           # image 4, class 1 (present): a zero map
     summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
-                                     reference=reference)
+                                     reference=reference, prediction_rule="positive_logit")
     present = [(n, c) for n in range(5) for c in range(3) if (masks[n] == c + 1).any()]
     student = np.concatenate(raw)[:5]
     teacher = np.concatenate(reference)[:5]
@@ -173,7 +173,7 @@ def test_agreement_with_nothing_comparable_is_nan_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
-                                         reference=zeros)
+                                         reference=zeros, prediction_rule="positive_logit")
     num_present = sum((masks[n] == c + 1).any() for n in range(5) for c in range(3))
     for key in AGREEMENT_KEYS:
         assert math.isnan(summary[key]) and summary[f"{key}_excluded"] == num_present, key
@@ -183,12 +183,13 @@ def test_self_reference_scores_the_model_against_its_own_maps():
     model, images, masks = _tiny_setup()
     variables = init_variables(model, jax.random.key(4))
     computed, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1",
-                                      reference=(model, variables))
-    own, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1", reference="self")
+                                      reference=(model, variables), prediction_rule="positive_logit")
+    own, _ = localization_report(model, variables, _batches(images, masks, 4), layer="conv2_1", reference="self",
+                                 prediction_rule="positive_logit")
     assert own == computed
     broken = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), variables)
     nan_summary, _ = localization_report(model, broken, _batches(images, masks, 4), layer="conv2_1",
-                                         reference="self")
+                                         reference="self", prediction_rule="positive_logit")
     num_present = sum((masks[n] == c + 1).any() for n in range(5) for c in range(3))
     for key in AGREEMENT_KEYS:
         assert math.isnan(nan_summary[key]) and nan_summary[f"{key}_excluded"] == num_present, key

@@ -64,14 +64,15 @@ def test_localization_report_runs_any_method(tiny):
     masks[:, 2:6, 2:6] = 1
     batch = {"image": np.asarray(images), "mask": masks, "valid": np.ones(2, bool)}
     summary, teacher = localization_report(model, variables, [batch], layer=LAYER, method="lrp",
-                                           reference=(model, variables), keep_raw_maps=True)
+                                           reference=(model, variables), keep_raw_maps=True,
+                                           prediction_rule="positive_logit")
     np.testing.assert_allclose(summary["map_cosine"], 1.0, rtol=1e-5)
     # A student compared with the teacher's cached raw maps scores as when the teacher is recomputed.
     student = init_variables(model, jax.random.key(7))
     recomputed, _ = localization_report(model, student, [batch], layer=LAYER, method="lrp",
-                                        reference=(model, variables))
+                                        reference=(model, variables), prediction_rule="positive_logit")
     cached, _ = localization_report(model, student, [batch], layer=LAYER, method="lrp",
-                                    reference=teacher["raw_maps"])
+                                    reference=teacher["raw_maps"], prediction_rule="positive_logit")
     assert recomputed["map_cosine"] < 0.99
     np.testing.assert_allclose(cached["map_cosine"], recomputed["map_cosine"], rtol=1e-6)
     assert cached["same_peak"] == recomputed["same_peak"]

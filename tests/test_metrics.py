@@ -1,5 +1,6 @@
 """Tests for attrjax.metrics against brute-force references written from the definitions (no sklearn)."""
 
+import functools
 import math
 
 import chex
@@ -325,7 +326,8 @@ def test_localization_scores_counts_present_and_predicted_pairs():
     maps[0, 0, 1, 1] = 5.0         # class 0 of image 0: maximum on its own object -> hit
     maps[1, 1, 0, 0] = 5.0         # class 1 of image 1: maximum on background -> miss
     maps[2, 3, 3, 3] = np.nan      # non-finite map: skipped
-    scores = jax.jit(metrics.localization_scores)(maps, segmentation, logits)
+    scores = jax.jit(functools.partial(metrics.localization_scores, prediction_rule="positive_logit"))(
+        maps, segmentation, logits)
     for value in scores.values():
         chex.assert_shape(value, (batch, num_classes))
 
@@ -370,17 +372,20 @@ def test_localization_scores_judges_each_class_against_its_own_mask():
     segmentation[0, 4:, 4:] = 2
     maps = np.zeros((1, 2, 6, 6), np.float32)
     maps[0, :, 0, 0] = 1.0
-    scores = metrics.localization_scores(maps, segmentation, np.ones((1, 2), np.float32))
+    scores = metrics.localization_scores(maps, segmentation, np.ones((1, 2), np.float32),
+                                         prediction_rule="positive_logit")
     np.testing.assert_array_equal(scores["hit"], [[1.0, 0.0]])
     with pytest.raises(ValueError, match="logits"):
-        metrics.localization_scores(maps, segmentation, np.ones((1, 3), np.float32))
+        metrics.localization_scores(maps, segmentation, np.ones((1, 3), np.float32),
+                                    prediction_rule="positive_logit")
     with pytest.raises(ValueError, match="segmentation"):
-        metrics.localization_scores(maps, segmentation[:, :5], np.ones((1, 2), np.float32))
+        metrics.localization_scores(maps, segmentation[:, :5], np.ones((1, 2), np.float32),
+                                    prediction_rule="positive_logit")
 
 
 def test_summarize_localization_with_nothing_counted_is_nan():
     scores = metrics.localization_scores(np.zeros((1, 2, 3, 3), np.float32), np.zeros((1, 3, 3), np.int32),
-                                         np.ones((1, 2), np.float32))
+                                         np.ones((1, 2), np.float32), prediction_rule="positive_logit")
     summary = metrics.summarize_localization(scores)
     assert math.isnan(summary["pointing_accuracy"]) and math.isnan(summary["mean_auc"])
     assert summary["num_counted"] == 0

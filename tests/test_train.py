@@ -168,3 +168,14 @@ def test_kd_without_matching_works_for_layouts_without_the_default_layer():
                            _batches(), 2, rng=jax.random.key(0), teacher=teacher,
                            teacher_variables=init_variables(teacher, jax.random.key(0)), log=lambda _: None)
     assert int(state.step) == 2 and jnp.isfinite(history[-1]["loss"])
+
+
+def test_a_student_built_from_the_teachers_own_device_arrays_trains_and_leaves_them_intact():
+    teacher, _ = _models()
+    teacher_variables = jax.device_put(init_variables(teacher, jax.random.key(0)))  # as pruning starts its students
+    before = jax.device_get(teacher_variables)
+    objective = Objective(matching="weighted", matching_weight=1.0, matching_layer="pool2")
+    state, _ = train(teacher, teacher_variables, sgd(0.05), objective, _batches(), 3, rng=jax.random.key(1),
+                     teacher=teacher, teacher_variables=teacher_variables, log=lambda _: None)
+    assert int(state.step) == 3
+    chex.assert_trees_all_equal(jax.device_get(teacher_variables), before)  # still readable and unchanged

@@ -177,8 +177,8 @@ def predicted_classes(logits: jax.Array, rule: str = "positive_logit") -> jax.Ar
     raise ValueError(f"unknown prediction rule {rule!r}; choose one of {', '.join(PREDICTION_RULES)}")
 
 
-def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Array, *,
-                        tolerance: float = 0, prediction_rule: str = "positive_logit") -> dict[str, jax.Array]:
+def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Array, *, prediction_rule: str,
+                        tolerance: float = 0) -> dict[str, jax.Array]:
     """Pointing game and mask AUC of every (image, class) pair of a batch.
 
     Wrap it in ``jax.jit`` to evaluate all classes of a batch in one compiled call.
@@ -196,10 +196,11 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
         at the segmentation's resolution.
       segmentation: (B, H, W) int, 0 = background, c + 1 = class c, other values belong to no class (see
         ``class_masks``).
-      logits: (B, K) float; class c is predicted where ``logits[:, c] > 0``.
+      logits: (B, K) float; which classes count as predicted follows ``prediction_rule``.
       tolerance: pointing-game radius in pixels (see ``pointing_game``); the paper uses 0.
       prediction_rule: which classes count as predicted (``predicted_classes``): ``positive_logit`` (the paper's
-        multi-label rule) or ``top1`` (single-label models).
+        multi-label rule, sigmoid outputs) or ``top1`` (single-label, softmax models). No default: the wrong rule
+        silently scores other pairs (a softmax model's logits need not be positive).
 
     Returns:
       A dict of (B, K) arrays:

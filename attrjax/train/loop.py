@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -143,7 +144,9 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
     start = int(state.step)
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
-    state = replicate(state, mesh)
+    # The step donates the state's buffers: copy them, so that a student built from the teacher's (or the caller's)
+    # device arrays never frees those.
+    state = jax.tree.map(jnp.copy, replicate(state, mesh))
     teacher_variables = replicate(teacher_variables or {}, mesh)
 
     history, tick, images_seen, pending = [], time.perf_counter(), 0, []
