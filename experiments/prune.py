@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from attrjax.models import VGG, init_variables
-from attrjax.pruning import apply_masks, iterative_sparsity, magnitude_masks, masked, prune_filters
+from attrjax.pruning import apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters
 from attrjax.train import Objective, make_optimizer
 from experiments import common
 
@@ -70,7 +69,7 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
         masks = magnitude_masks(variables["params"], sparsity)
         variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
         print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
-        tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
+        tx = keep_pruned_at_zero(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
         variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
                                config, workdir, train_split, settings=run_settings("unstructured", config, k),
                                teacher=teacher, teacher_variables=teacher_variables)
@@ -87,8 +86,8 @@ def load(name: str, run, config, workdir: str, teacher: VGG, teacher_variables: 
         return model, common.restore_finished(name, template, tx, objective, settings.num_steps, config, workdir,
                                               settings=run_settings("structured", config), with_teacher=True)
     settings = config.pruning.unstructured
-    no_masks = jax.tree.map(lambda leaf: jnp.ones(leaf.shape, bool), teacher_variables["params"])
-    tx = masked(make_optimizer(settings.optimizer, settings.steps_per_round), no_masks)
+    # No masks: the template's are derived from the teacher's params, and the restore replaces them with the run's.
+    tx = keep_pruned_at_zero(make_optimizer(settings.optimizer, settings.steps_per_round))
     return teacher, common.restore_finished(round_name(name, settings.rounds), teacher_variables, tx, objective,
                                             settings.steps_per_round, config, workdir,
                                             settings=run_settings("unstructured", config, settings.rounds),

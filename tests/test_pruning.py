@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning: thresholds, the iterative schedule, exact zeros under optimisation, checkpoints."""
+"""Unstructured magnitude pruning: thresholds, the iterative schedule, exact zeros under optimisation, checkpoints,
+and masks on linen, NNX and plain parameter trees."""
 
 import chex
 import jax
@@ -6,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from attrjax.models import init_variables, vgg
-from attrjax.pruning import (apply_masks, iterative_sparsity, magnitude_masks, masked, sparsity_summary)
+from attrjax.pruning import (apply_masks, conv_kernels, iterative_sparsity, keep_pruned_at_zero, magnitude_masks,
+                             sparsity_summary)
 from attrjax.train import Objective, TrainState, checkpoint_manager, restore_latest, sgd, train
 from attrjax.train.checkpoint import save
 
@@ -75,8 +78,8 @@ def test_pruned_weights_stay_exactly_zero_through_momentum_and_weight_decay():
                    "labels": (rng.random((8, 4)) > 0.5).astype(np.float32)}
             step += 1
 
-    state, _ = train(MODEL, variables, masked(sgd(0.1, momentum=0.9, weight_decay=1e-2), masks), Objective(),
-                     batches, 30, rng=jax.random.key(1), log=lambda _: None)
+    tx = keep_pruned_at_zero(sgd(0.1, momentum=0.9, weight_decay=1e-2), masks)
+    state, _ = train(MODEL, variables, tx, Objective(), batches, 30, rng=jax.random.key(1), log=lambda _: None)
     for name in ("conv1_1", "conv2_1", "conv2_2"):
         kernel, keep = np.asarray(state.params[name]["kernel"]), np.asarray(masks[name]["kernel"])
         assert np.all(kernel[~keep] == 0.0)
@@ -86,14 +89,14 @@ def test_pruned_weights_stay_exactly_zero_through_momentum_and_weight_decay():
 def test_masks_survive_a_checkpoint_round_trip(tmp_path):
     params = _params()
     masks = magnitude_masks(params, 0.5)
-    tx = masked(optax.sgd(0.1, momentum=0.9), masks)
+    tx = keep_pruned_at_zero(optax.sgd(0.1, momentum=0.9), masks)
     state = TrainState.create(dict(init_variables(MODEL, jax.random.key(0)), params=apply_masks(params, masks)), tx)
     manager = checkpoint_manager(str(tmp_path), save_every=1)
     save(manager, state, force=True)
     manager.wait_until_finished()
-    fresh_masks = magnitude_masks(_params(seed=7), 0.5)  # a different mask of the same structure
-    template = TrainState.create(init_variables(MODEL, jax.random.key(7)), masked(optax.sgd(0.1, momentum=0.9),
-                                                                                   fresh_masks))
+    # The template needs no masks: without them the wrapper derives them from the (here unpruned) params.
+    template = TrainState.create(init_variables(MODEL, jax.random.key(7)),
+                                 keep_pruned_at_zero(optax.sgd(0.1, momentum=0.9)))
     restored = restore_latest(manager, template)
     chex.assert_trees_all_equal(jax.device_get(restored.opt_state.masks), jax.device_get(masks))
 
@@ -101,14 +104,14 @@ def test_masks_survive_a_checkpoint_round_trip(tmp_path):
 def test_restoring_masks_into_another_architecture_fails_clearly(tmp_path):
     params = _params()
     masks = magnitude_masks(params, 0.5)
-    state = TrainState.create(init_variables(MODEL, jax.random.key(0)), masked(optax.sgd(0.1), masks))
+    state = TrainState.create(init_variables(MODEL, jax.random.key(0)), keep_pruned_at_zero(optax.sgd(0.1), masks))
     manager = checkpoint_manager(str(tmp_path), save_every=1)
     save(manager, state, force=True)
     manager.wait_until_finished()
     other = vgg(((4,), (8, 8)), num_classes=4, image_size=16, attribution_layer="pool2")
     other_params = init_variables(other, jax.random.key(0))["params"]
     template = TrainState.create(init_variables(other, jax.random.key(0)),
-                                 masked(optax.sgd(0.1), magnitude_masks(other_params, 0.5)))
+                                 keep_pruned_at_zero(optax.sgd(0.1), magnitude_masks(other_params, 0.5)))
     with pytest.raises(ValueError, match="does not fit"):
         restore_latest(manager, template)
 
@@ -129,9 +132,97 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="tree structure"):
         apply_masks(params, masks)
     with pytest.raises(ValueError, match="tree structure"):
-        masked(optax.sgd(0.1), masks).init(params)
+        keep_pruned_at_zero(optax.sgd(0.1), masks).init(params)
     wrong_shape = jax.tree.map(lambda m: m, magnitude_masks(params, 0.5))
     wrong_shape["conv1_1"]["kernel"] = jnp.ones((1, 1, 3, 8), bool)
     with pytest.raises(ValueError, match="shape"):
         apply_masks(params, wrong_shape)
     chex.assert_trees_all_equal(apply_masks(params, magnitude_masks(params, 0.0)), params)
+
+
+def test_the_wrapper_takes_extra_args_and_derives_masks_from_the_zeros_of_the_params():
+    params = _params()
+    masks = magnitude_masks(params, 0.6)
+    pruned = apply_masks(params, masks)
+
+    def scale_by(factor):  # an inner transformation that needs an extra argument
+        return optax.GradientTransformationExtraArgs(
+            lambda _: optax.EmptyState(), lambda u, state, params=None, *, factor: (
+                jax.tree.map(lambda g: g * factor, u), state))
+
+    tx = keep_pruned_at_zero(scale_by(3.0), masks)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(pruned), pruned, factor=3.0)
+    chex.assert_trees_all_equal(updates, jax.tree.map(lambda m: jnp.where(m, 3.0, 0.0), masks))
+    # A transformation without extra arguments ignores them.
+    plain = keep_pruned_at_zero(optax.sgd(1.0), masks)
+    chex.assert_trees_all_equal(plain.update(grads, plain.init(pruned), pruned, factor=3.0)[0],
+                                jax.tree.map(lambda m: jnp.where(m, -1.0, 0.0), masks))
+    # Without masks: a conv weight is kept iff it is non-zero; biases and BatchNorm (zero-initialised) stay trainable.
+    derived = keep_pruned_at_zero(optax.sgd(0.1)).init(pruned).masks
+    chex.assert_trees_all_equal(derived, masks)
+    assert np.all(np.asarray(pruned["bn1_1"]["bias"]) == 0)
+    # Only shapes are needed for a template (e.g. of a checkpoint to restore).
+    abstract = jax.eval_shape(keep_pruned_at_zero(optax.sgd(0.1, momentum=0.9)).init, jax.eval_shape(lambda: params))
+    assert abstract.masks["conv2_1"]["kernel"] == jax.ShapeDtypeStruct(params["conv2_1"]["kernel"].shape, jnp.bool_)
+    with pytest.raises(ValueError, match="no prunable leaves"):
+        keep_pruned_at_zero(optax.sgd(0.1), prunable=lambda path, leaf: False).init(params)
+
+
+class _NNXCNN(nnx.Module):
+    """conv 3->4 (3x3), BatchNorm, conv 4->6 (3x3), global average pool, linear 6->2."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.conv2 = nnx.Conv(4, 6, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.conv2(nnx.relu(self.bn(self.conv1(x)))).mean(axis=(1, 2)))
+
+
+def test_masks_on_an_nnx_state():
+    model = _NNXCNN(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    masks = magnitude_masks(params, 0.5)
+    pruned = apply_masks(params, masks)
+    summary = sparsity_summary(pruned)
+    assert set(summary["layers"]) == {"conv1/kernel", "conv2/kernel"}
+    assert summary["size"] == 3 * 3 * 3 * 4 + 3 * 3 * 4 * 6
+    assert abs(summary["zeros"] - 0.5 * summary["size"]) <= 1
+    chex.assert_trees_all_equal(pruned["head"], params["head"])
+    chex.assert_trees_all_equal(pruned["conv1"]["bias"], params["conv1"]["bias"])
+    merged = nnx.merge(graphdef, pruned, rest)
+    kernel = np.asarray(merged.conv2.kernel.value)
+    np.testing.assert_array_equal(kernel == 0, ~np.asarray(masks["conv2"]["kernel"].value))
+    assert merged(jnp.ones((1, 8, 8, 3))).shape == (1, 2)
+    # Flattened with NNX's variables as leaves, the paths end at the name itself.
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    assert sorted(jax.tree_util.keystr(path) for path, leaf in flat if conv_kernels(path, leaf)) == [
+        "['conv1']['kernel']", "['conv2']['kernel']"]
+
+
+def test_masks_on_plain_pytrees():
+    rng = np.random.default_rng(0)
+    kernel, dense = rng.normal(size=(3, 3, 3, 4)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    # stax-style lists of (w, b): a rank-4 array without a name is a conv kernel.
+    layers = [(jnp.asarray(kernel), jnp.zeros(4)), (jnp.asarray(dense), jnp.zeros(2))]
+    pruned = apply_masks(layers, magnitude_masks(layers, 0.25))
+    assert abs(int(np.sum(np.asarray(pruned[0][0]) == 0)) - 0.25 * kernel.size) <= 1
+    chex.assert_trees_all_equal(pruned[1], layers[1])
+    # PyTorch-style names (``weight``, OIHW) and Haiku's ``w`` are kernels too, at rank 4.
+    state = {"features.0": {"weight": jnp.asarray(kernel.transpose(3, 2, 0, 1))}, "fc": {"weight": jnp.asarray(dense)},
+             "conv": {"w": jnp.asarray(kernel)}}
+    assert set(sparsity_summary(state)["layers"]) == {"features.0/weight", "conv/w"}
+    # Any other name is not: choose the leaves with prunable=.
+    named = {"conv1": jnp.asarray(kernel)}
+    with pytest.raises(ValueError, match="no prunable leaves"):
+        magnitude_masks(named, 0.5)
+    assert sparsity_summary(named, prunable=lambda path, leaf: leaf.ndim == 4)["size"] == kernel.size
+
+
+def test_sparsity_summary_of_params_without_prunable_leaves_raises():
+    with pytest.raises(ValueError, match="no prunable leaves.*prunable="):
+        sparsity_summary({"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}})
