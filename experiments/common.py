@@ -13,6 +13,7 @@ import zlib
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -21,7 +22,8 @@ from absl import logging as absl_logging
 
 from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
-from attrjax.models import VGG, import_vgg, init_variables, load_state_dict, vgg
+from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
+                            resnet50, resnet_small, vgg)
 from attrjax.train import (Objective, RunConfigMismatchError, TrainState, check_run_config, checkpoint_manager,
                            make_optimizer, read_run_config, restore_latest, run_record, train)
 from attrjax.train.run_config import ON_CONFIG_CHANGE
@@ -126,7 +128,7 @@ def check_config(config) -> None:
         raise ValueError(f"on_config_change must be one of {ON_CONFIG_CHANGE}, got {config.on_config_change!r}")
 
 
-def check_model_run(name: str, model_config, objective_fn: Callable[[], Objective], config) -> VGG:
+def check_model_run(name: str, model_config, objective_fn: Callable[[], Objective], config):
     """Validates one model's training settings without training it (model, steps, optimizer, objective); returns
     the model. ``objective_fn`` builds the objective, whose constructor checks it."""
     try:
@@ -218,10 +220,40 @@ def num_images(split: dict[str, np.ndarray] | attr_data.LabeledImages) -> int:
     return len(split) if isinstance(split, attr_data.LabeledImages) else len(split["image"])
 
 
-def build_model(model_config, config) -> VGG:
-    return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
-               width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
-               dropout_rate=model_config.dropout_rate, head_pooling=model_config.head_pooling)
+RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small}
+ARCHITECTURES = ("vgg",) + tuple(RESNETS)
+
+
+def build_model(model_config, config):
+    """The model of a teacher/student config by ``arch``: ``vgg`` (``layout``, ``width_divisor``, ``dropout_rate``,
+    ``head_pooling``) or a ResNet (``resnet18/34/50`` with ``width_divisor`` and ``stem``; ``resnet_small`` with
+    ``width_divisor`` and ``stage_sizes``)."""
+    arch = model_config.arch
+    if arch == "vgg":
+        return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
+                   width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
+                   dropout_rate=model_config.dropout_rate, head_pooling=model_config.head_pooling)
+    if arch not in RESNETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    options = ({"stage_sizes": tuple(model_config.stage_sizes)} if arch == "resnet_small"
+               else {"stem": model_config.stem})
+    return RESNETS[arch](config.data.num_classes, width_divisor=model_config.width_divisor, **options)
+
+
+def example_images(config) -> jax.Array:
+    return jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+
+
+def check_layer(role: str, model, layer: str, config) -> None:
+    """Raises, listing the model's layers, unless ``layer`` is one of them (traced shapes only, nothing runs)."""
+    split = as_split_model(model, example_images(config))
+    if layer not in split.layers:
+        raise ValueError(f"the {role} has no layer {layer!r}; it has: {', '.join(split.layers)}")
+
+
+def init_model(model, rng: jax.Array, config) -> dict:
+    """Fresh variables of a model from ``build_model``."""
+    return as_split_model(model, example_images(config)).init(rng, example_images(config))
 
 
 def eval_batches(arrays: dict, config):
@@ -280,8 +312,8 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
     return record
 
 
-def fit(name: str, model: VGG, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-        num_steps: int, config, workdir: str, train_split, *, settings: dict, teacher: VGG | None = None,
+def fit(name: str, model, variables: dict, tx: optax.GradientTransformation, objective: Objective,
+        num_steps: int, config, workdir: str, train_split, *, settings: dict, teacher=None,
         teacher_variables: dict | None = None) -> dict:
     """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables.
 
@@ -319,11 +351,11 @@ def restore_finished(name: str, template: dict, tx: optax.GradientTransformation
 
 
 def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_split, *,
-                teacher: VGG | None = None, teacher_variables: dict | None = None) -> tuple[VGG, dict]:
+                teacher=None, teacher_variables: dict | None = None) -> tuple:
     """Trains (or resumes) a freshly initialised model of ``model_config`` into ``workdir/name``."""
     model = build_model(model_config, config)
     init_key, _ = run_keys(name, config)
-    variables = init_variables(model, init_key)
+    variables = init_model(model, init_key, config)
     if model_config.get("pretrained"):
         variables = pretrained_variables(name, model_config.pretrained, model, variables)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
@@ -331,23 +363,24 @@ def train_model(name: str, model_config, objective: Objective, config, workdir: 
                       settings=model_config.to_dict(), teacher=teacher, teacher_variables=teacher_variables)
 
 
-def pretrained_variables(name: str, path: str, model: VGG, fresh_variables: dict) -> dict:
-    """The convs and BatchNorms of a torchvision-layout VGG state dict (e.g. ImageNet ``vgg16_bn``: .pth,
-    .safetensors or .npz) under the fresh classifier of ``fresh_variables``, as the paper builds its teacher."""
-    variables = import_vgg(load_state_dict(path), model, new_head_variables=fresh_variables)
+def pretrained_variables(name: str, path: str, model, fresh_variables: dict) -> dict:
+    """The convs and BatchNorms of a torchvision-layout state dict (e.g. ImageNet ``vgg16_bn`` or ``resnet50``:
+    .pth, .safetensors or .npz) under the fresh classifier of ``fresh_variables``, as the paper builds its teacher."""
+    importer = import_vgg if isinstance(model, VGG) else import_resnet
+    variables = importer(load_state_dict(path), model, new_head_variables=fresh_variables)
     print(f"[{name}] features from {path}, a new {model.num_classes}-way classifier")
     return variables
 
 
-def load_trained(name: str, model_config, objective: Objective, config, workdir: str) -> tuple[VGG, dict]:
+def load_trained(name: str, model_config, objective: Objective, config, workdir: str) -> tuple:
     """The final variables of a model that ``train_model`` trained into ``workdir/name`` with ``objective``."""
     model = build_model(model_config, config)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
-    template = init_variables(model, jax.random.key(0))
+    template = init_model(model, jax.random.key(0), config)
     return model, restore_finished(name, template, tx, objective, model_config.num_steps, config, workdir,
                                    settings=model_config.to_dict(), with_teacher=name != TEACHER)
 
 
-def load_teacher(config, workdir: str) -> tuple[VGG, dict]:
+def load_teacher(config, workdir: str) -> tuple:
     """The trained teacher of ``workdir``."""
     return load_trained(TEACHER, config.teacher, make_objective(config), config, workdir)

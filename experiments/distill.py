@@ -12,7 +12,7 @@ import time
 
 import ml_collections
 
-from attrjax.models import check_compatible
+from attrjax.models import VGG, check_compatible
 from experiments import common
 
 
@@ -34,7 +34,11 @@ def validate(config) -> None:
         objective = functools.partial(common.compression_objective, config, run_config)
         student = common.check_model_run(name, run_config, objective, config)
         try:
-            check_compatible(teacher, student, [config.matching_layer] if objective().matching else [])
+            if isinstance(teacher, VGG) and isinstance(student, VGG):
+                check_compatible(teacher, student, [config.matching_layer] if objective().matching else [])
+            elif objective().matching:
+                for role, model in (("teacher", teacher), ("student", student)):
+                    common.check_layer(role, model, config.matching_layer, config)
         except ValueError as error:
             raise ValueError(f"settings of the {name!r} run: {error}") from error
 

@@ -44,13 +44,13 @@ def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.Confi
     config.matching_layer = "pool5"  # 7x7 at 227 px
     config.eval_layer = "conv5_3"  # 14x14, the paper's Grad-CAM evaluation layer
     config.teacher = dict(
-        layout="vgg16", width_divisor=1, dropout_rate=0.5, head_pooling="flatten", pretrained="",
+        arch="vgg", layout="vgg16", width_divisor=1, dropout_rate=0.5, head_pooling="flatten", pretrained="",
         num_steps=steps(60),
         optimizer=dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
                        boundaries=steps(10, 30, 40), decay_factor=0.1),
     )
     student = dict(
-        layout="vgg16", width_divisor=8, dropout_rate=0.5, head_pooling="flatten",
+        arch="vgg", layout="vgg16", width_divisor=8, dropout_rate=0.5, head_pooling="flatten",
         num_steps=steps(350),
         optimizer=dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
                        boundaries=steps(150, 200, 250), decay_factor=0.1),

@@ -46,9 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.matching_layer = "pool3"
     config.eval_layer = "conv3_3"
     optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
-    config.teacher = dict(layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
+    config.teacher = dict(arch="vgg", layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
                           num_steps=1200, optimizer=optimizer)
-    student = dict(layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=900,
+    student = dict(arch="vgg", layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=900,
                    optimizer=optimizer)
     kd = dict(kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
