@@ -16,6 +16,7 @@ import argparse
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from attrjax.models import VGG, init_variables, layer_spatial_size, vgg
@@ -43,9 +44,11 @@ def make_objective(kind: str, layer: str) -> Objective:
 
 
 def conv_forward_gflop(model: VGG, batch: int) -> float:
-    """Analytic forward GFLOPs of a batch, padded taps included: a cross-check of XLA's count, which skips the taps
-    that fall on the zero padding (about 11% fewer at 64 px)."""
-    return batch * count_params_and_flops(model)["flops"] / 1e9
+    """Forward GFLOPs of a batch by ``count_params_and_flops`` (2 per multiply-add, padded taps included): a
+    cross-check of XLA's count, which skips the taps that fall on the zero padding (about 11% fewer at 64 px)."""
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+    return batch * count_params_and_flops(model, variables, images)["flops"] / 1e9
 
 
 def parse_args(argv=None) -> argparse.Namespace:

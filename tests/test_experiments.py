@@ -38,8 +38,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
             assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
     assert results["kd"]["params"] < results["teacher"]["params"]
     teacher = common.load_teacher(config, str(tmp_path))
-    pruned_model, _ = prune_filters(*teacher, config.pruning.structured.rates)
-    assert results["structured"]["params"] == count_params_and_flops(pruned_model)["params"]
+    pruned_model, pruned_variables = prune_filters(*teacher, config.pruning.structured.rates)
+    images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
+    assert results["structured"]["params"] == count_params_and_flops(pruned_model, pruned_variables, images)["params"]
     assert results["structured"]["mflops"] < results["teacher"]["mflops"]
     sparsity = iterative_sparsity(config.pruning.unstructured.rate, 2)
     for name in ("unstructured", "unstructured_match", "unstructured_match_stochastic"):

@@ -63,13 +63,13 @@ def test_paper_rates_give_the_paper_parameter_counts():
     variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
     expected = {0.3: 8_675_188, 0.7: 3_269_153}  # PAPER.md §3
     for rate, params in expected.items():
-        pruned, _ = prune_filters(model, variables, vgg16_paper_rates(rate))
-        assert count_params_and_flops(pruned)["params"] == params
+        pruned, pruned_variables = prune_filters(model, variables, vgg16_paper_rates(rate))
+        assert count_params_and_flops(pruned, pruned_variables, jnp.zeros((1, 227, 227, 3)))["params"] == params
 
 
 def test_params_and_flops_of_a_tiny_config_by_hand():
     model = vgg(((2,), (3,)), num_classes=4, image_size=8)
-    counted = count_params_and_flops(model)
+    counted = count_params_and_flops(model, init_variables(model, jax.random.key(0)), jnp.zeros((1, 8, 8, 3)))
     # conv1_1 27*2+2, bn 2*2, conv2_1 18*3+3, bn 2*3, classifier (3*2*2)*4+4
     assert counted["params"] == (54 + 2) + 4 + (54 + 3) + 6 + (48 + 4)
     # 2 * (8*8*9*3*2 + 4*4*9*2*3) + 2 * 12 * 4
@@ -78,17 +78,18 @@ def test_params_and_flops_of_a_tiny_config_by_hand():
 
 def test_zero_conv_weights_are_not_counted():
     model = vgg(((2,), (3,)), num_classes=4, image_size=8)
-    params = jax.tree.map(jnp.ones_like, init_variables(model, jax.random.key(0))["params"])
+    variables = jax.tree.map(jnp.ones_like, init_variables(model, jax.random.key(0)))
+    dense = count_params_and_flops(model, variables, jnp.zeros((1, 8, 8, 3)))
+    params = variables["params"]
     params["conv1_1"]["kernel"] = params["conv1_1"]["kernel"].at[0, 0, 0, :].set(0.0)  # 2 of 54 weights
     params["conv2_1"]["kernel"] = params["conv2_1"]["kernel"].at[1].set(0.0)  # 18 of 54 weights
     params["bn2_1"]["bias"] = jnp.zeros(3)  # zero, but not a conv weight: still counted
-    counted = count_params_and_flops(model, params)
-    dense = count_params_and_flops(model)
+    counted = count_params_and_flops(model, variables, jnp.zeros((1, 8, 8, 3)))
     assert counted["params"] == dense["params"] - 2 - 18
     # conv1_1 at 8x8 with 52 weights, conv2_1 at 4x4 with 36, the dense classifier
     assert counted["flops"] == 2 * (64 * 52 + 16 * 36) + 96
     with pytest.raises(ValueError, match="do not fit this model"):
-        count_params_and_flops(vgg(((2,), (4,)), num_classes=4, image_size=8), params)
+        count_params_and_flops(vgg(((2,), (4,)), num_classes=4, image_size=8), variables, jnp.zeros((1, 8, 8, 3)))
 
 
 def test_bad_rates_are_rejected():

@@ -1,11 +1,11 @@
-"""Structured L1 filter pruning (Li et al., "Pruning Filters for Efficient ConvNets"; PAPER.md §5.3) that makes
-the network physically smaller: a new VGG with fewer filters and the matching slices of its variables.
+"""Structured L1 filter pruning (Li et al., "Pruning Filters for Efficient ConvNets") that makes the network
+physically smaller: a new VGG with fewer filters and the matching slices of its variables.
 
 Per conv layer, the filters with the largest L1 norm sum_{h,w,i} |W[h,w,i,o]| are kept (ranked per layer, on the
 given weights, no data). Slicing follows the kept filters through the network: the conv's kernel and bias, its
 BatchNorm's scale, bias, mean and variance, the next conv's input channels, and the classifier's input rows. The
 flatten head reads row c*H*W + s for channel c and position s, so a kept channel keeps its H*W consecutive rows
-(``repeat_interleave``; the reference code tiles the mask instead and keeps the wrong rows, PAPER.md §8 bug 5).
+(``repeat_interleave``; the paper's reference code tiles the mask instead and keeps the wrong rows).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attrjax.models import VGG, init_variables
+from attrjax.models import VGG
 from attrjax.pruning.masks import check_rate
 
 
@@ -85,35 +85,6 @@ def prune_filters(model: VGG, variables: dict, rates: Sequence[float]) -> tuple[
     pruned = model.clone(stage_widths=tuple(tuple(len(kept[next(names)]) for _ in stage)
                                             for stage in model.stage_widths))
     return pruned, {"params": new_params, "batch_stats": new_stats}
-
-
-def count_params_and_flops(model: VGG, params=None) -> dict[str, int]:
-    """Parameters (including BatchNorm scale/bias) and forward FLOPs of one image (2 per multiply-add, conv padding
-    taps included, the paper's counter's convention).
-
-    With ``params`` (an unstructured-pruned model's), zero conv weights do not count, as in the paper's counter:
-    they are subtracted from the parameters, and a conv costs 2 * H * W * nnz(kernel).
-    """
-    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    if params is not None and jax.tree.map(np.shape, params) != jax.tree.map(lambda x: tuple(x.shape),
-                                                                              variables["params"]):
-        raise ValueError("params do not fit this model (different layers or shapes); pass the params of the model "
-                         "being counted")
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-    flops, size, in_channels = 0, model.image_size, 3
-    names = iter(conv_names(model))
-    for stage in model.stage_widths:
-        for width in stage:
-            weights = 9 * in_channels * width
-            if params is not None:
-                zeros = weights - int(np.count_nonzero(np.asarray(params[next(names)]["kernel"])))
-                num_params, weights = num_params - zeros, weights - zeros
-            flops += 2 * size * size * weights
-            in_channels = width
-        size //= 2
-    features = in_channels * (size * size if model.head_pooling == "flatten" else 1)
-    flops += 2 * features * model.num_classes
-    return {"params": num_params, "flops": flops}
 
 
 def zero_filters(model: VGG, variables: dict, rates: Sequence[float]) -> dict:
