@@ -12,6 +12,13 @@ Architecture (torchvision's ``resnet18/34/50``; images NHWC, float):
   the sum. Convs have no bias.
 - head: global average pool, then the linear ``fc``.
 
+Pruned widths (``inner_widths``, ``stream_widths``; both None by default, the standard widths above) make a
+physically smaller network of the same layout, as structured filter pruning returns it: the inner convs of a block
+(conv1 of a basic block, conv1 and conv2 of a bottleneck) and each stage's residual stream (every block output of the
+stage, and the stem where ``layer1.0``'s shortcut is the identity) may have fewer channels. Which shortcuts are
+``downsample`` convs follows the standard widths, so it never changes with pruning. ``resnet_block_widths`` lists
+the channels every conv outputs.
+
 BatchNorm is torchvision's: momentum 0.1 (0.9 in Flax's convention), eps 1e-5, batch statistics when
 ``train=True`` (updating the ``batch_stats`` collection), running averages otherwise. One difference: PyTorch
 updates ``running_var`` with the unbiased batch variance, Flax with the biased one.
@@ -60,6 +67,7 @@ from attrjax.models.vgg import _torch_bias_init, _torch_kernel_init
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("imagenet", "small")
 _EXPANSION = {"basic": 1, "bottleneck": 4}  # block output channels / planes
+_INNER_CONVS = {"basic": 1, "bottleneck": 2}  # convs of a block before the one that writes its output
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), a plain (untruncated) normal.
 _kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -95,20 +103,24 @@ class BasicBlock(nn.Module):
       strides: stride of the first conv and of the shortcut.
       downsample: whether the shortcut is a strided 1x1 conv + BN (needed when the shape changes).
       dtype: computation dtype (parameters stay float32).
+      widths: output channels of (conv1, conv2) where pruning made them smaller; None: (planes, planes). The block
+        then outputs ``widths[-1]`` channels.
     """
 
     planes: int
     strides: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
+    widths: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = _conv(self.planes, 3, self.strides, self.dtype, "conv1")(x)
+        inner, features = self.widths or (self.planes, self.planes)
+        y = _conv(inner, 3, self.strides, self.dtype, "conv1")(x)
         y = nn.relu(_batch_norm(self.dtype, "bn1")(y, use_running_average=not train))
-        y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
+        y = _conv(features, 3, 1, self.dtype, "conv2")(y)
         y = _batch_norm(self.dtype, "bn2")(y, use_running_average=not train)
-        return nn.relu(y + _shortcut(x, self.planes, self.strides, self.downsample, self.dtype, train))
+        return nn.relu(y + _shortcut(x, features, self.strides, self.downsample, self.dtype, train))
 
 
 class Bottleneck(nn.Module):
@@ -119,22 +131,26 @@ class Bottleneck(nn.Module):
       strides: stride of the 3x3 conv and of the shortcut.
       downsample: whether the shortcut is a strided 1x1 conv + BN (needed when the shape changes).
       dtype: computation dtype (parameters stay float32).
+      widths: output channels of (conv1, conv2, conv3) where pruning made them smaller; None: (planes, planes,
+        4 * planes). The block then outputs ``widths[-1]`` channels.
     """
 
     planes: int
     strides: int = 1
     downsample: bool = False
     dtype: jnp.dtype = jnp.float32
+    widths: tuple[int, int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+        first, second, features = self.widths or (self.planes, self.planes, 4 * self.planes)
+        y = _conv(first, 1, 1, self.dtype, "conv1")(x)
         y = nn.relu(_batch_norm(self.dtype, "bn1")(y, use_running_average=not train))
-        y = _conv(self.planes, 3, self.strides, self.dtype, "conv2")(y)
+        y = _conv(second, 3, self.strides, self.dtype, "conv2")(y)
         y = nn.relu(_batch_norm(self.dtype, "bn2")(y, use_running_average=not train))
-        y = _conv(4 * self.planes, 1, 1, self.dtype, "conv3")(y)
+        y = _conv(features, 1, 1, self.dtype, "conv3")(y)
         y = _batch_norm(self.dtype, "bn3")(y, use_running_average=not train)
-        return nn.relu(y + _shortcut(x, 4 * self.planes, self.strides, self.downsample, self.dtype, train))
+        return nn.relu(y + _shortcut(x, features, self.strides, self.downsample, self.dtype, train))
 
 
 def _shortcut(x: jax.Array, features: int, strides: int, downsample: bool, dtype: jnp.dtype, train: bool
@@ -185,6 +201,10 @@ class ResNet(nn.Module):
         students). Stage i has ``width * 2**(i-1)`` planes.
       stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool, 4x smaller maps) or ``"small"`` (one 3x3/1 conv, no pool).
       dtype: computation dtype (parameters stay float32).
+      inner_widths: per block in forward order, the output channels of its inner convs where pruning made them
+        smaller: ``(conv1,)`` for a basic block, ``(conv1, conv2)`` for a bottleneck; None: the standard widths.
+      stream_widths: per stage, the channels of its residual stream (every block output; also the stem output where
+        ``layer1.0`` has no ``downsample``); None: the standard ``width * 2**(i-1)`` (times 4 for bottlenecks).
 
     Block outputs and the stem output are sown into ``intermediates`` (see the module docstring for names and the
     mapping to module paths).
@@ -196,6 +216,8 @@ class ResNet(nn.Module):
     width: int = 64
     stem: str = "imagenet"
     dtype: jnp.dtype = jnp.float32
+    inner_widths: tuple[tuple[int, ...], ...] | None = None
+    stream_widths: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -208,18 +230,20 @@ class ResNet(nn.Module):
         x = self._stem(x, train)
         self.sow("intermediates", "stem", x)
         block_module = _BLOCK_MODULES[self.block]
-        for spec in block_specs(self.block, tuple(self.stage_sizes), self.width):
-            x = block_module(planes=spec.planes, strides=spec.strides, downsample=spec.downsample,
-                             dtype=self.dtype, name=resnet_module_path(spec.name)[0])(x, train)
+        specs = block_specs(self.block, tuple(self.stage_sizes), self.width)
+        for spec, widths in zip(specs, resnet_block_widths(self)):
+            x = block_module(planes=spec.planes, strides=spec.strides, downsample=spec.downsample, dtype=self.dtype,
+                             widths=widths, name=resnet_module_path(spec.name)[0])(x, train)
             self.sow("intermediates", spec.name, x)
         pooled = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_torch_kernel_init,
                         bias_init=_torch_bias_init(x.shape[-1]), name="fc")(pooled)
 
     def _stem(self, x: jax.Array, train: bool) -> jax.Array:
-        """(B,H,W,3) -> (B,H/4,W/4,width) for the ImageNet stem, (B,H,W,width) for the small one."""
+        """(B,H,W,3) -> (B,H/4,W/4,C) for the ImageNet stem, (B,H,W,C) for the small one; C = ``width`` unless
+        pruning made it smaller (``resnet_stem_width``)."""
         imagenet = self.stem == "imagenet"
-        x = _conv(self.width, 7 if imagenet else 3, 2 if imagenet else 1, self.dtype, "conv1")(x)
+        x = _conv(resnet_stem_width(self), 7 if imagenet else 3, 2 if imagenet else 1, self.dtype, "conv1")(x)
         x = nn.relu(_batch_norm(self.dtype, "bn1")(x, use_running_average=not train))
         return max_pool_3x3_stride2(x) if imagenet else x
 
@@ -233,6 +257,16 @@ class ResNet(nn.Module):
         if self.width < 1 or self.num_classes < 1:
             raise ValueError(f"width and num_classes must be positive, got width={self.width}, "
                              f"num_classes={self.num_classes}")
+        if self.stream_widths is not None and (len(self.stream_widths) != len(self.stage_sizes)
+                                               or min(self.stream_widths) < 1):
+            raise ValueError(f"stream_widths must be one positive channel count per stage ({len(self.stage_sizes)}),"
+                             f" got {self.stream_widths}")
+        if self.inner_widths is not None:
+            num_blocks, per_block = sum(self.stage_sizes), _INNER_CONVS[self.block]
+            if len(self.inner_widths) != num_blocks or any(
+                    len(widths) != per_block or min(widths) < 1 for widths in self.inner_widths):
+                raise ValueError(f"inner_widths must be, per block ({num_blocks}), a tuple of {per_block} positive "
+                                 f"channel count(s) (the inner convs of a {self.block} block), got {self.inner_widths}")
 
 
 def _base_width(width_divisor: int, base: int) -> int:
@@ -270,6 +304,31 @@ def resnet_small(num_classes: int, *, stage_sizes: tuple[int, ...] = (1, 1, 1, 1
     """
     return ResNet(block="basic", stage_sizes=tuple(stage_sizes), num_classes=num_classes,
                   width=_base_width(width_divisor, 16), stem="small", dtype=dtype)
+
+
+def resnet_stream_widths(model: ResNet) -> tuple[int, ...]:
+    """Channels of each stage's residual stream (its block outputs): ``stream_widths``, or the standard
+    ``width * 2**(i-1)`` (times 4 for bottlenecks)."""
+    if model.stream_widths is not None:
+        return tuple(model.stream_widths)
+    return tuple(model.width * 2 ** stage * _EXPANSION[model.block] for stage in range(len(model.stage_sizes)))
+
+
+def resnet_stem_width(model: ResNet) -> int:
+    """Channels out of the stem: ``width``, or the first stage's stream width where ``layer1.0``'s shortcut is the
+    identity (the stem output is then added to that stream, so a pruned stream prunes the stem too)."""
+    first = block_specs(model.block, tuple(model.stage_sizes), model.width)[0]
+    return model.width if first.downsample or model.stream_widths is None else model.stream_widths[0]
+
+
+def resnet_block_widths(model: ResNet) -> tuple[tuple[int, ...], ...]:
+    """Per block in forward order, the output channels of its convs: ``(conv1, conv2)`` for a basic block,
+    ``(conv1, conv2, conv3)`` for a bottleneck. The last is the block output, its stage's stream width."""
+    specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
+    streams = resnet_stream_widths(model)
+    stage_of = [stage for stage, size in enumerate(model.stage_sizes) for _ in range(size)]
+    inner = model.inner_widths or [(spec.planes,) * _INNER_CONVS[model.block] for spec in specs]
+    return tuple(tuple(widths) + (streams[stage],) for widths, stage in zip(inner, stage_of))
 
 
 def resnet_layer_names(model: ResNet) -> tuple[str, ...]:
@@ -409,8 +468,9 @@ def export_resnet(variables: Mapping[str, Any], model: ResNet) -> StateDict:
 def resnet_from_state_dict(state_dict: Mapping[str, np.ndarray], *, num_classes: int | None = None,
                            dtype: jnp.dtype = jnp.float32) -> ResNet:
     """The ``ResNet`` a torchvision-layout state dict fits: block type (``conv3`` present: bottleneck), blocks per
-    stage, width (``conv1``'s filters), stem (7x7 ``conv1``: imagenet, 3x3: small) and ``num_classes`` (rows of
-    ``fc.weight``, unless given: pass it to import with a new head)."""
+    stage, width (``conv1``'s filters), stem (7x7 ``conv1``: imagenet, 3x3: small), ``num_classes`` (rows of
+    ``fc.weight``, unless given: pass it to import with a new head), and, for a pruned network, ``inner_widths`` /
+    ``stream_widths`` (the blocks' conv filters, where they differ from the standard widths)."""
     state_dict = _strip_data_parallel_prefix(state_dict)
     conv1 = state_dict.get("conv1.weight")
     if conv1 is None or np.ndim(conv1) != 4 or np.shape(conv1)[2] not in (3, 7):
@@ -423,8 +483,26 @@ def resnet_from_state_dict(state_dict: Mapping[str, np.ndarray], *, num_classes:
             raise ValueError("the state dict has no fc.weight to read num_classes from: pass num_classes=...")
         num_classes = int(np.shape(state_dict["fc.weight"])[0])
     block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-    return ResNet(block=block, stage_sizes=stage_sizes, num_classes=num_classes,
-                  width=int(np.shape(conv1)[0]), stem="imagenet" if np.shape(conv1)[2] == 7 else "small", dtype=dtype)
+    model = ResNet(block=block, stage_sizes=stage_sizes, num_classes=num_classes,
+                   width=int(np.shape(conv1)[0]), stem="imagenet" if np.shape(conv1)[2] == 7 else "small", dtype=dtype)
+    return model.clone(**_pruned_widths(state_dict, model))
+
+
+def _pruned_widths(state_dict: Mapping[str, np.ndarray], model: ResNet) -> dict[str, tuple]:
+    """``inner_widths`` / ``stream_widths`` read off the blocks' conv filters, those that differ from ``model``'s
+    standard widths (a pruned checkpoint); none where a block conv is missing or not 4-D."""
+    specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
+    shapes = [[np.shape(state_dict.get(f"{spec.name}.conv{k}.weight")) for k in range(1, _INNER_CONVS[model.block] + 2)]
+              for spec in specs]
+    if any(len(shape) != 4 for block in shapes for shape in block):
+        return {}
+    found = tuple(tuple(int(shape[0]) for shape in block) for block in shapes)
+    first_blocks = np.cumsum((0,) + tuple(model.stage_sizes[:-1]))
+    widths = {"inner_widths": tuple(block[:-1] for block in found),
+              "stream_widths": tuple(found[index][-1] for index in first_blocks)}
+    standard = {"inner_widths": tuple(block[:-1] for block in resnet_block_widths(model)),
+                "stream_widths": resnet_stream_widths(model)}
+    return {field: value for field, value in widths.items() if value != standard[field]}
 
 
 def _blocks_per_stage(state_dict: Mapping[str, np.ndarray]) -> tuple[int, ...]:
@@ -445,8 +523,10 @@ def _blocks_per_stage(state_dict: Mapping[str, np.ndarray]) -> tuple[int, ...]:
 
 
 def _describe(model: ResNet) -> str:
+    pruned = "".join(f", {field}={getattr(model, field)}" for field in ("inner_widths", "stream_widths")
+                     if getattr(model, field) is not None)
     return (f"ResNet(block={model.block!r}, stage_sizes={tuple(model.stage_sizes)}, "
-            f"num_classes={model.num_classes}, width={model.width}, stem={model.stem!r})")
+            f"num_classes={model.num_classes}, width={model.width}, stem={model.stem!r}{pruned})")
 
 
 def _check_new_head(new_head_variables: Mapping[str, Any], shapes: Mapping[VariablePath, tuple[int, ...]]) -> None:
@@ -483,6 +563,14 @@ def _hints(state_dict: Mapping[str, np.ndarray], model: ResNet) -> list[str]:
     if found.width != model.width:
         hints.append(f"the checkpoint's conv1 has {found.width} filters, the model's width is {model.width}: "
                      f"build it with width={found.width} (or the width_divisor that gives it)")
+    same_layout = (found.block, tuple(found.stage_sizes), found.width) == (model.block, tuple(model.stage_sizes),
+                                                                           model.width)
+    if same_layout and resnet_block_widths(found) != resnet_block_widths(model):
+        name, found_widths, widths = next(
+            (spec.name, a, b) for spec, a, b in zip(block_specs(model.block, tuple(model.stage_sizes), model.width),
+                                                    resnet_block_widths(found), resnet_block_widths(model)) if a != b)
+        hints.append(f"the checkpoint's {name} convs output {found_widths} channels, the model's {widths} (a pruned "
+                     "network has other widths)")
     if found.stem != model.stem:
         hints.append(f"the checkpoint's conv1 is the {found.stem!r} stem, the model has stem={model.stem!r}")
     classes = np.shape(state_dict["fc.weight"])[0] if np.ndim(state_dict.get("fc.weight")) == 2 else None
@@ -496,5 +584,6 @@ def _hints(state_dict: Mapping[str, np.ndarray], model: ResNet) -> list[str]:
 
 
 __all__ = ["BLOCKS", "STEMS", "BasicBlock", "BlockSpec", "Bottleneck", "ResNet", "block_specs", "export_resnet",
-           "import_resnet", "max_pool_3x3_stride2", "resnet18", "resnet34", "resnet50", "resnet_from_state_dict",
-           "resnet_layer_names", "resnet_module_path", "resnet_small"]
+           "import_resnet", "max_pool_3x3_stride2", "resnet18", "resnet34", "resnet50", "resnet_block_widths",
+           "resnet_from_state_dict", "resnet_layer_names", "resnet_module_path", "resnet_small", "resnet_stem_width",
+           "resnet_stream_widths"]

@@ -34,17 +34,25 @@ def l1_kept_filters(model: VGG, params, rates: Sequence[float]) -> dict[str, np.
     names = conv_names(model)
     if len(rates) != len(names):
         raise ValueError(f"got {len(rates)} pruning rates for the {len(names)} convs of this VGG ({', '.join(names)})")
-    kept = {}
-    for name, rate in zip(names, rates):
-        check_rate(f"pruning rate of {name}", rate)
-        kernel = np.asarray(params[name]["kernel"])
-        num_keep = int(kernel.shape[-1] * (1 - rate))
-        if num_keep < 1:
-            raise ValueError(f"rate {rate} leaves {name} (with {kernel.shape[-1]} filters) no filter; use a "
-                             "smaller rate")
-        norms = np.abs(kernel).sum(axis=(0, 1, 2))
-        kept[name] = np.sort(np.argsort(-norms, kind="stable")[:num_keep])
-    return kept
+    return {name: largest_filters(filter_l1_norms(params[name]["kernel"]), rate, name)
+            for name, rate in zip(names, rates)}
+
+
+def filter_l1_norms(kernel) -> np.ndarray:
+    """A (..., C_in, C_out) kernel (HWIO conv, or dense) -> (C_out,) L1 norms sum over all other axes of |W|."""
+    kernel = np.asarray(kernel)
+    return np.abs(kernel).sum(axis=tuple(range(kernel.ndim - 1)))
+
+
+def largest_filters(scores: np.ndarray, rate: float, name: str) -> np.ndarray:
+    """(C,) filter scores -> sorted indices of the int(C * (1 - rate)) largest (ties: the lower index is kept).
+
+    ``name`` names the pruned layer in the errors: a rate outside [0, 1), or one that keeps no filter."""
+    check_rate(f"pruning rate of {name}", rate)
+    num_keep = int(len(scores) * (1 - rate))
+    if num_keep < 1:
+        raise ValueError(f"rate {rate} leaves {name} (with {len(scores)} filters) no filter; use a smaller rate")
+    return np.sort(np.argsort(-scores, kind="stable")[:num_keep])
 
 
 def _classifier_rows(model: VGG, last_kept: np.ndarray) -> np.ndarray:
