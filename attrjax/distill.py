@@ -1,4 +1,5 @@
-"""Task and distillation losses (PAPER.md §2.7). Teacher logits are always treated as constants."""
+"""Task and distillation losses (docs/method.md#distillation-and-task-losses). Teacher logits are always treated as
+constants."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def binary_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
                    temperature: float = 4.0, alpha: float = 0.9) -> jax.Array:
-    """Per-class Bernoulli KD mixed with the multi-label soft-margin loss (PAPER.md §2.7a).
+    """Per-class Bernoulli KD mixed with the multi-label soft-margin loss (docs/method.md#multi-label-bernoulli-kd).
 
     With q = sigmoid(t/T), p = sigmoid(s/T):
       KL = T^2/(B*K) sum_{b,c} [q log q - q log(p + 1e-7) + (1-q) log(1-q) - (1-q) log(1-p + 1e-7)]

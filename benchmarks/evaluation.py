@@ -4,7 +4,8 @@ per-image, per-class loop of the same computation.
     python -m benchmarks.evaluation [--model demo|paper] [--methods paper|all|NAME ...] [--batch N] [--out r.json]
 
 For each method, two ways to compute the same evaluation maps (B,K,S,S) (the method's raw map, bilinearly
-upsampled to the image and min-max normalised, PAPER.md §6.2), each jitted and compiled before timing:
+upsampled to the image and min-max normalised, docs/method.md#localisation-metrics), each jitted and compiled before
+timing:
   batched: ``attrjax.evaluation.make_attribution_fn``, the call ``experiments/evaluate`` makes per batch (Grad-CAM:
            one vjp for all classes; the other methods: classes in groups of ``--class-chunk``, vmapped within a
            group, the forward pass shared; ``attrjax.chunking``);

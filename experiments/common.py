@@ -175,7 +175,8 @@ def _shapes_splits(config, directory: str) -> dict:
 
 
 def _voc_splits(config, directory: str) -> dict:
-    """Main/train (encoded, cropped on the fly), Main/val and Segmentation/val resized (PAPER.md §4)."""
+    """Main/train (encoded, cropped on the fly), Main/val and Segmentation/val resized
+    (docs/method.md#data-and-preprocessing)."""
     voc.build_voc(directory, manual_dir=config.data.manual_dir or None)
     size, difficult = config.data.image_size, config.data.include_difficult
     print("voc2012: decoding and resizing the evaluation images")

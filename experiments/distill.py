@@ -1,4 +1,4 @@
-"""Distil students from a trained teacher, with and without attribution matching (PAPER.md §5.2).
+"""Distil students from a trained teacher, with and without attribution matching (docs/method.md#distilled-students).
 
     python -m experiments.distill --config quick --workdir runs/demo [--set stochastic_drop_rate=0.3]
 

@@ -1,9 +1,11 @@
-"""Prune the teacher and fine-tune it, with and without attribution matching (PAPER.md §5.3, §5.4, §2.7b-c).
+"""Prune the teacher and fine-tune it, with and without attribution matching (docs/method.md#structured-pruning,
+#unstructured-pruning).
 
     python -m experiments.prune --config quick --workdir runs/demo [--set stochastic_drop_rate=0.3]
 
 Two settings, each naive (task loss) and matched (task loss + lambda * matching to the unpruned teacher, which is
-always in eval mode: the reference code's unstructured scripts leave it in train mode, PAPER.md §8 bug 7):
+always in eval mode: the reference code's unstructured scripts leave it in train mode,
+docs/method.md#differences-from-the-reference-code):
 - ``structured``: one-shot L1 filter pruning at ``config.pruning.structured.rates`` (one rate per conv), which
   returns a physically smaller VGG, then fine-tuning;
 - ``unstructured``: ``rounds`` rounds of global magnitude pruning of the conv kernels to s_k = 1 - (1 - p)^k, each

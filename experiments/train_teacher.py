@@ -1,4 +1,4 @@
-"""Train the full network (the teacher) on the task loss alone (PAPER.md §5.1).
+"""Train the full network (the teacher) on the task loss alone (docs/method.md#training-the-teacher).
 
     python -m experiments.train_teacher --config quick --workdir runs/demo
 """

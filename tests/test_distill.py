@@ -1,4 +1,4 @@
-"""Distillation and task losses against NumPy transcriptions of PAPER.md §2.7."""
+"""Distillation and task losses against NumPy transcriptions of docs/method.md#distillation-and-task-losses."""
 
 import jax
 import jax.numpy as jnp

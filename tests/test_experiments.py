@@ -134,7 +134,7 @@ def test_optimizer_label_and_override_errors_name_what_is_wrong(tmp_path):
     sgd_without_momentum = {"name": "sgd", "learning_rate": 0.1, "weight_decay": 0.0, "schedule": "constant"}
     with pytest.raises(ValueError, match="sgd optimizer config lacks momentum"):
         make_optimizer(ml_collections.ConfigDict(sgd_without_momentum), 10)
-    with pytest.raises(ValueError, match="teacher has no section 'nope'; it has: dropout_rate"):
+    with pytest.raises(ValueError, match="teacher has no section 'nope'; it has: arch, dropout_rate"):
         common.load_config("quick", ["teacher.nope.x=1"])
     with pytest.raises(ValueError, match="config key 'seed' holds a int, not str 'abc'"):
         common.load_config("quick", ["seed=abc"])

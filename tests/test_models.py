@@ -1,4 +1,4 @@
-"""The VGG family: the split is exact at every layer, sizes match PAPER.md §3, bad configs fail clearly."""
+"""The VGG family: the split is exact at every layer, sizes match the paper's, bad configs fail clearly."""
 
 import chex
 import flax.linen as nn

@@ -61,7 +61,7 @@ def test_paper_rates_give_the_paper_parameter_counts():
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-    expected = {0.3: 8_675_188, 0.7: 3_269_153}  # PAPER.md §3
+    expected = {0.3: 8_675_188, 0.7: 3_269_153}  # the paper's counts
     for rate, params in expected.items():
         pruned, pruned_variables = prune_filters(model, variables, vgg16_paper_rates(rate))
         assert count_params_and_flops(pruned, pruned_variables, jnp.zeros((1, 227, 227, 3)))["params"] == params

@@ -2,7 +2,8 @@
 
 A classifier is split into ``features`` (images -> A, (B,H,W,C)) and ``head_fn`` (A -> logits, (B,K)). One
 ``jax.vjp`` of ``head_fn`` gives the logits and, for any cotangent, the gradient of the targeted logits w.r.t. A;
-the channel sensitivities are its spatial sum (PAPER.md §2.2, Grad-CAM without the 1/Z that normalisation removes).
+the channel sensitivities are its spatial sum (Grad-CAM without the 1/Z that normalisation removes; see
+docs/method.md#weighted-collapsed-attribution).
 Everything here is differentiable, so a student's map can sit inside a loss that ``jax.grad`` differentiates
 (double backprop).
 """
@@ -133,7 +134,7 @@ def resize_maps(maps: jax.Array, size: int | tuple[int, int]) -> jax.Array:
 
 
 def minmax_normalize(maps: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """(map - min) / (max - min + eps) per map over the last two axes (PAPER.md §6.2 step 3)."""
+    """(map - min) / (max - min + eps) per map over the last two axes (docs/method.md#localisation-metrics)."""
     low = jnp.min(maps, axis=(-2, -1), keepdims=True)
     high = jnp.max(maps, axis=(-2, -1), keepdims=True)
     return (maps - low) / (high - low + eps)

@@ -41,7 +41,8 @@ division that is 0 where ``z`` is 0, all sums per image.
 So, per image, every layer's relevance sums to the target score ``sum_k t_k z_k`` (the target logit for an int
 target) wherever no denominator above vanishes.
 
-Differences from the authors' public PyTorch code (which the paper's evaluation used, PAPER.md §6.2):
+Differences from the authors' public PyTorch code (which the paper's evaluation used; see also
+docs/method.md#differences-from-the-reference-code):
 
 - BatchNorm is folded into the convs (their BatchNorm relevance step is the identity up to the bias sharing it adds
   back). With a negative BatchNorm scale the folded kernel's signs flip for that channel, so here excitatory and

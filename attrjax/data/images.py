@@ -224,7 +224,7 @@ def resize_split(split: LabeledImages, image_size: int, *, labels_from_masks: bo
 
     Args:
       labels_from_masks: label an image with the classes that keep a pixel in its resized mask (the paper's
-        localisation protocol, PAPER.md §4) instead of its annotation labels.
+        localisation protocol, docs/method.md#data-and-preprocessing) instead of its annotation labels.
 
     Returns:
       dict with `image` uint8 (N, S, S, 3) and `labels` bool (N, K), plus `mask` uint8 (N, S, S) when the split

@@ -35,7 +35,8 @@ class Normalization:
 # The renderer treats the channels alike and draws colours symmetrically about 0.5, so the mean is 0.5 by
 # design; the standard deviation is measured on 6000 default renders.
 SHAPES_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.235, 0.235, 0.235))
-VOC_NORMALIZATION = Normalization(mean=(0.4589, 0.4355, 0.4032), std=(0.2239, 0.2186, 0.2206))  # PAPER.md §4
+# The paper's VOC constants (docs/method.md#data-and-preprocessing).
+VOC_NORMALIZATION = Normalization(mean=(0.4589, 0.4355, 0.4032), std=(0.2239, 0.2186, 0.2206))
 # torchvision's ImageNet constants, for ImageNet-pretrained teachers fine-tuned on Oxford-IIIT Pet or CUB.
 IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 

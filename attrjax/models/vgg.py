@@ -1,4 +1,4 @@
-"""The VGG family of Park et al. (PAPER.md §3) as a Flax linen module split for attribution.
+"""The VGG family of Park et al. (docs/method.md#models-and-layers) as a Flax linen module split for attribution.
 
 Every network is a sequence of named points: ``input``, ``conv{s}_{j}`` (the ReLU output of the j-th conv of stage
 s, 1-based), ``pool{s}`` (the max-pool closing stage s). ``features(x, layer=L)`` runs the network up to and

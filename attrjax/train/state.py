@@ -1,4 +1,5 @@
-"""Train state and the optimizers of PAPER.md §5 (SGD + momentum + coupled weight decay, step schedules)."""
+"""Train state and the paper's optimizers: SGD + momentum + coupled weight decay, step schedules
+(docs/method.md#optimisation-recipe)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The paper's PASCAL VOC 2012 recipe (PAPER.md §4-5), values as published.
+"""The paper's PASCAL VOC 2012 recipe (docs/method.md#data-and-preprocessing, #optimisation-recipe), values as
+published.
 
     python -m experiments.train_teacher --config paper --workdir runs/paper \
         --set data.manual_dir=/data/voc teacher.pretrained=/weights/vgg16_bn-6c64b313.pth
@@ -10,10 +11,11 @@ ImageNet `vgg16_bn` weights (`teacher.pretrained`: a .pth, .safetensors or .npz 
 head. Steps are epochs x 89: every step is a full batch of 64 (5,717 // 64 = 89), where the reference's loader adds
 a 90th batch of 21 images per epoch.
 
-Fixes applied (PAPER.md §8): the KD optimizer gets the momentum 0.9 its argparse defines (the reference code drops
-it); teacher outputs are constants (stop_gradient); the pruning teacher is in eval mode (bug 7); the structured
-head keeps the right columns (bug 5). Pruning keeps the final fine-tuned weights, where the reference code also saves
-the best-validation checkpoint of each fine-tuning (the next round starts from the final weights in both).
+Fixes applied (docs/method.md#differences-from-the-reference-code): the KD optimizer gets the momentum 0.9 its
+argparse defines (the reference code drops it); teacher outputs are constants (stop_gradient); the pruning teacher is
+in eval mode; the structured head keeps the right columns. Pruning keeps the final fine-tuned weights, where the
+reference code also saves the best-validation checkpoint of each fine-tuning (the next round starts from the final
+weights in both).
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 """The laptop preset behind `make demo`: a 64 px synthetic dataset, a 3-stage VGG16 teacher and 2x narrower students.
 
-Layer choice (DESIGN.md "Numbers to aim at"): at 64 px VGG16's pool5 is 2x2, too coarse to localise, so the demo
+Layer choice (docs/method.md#the-laptop-preset): at 64 px VGG16's pool5 is 2x2, too coarse to localise, so the demo
 uses the first three VGG16 stages. Their last pool (pool3, 8x8) plays the paper's pool5 (the matching layer) and
 their last conv (conv3_3, 16x16) the paper's conv5_3 (the Grad-CAM evaluation layer).
 
@@ -18,8 +18,9 @@ Matching weight: the paper's README uses lambda = 100. Here it overwhelmed the K
 (sample mAP 0.70 vs 0.82 for plain KD, F1 0.08), while lambda = 10 kept its accuracy (0.81) and still moved its
 Grad-CAM to the teacher's (cosine 0.82 vs 0.48 for plain KD).
 
-Pruning (PAPER.md §5.3-5.4), shrunk to fit `make demo` in 10 minutes with the KD students (900 steps; 1000 before
-pruning joined the demo; a 1000-step teacher reached sample mAP 0.97 instead of 0.99, so it keeps its 1200):
+Pruning (docs/method.md#training-objectives-per-setting), shrunk to fit `make demo` in 10 minutes with the KD
+students (900 steps; 1000 before pruning joined the demo; a 1000-step teacher reached sample mAP 0.97 instead of
+0.99, so it keeps its 1200):
 - structured: one-shot L1 filter pruning of conv1_1 and the last stage's convs at 0.7 (the paper's VGG16 scheme,
   conv1_1 plus the last stages, on three stages; 0.7 is the reference evaluation scripts' default rate). It leaves
   27,021 parameters, as many as the KD student's 27,918, so the two settings compare at equal size. 150 fine-tuning
@@ -55,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
         kd=dict(student, objective=dict(kd)),
         kd_match=dict(student, objective=dict(kd, matching="weighted", matching_weight=10.0)),
     )
-    # Pruning the teacher (PAPER.md §5.3-5.4): the task loss (+ lambda * matching), fine-tuned with a constant rate.
+    # Pruning the teacher: the task loss (+ lambda * matching), fine-tuned with a constant rate.
     finetune = dict(name="adamw", learning_rate=5e-4, weight_decay=1e-4, schedule="constant")
     config.pruning = dict(
         matching_weight=10.0,
@@ -63,8 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
         structured=dict(rates=[0.7, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7], num_steps=150, optimizer=finetune),
         unstructured=dict(rate=0.6, rounds=3, steps_per_round=50, optimizer=finetune),
     )
-    # Stochastic matching (PAPER.md §2.6) as a switch: adds a third student whose teacher maps drop this fraction
-    # of channels each step (the paper's README uses 0.3).
+    # Stochastic matching (docs/method.md#stochastic-matching) as a switch: adds a third student whose teacher maps
+    # drop this fraction of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0
     # The demo evaluates Grad-CAM (the paper's main method); `--set eval.methods=all` adds LRP, EBP and the gradient
     # family, whose per-class passes cost far more on CPU (then also bound localization_images).
