@@ -161,6 +161,9 @@ def validate(config) -> None:
     if isinstance(settings.tolerance, bool) or not isinstance(settings.tolerance, (int, float)) or not (
             0 <= settings.tolerance < float("inf")):
         raise ValueError(f"eval.tolerance must be a finite number of pixels >= 0, got {settings.tolerance!r}")
+    for name, model_config in {"teacher": config.teacher, **student_runs(config)}.items():
+        common.check_layer(f"{name!r} model (eval_layer)", common.build_model(model_config, config), config.eval_layer,
+                           config)
 
 
 def run(config, workdir: str, splits: dict | None = None) -> dict:

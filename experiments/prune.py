@@ -21,8 +21,9 @@ import time
 import jax
 import ml_collections
 
-from attrjax.models import VGG, init_variables
-from attrjax.pruning import apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters
+from attrjax.models import VGG
+from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
+                             prune_resnet_filters)
 from attrjax.train import Objective, make_optimizer
 from experiments import common
 
@@ -52,18 +53,26 @@ def run_settings(setting: str, config, round_index: int | None = None) -> dict:
     return settings if round_index is None else dict(settings, round=round_index)
 
 
-def train_structured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
-                     teacher_variables: dict) -> tuple[VGG, dict]:
+def structured_prune(teacher, teacher_variables: dict, settings) -> tuple:
+    """The physically smaller network of ``config.pruning.structured``: VGG filter pruning at ``rates`` (one per
+    conv), or ResNet pruning at ``rates`` (one rate, or one per block) with ``coupled`` residual streams."""
+    if isinstance(teacher, VGG):
+        return prune_filters(teacher, teacher_variables, settings.rates)
+    return prune_resnet_filters(teacher, teacher_variables, settings.rates, coupled=settings.coupled)
+
+
+def train_structured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
+                     teacher_variables: dict) -> tuple:
     settings = config.pruning.structured
-    model, variables = prune_filters(teacher, teacher_variables, settings.rates)
+    model, variables = structured_prune(teacher, teacher_variables, settings)
     tx = make_optimizer(settings.optimizer, settings.num_steps)
     return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_split,
                              settings=run_settings("structured", config), teacher=teacher,
                              teacher_variables=teacher_variables)
 
 
-def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher: VGG,
-                       teacher_variables: dict) -> tuple[VGG, dict]:
+def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
+                       teacher_variables: dict) -> tuple:
     settings = config.pruning.unstructured
     variables = teacher_variables
     for k in range(1, settings.rounds + 1):
@@ -78,12 +87,12 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
     return teacher, variables
 
 
-def load(name: str, run, config, workdir: str, teacher: VGG, teacher_variables: dict) -> tuple[VGG, dict]:
+def load(name: str, run, config, workdir: str, teacher, teacher_variables: dict) -> tuple:
     """The final model and variables of a finished pruning run (raises if it has not been trained)."""
     objective = common.compression_objective(config, run)
     if run.setting == "structured":
         settings = config.pruning.structured
-        model, template = prune_filters(teacher, teacher_variables, settings.rates)
+        model, template = structured_prune(teacher, teacher_variables, settings)
         tx = make_optimizer(settings.optimizer, settings.num_steps)
         return model, common.restore_finished(name, template, tx, objective, settings.num_steps, config, workdir,
                                               settings=run_settings("structured", config), with_teacher=True)
@@ -97,8 +106,8 @@ def load(name: str, run, config, workdir: str, teacher: VGG, teacher_variables: 
 
 
 def validate(config) -> None:
-    """Raises for a bad setting of any pruning run before the first one trains: rates (against a freshly
-    initialised teacher of the configured layout), step counts, rounds, optimizers and objectives."""
+    """Raises for a bad setting of any pruning run before the first one trains: rates (by pruning a freshly
+    initialised teacher of the configured architecture), step counts, rounds, optimizers and objectives."""
     common.check_config(config)
     teacher = common.build_model(config.teacher, config)
     structured, unstructured = config.pruning.structured, config.pruning.unstructured
@@ -110,9 +119,10 @@ def validate(config) -> None:
     try:
         common.check_count("pruning.structured.num_steps", structured.num_steps)
         make_optimizer(structured.optimizer, structured.num_steps)
-        for rate in structured.rates:
-            common.check_fraction("pruning.structured.rates", rate)
-        prune_filters(teacher, init_variables(teacher, jax.random.key(0)), structured.rates)
+        if isinstance(teacher, VGG):  # (the ResNet pruner checks its rates itself)
+            for rate in structured.rates:
+                common.check_fraction("pruning.structured.rates", rate)
+        structured_prune(teacher, common.init_model(teacher, jax.random.key(0), config), structured)
         common.check_count("pruning.unstructured.rounds", unstructured.rounds)
         common.check_count("pruning.unstructured.steps_per_round", unstructured.steps_per_round)
         common.check_fraction("pruning.unstructured.rate", unstructured.rate)
