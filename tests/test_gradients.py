@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
-                                           integrated_gradients, saliency, smooth_grad, sum_channels)
+from attrjax.attribution.gradients import (guided_backprop, guided_logits_fn, guided_relu, input_gradients,
+                                           input_x_gradient, integrated_gradients, saliency, smooth_grad,
+                                           sum_channels)
 from attrjax.models import init_variables, vgg
 
 B, S, K = 2, 6, 4
@@ -208,7 +209,49 @@ def test_bad_inputs_raise_clear_errors(linear_model, call, message):
         call(logit_fn, images, jnp.array([0, 1]))
 
 
-def test_guided_backprop_needs_an_activation_field():
-    model = nn.Dense(3)
-    with pytest.raises(TypeError, match="activation"):
-        guided_backprop(model, {}, jnp.zeros((1, 2, 2, 3)), jnp.array([0]))
+def test_guided_backprop_of_the_vgg_equals_swapping_its_activation(tiny_vgg):
+    """The jaxpr rewrite finds every ReLU: the same guided gradient as building the VGG with guided_relu."""
+    model, variables, images, _ = tiny_vgg
+    target = jnp.array([1, 2])
+    swapped = input_gradients(lambda x: model.clone(activation=guided_relu).apply(variables, x), images, target)
+    chex.assert_trees_all_close(guided_backprop(model, variables, images, target), swapped, rtol=1e-5, atol=1e-7)
+
+
+class _UserCNN(nn.Module):
+    """ReLU written three ways; a user's model has no activation field."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = jax.nn.relu(nn.Conv(4, (3, 3))(x))
+        x = jnp.maximum(nn.Conv(4, (3, 3))(x), 0.0)
+        return nn.Dense(K)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_guided_backprop_of_a_users_linen_model_matches_a_hand_guided_copy():
+    images = jax.random.normal(jax.random.key(1), (B, S, S, 3))
+    model = _UserCNN()
+    variables = model.init(jax.random.key(0), images)
+    params = variables["params"]
+
+    def hand_guided(x):  # the same network with guided_relu written in by hand
+        for name in ("Conv_0", "Conv_1", "Conv_2"):
+            x = guided_relu(nn.Conv(4, (3, 3)).apply({"params": params[name]}, x))
+        return nn.Dense(K).apply({"params": params["Dense_0"]}, jnp.mean(x, axis=(1, 2)))
+
+    target = jnp.array([0, 3])
+    guided = guided_backprop(model, variables, images, target)
+    chex.assert_trees_all_close(guided, input_gradients(hand_guided, images, target), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(guided, input_gradients(lambda x: model.apply(variables, x), images, target))
+
+
+def test_guided_backprop_without_relus_or_with_relus_in_a_loop_fails_loudly():
+    images = jnp.ones((1, 2, 2, 3))
+    with pytest.raises(ValueError, match="found no ReLU"):
+        guided_logits_fn(lambda x: jnp.tanh(x).reshape(1, -1), images)
+
+    def looped(x):
+        return jax.lax.fori_loop(0, 2, lambda i, h: jax.nn.relu(h) - 0.5, x).reshape(1, -1)
+
+    with pytest.raises(ValueError, match="cannot reach the ReLUs inside a 'scan'"):
+        guided_logits_fn(looped, images)(images)

@@ -203,7 +203,7 @@ def test_a_users_linen_model_goes_through_the_evaluation():
     chex.assert_trees_all_close(make_predict_fn(UserCNN())(variables, IMAGES), logits, atol=1e-6)
     saliency_maps, _ = class_maps(UserCNN(), variables, IMAGES, "saliency")
     chex.assert_shape(saliency_maps, (4, 3, 8, 8))
-    with pytest.raises(ValueError, match="method 'lrp' needs attrjax's VGG.*for a UserCNN use gradcam"):
+    with pytest.raises(ValueError, match="'lrp' needs attrjax's VGG.*for a UserCNN use gradcam, guided_backprop"):
         class_maps(UserCNN(), variables, IMAGES, "lrp")
     masks = np.zeros((4, 8, 8), np.int32)
     masks[:, 2:5, 2:5] = np.array([1, 2, 3, 1])[:, None, None]  # class c + 1 marks class c's pixels
@@ -288,3 +288,6 @@ def test_an_nnx_pair_trains_with_kd_and_matching_and_evaluates():
     assert losses[-1] < losses[0]
     maps, _ = class_maps(student, state.variables, IMAGES, "gradcam", layer="blocks.1")
     chex.assert_shape(maps, (4, 3, 4, 4))
+    guided, _ = class_maps(student, state.variables, IMAGES, "guided_backprop")  # ReLUs found in the jaxpr
+    chex.assert_shape(guided, (4, 3, 8, 8))
+    assert float(jnp.sum(guided)) > 0

@@ -19,9 +19,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 from attrjax import chunking
 from attrjax.attribution.gradcam import Target, target_weights
+from attrjax.models.adapters import logits_fn
 
 LogitFn = Callable[[jax.Array], jax.Array]
 
@@ -213,12 +215,66 @@ def smooth_grad(logit_fn: LogitFn, images: jax.Array, target: Target, *, rng: ja
     return _chunked_mean_gradient(logit_fn, weights, point, samples, chunk_size)
 
 
+def _is_relu(eqn) -> bool:
+    """``max(x, 0)`` with a literal zero: how ``jax.nn.relu`` (and linen's and NNX's relu) reach the jaxpr."""
+    return eqn.primitive.name == "max" and any(
+        isinstance(atom, jax_core.Literal) and jnp.ndim(atom.val) == 0 and atom.val == 0 for atom in eqn.invars)
+
+
+def _contains_relu(jaxpr) -> bool:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(_is_relu(eqn) or any(map(_contains_relu, jax_core.jaxprs_in_params(eqn.params))) for eqn in jaxpr.eqns)
+
+
+def _eval_guided(jaxpr, consts, args) -> list:
+    """Evaluates ``jaxpr`` with every ReLU replaced by ``guided_relu``, inside ``jit`` and ``custom_jvp`` calls too."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+
+    def read(atom):
+        return atom.val if isinstance(atom, jax_core.Literal) else env[atom]
+
+    for eqn in jaxpr.eqns:
+        values = [read(atom) for atom in eqn.invars]
+        name = eqn.primitive.name
+        if _is_relu(eqn):
+            x = next(value for atom, value in zip(eqn.invars, values) if not isinstance(atom, jax_core.Literal))
+            outs = [guided_relu(jnp.broadcast_to(x, eqn.outvars[0].aval.shape))]
+        elif name in ("custom_jvp_call", "pjit", "jit"):  # the ReLU's own jvp is replaced, so the rule can go
+            closed = eqn.params["call_jaxpr" if name == "custom_jvp_call" else "jaxpr"]
+            outs = _eval_guided(closed.jaxpr, closed.consts, values)
+        elif any(map(_contains_relu, jax_core.jaxprs_in_params(eqn.params))):
+            raise ValueError(f"guided backprop cannot reach the ReLUs inside a {name!r} of this model's forward pass; "
+                             "unroll that loop/branch, or attribute with another method")
+        else:
+            outs = eqn.primitive.bind(*values, **eqn.params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(atom) for atom in jaxpr.outvars]
+
+
+def guided_logits_fn(forward: Callable[[jax.Array], jax.Array],
+                     images: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """``forward`` (images -> logits) with every ReLU replaced by ``guided_relu``: the same logits, guided gradients.
+
+    The forward pass is traced once for images shaped like ``images``; ReLUs are found in its jaxpr as ``max(x, 0)``,
+    so ``jax.nn.relu``, ``flax.linen.relu``, ``flax.nnx.relu`` and ``jnp.maximum(x, 0)`` are all replaced, however
+    the model calls them. Raises ValueError when the pass has no ReLU at all (e.g. ReLU written as
+    ``jnp.where(x > 0, x, 0)``) or hides one inside a loop or branch.
+    """
+    closed = jax.make_jaxpr(forward)(images)
+    if not _contains_relu(closed):
+        raise ValueError("found no ReLU (max(x, 0)) in the model's forward pass to guide; guided backprop needs "
+                         "ReLU activations")
+    return lambda x: _eval_guided(closed.jaxpr, closed.consts, [x])[0]
+
+
 def guided_backprop(model, variables, images: jax.Array, target: Target) -> jax.Array:
-    """Guided backprop (Springenberg et al., 2015): the input gradient of the network with ``guided_relu``.
+    """Guided backprop (Springenberg et al., 2015): the input gradient of the network with every ReLU's backward
+    pass guided (``guided_relu``), for any model.
 
     Args:
-      model: a Flax module with an ``activation`` field used for its ReLUs (e.g. ``attrjax.models.VGG``); it is
-        applied in eval mode as ``model.clone(activation=guided_relu).apply(variables, images)``.
+      model: anything ``attrjax.models.as_split_model`` takes (attrjax's VGG, a Flax linen or NNX classifier, a
+        split model), applied in eval mode; its ReLUs are found in the forward pass's jaxpr (``guided_logits_fn``).
       variables: the model's variables (same for the guided network: only the backward pass changes).
       images: (B,S,S,C).
       target: (B,) int classes, (B,K) logit weights, or a callable of the logits.
@@ -226,12 +282,9 @@ def guided_backprop(model, variables, images: jax.Array, target: Target) -> jax.
     Returns:
       guided gradients (B,S,S,C).
     """
-    if not hasattr(model, "activation"):
-        raise TypeError(f"{type(model).__name__} has no 'activation' field to swap for guided_relu; build the model "
-                        "with its ReLUs as a configurable activation (as attrjax.models.VGG does)")
-    guided = model.clone(activation=guided_relu)
-    return input_gradients(lambda x: guided.apply(variables, x), images, target)
+    images = _check_images(images)
+    return input_gradients(guided_logits_fn(logits_fn(model, variables), images), images, target)
 
 
-__all__ = ["guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients",
-           "saliency", "smooth_grad", "sum_channels"]
+__all__ = ["guided_backprop", "guided_logits_fn", "guided_relu", "input_gradients", "input_x_gradient",
+           "integrated_gradients", "saliency", "smooth_grad", "sum_channels"]

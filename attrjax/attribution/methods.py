@@ -80,9 +80,9 @@ def _guided_backprop(model, variables, images, classes, layer, **options):
     return _max_abs_channel(guided_backprop(model, variables, images, classes, **options))
 
 
-# Propagation rules and guided backprop are written for attrjax's VGG (its layer sequence); the gradient family and
-# Grad-CAM work for any model.
-VGG_ONLY_METHODS = ("ebp", "lrp", "rap", "guided_backprop")
+# Propagation rules are written for attrjax's VGG (its layer sequence); Grad-CAM, guided backprop and the gradient
+# family work for any model.
+VGG_ONLY_METHODS = ("ebp", "lrp", "rap")
 PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
@@ -137,8 +137,8 @@ def class_maps(model, variables: dict, images: jax.Array, method: str = "gradcam
         raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
     if method in VGG_ONLY_METHODS and not isinstance(model, VGG):
         raise ValueError(f"method {method!r} needs attrjax's VGG: its propagation rules are written for the VGG's "
-                         f"layer sequence; for a {type(model).__name__} use gradcam or the gradient family "
-                         "(saliency, input_x_gradient, integrated_gradients, smooth_grad)")
+                         f"layer sequence; for a {type(model).__name__} use gradcam, guided_backprop or the gradient "
+                         "family (saliency, input_x_gradient, integrated_gradients, smooth_grad)")
     if method == "gradcam":
         if options:
             raise ValueError(f"gradcam takes no options, got {sorted(options)}")

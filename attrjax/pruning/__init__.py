@@ -1,6 +1,6 @@
 """Pruning as data: boolean mask pytrees for unstructured magnitude pruning of any parameter tree (with an optax
-wrapper that keeps pruned weights at zero), structured L1 filter pruning that returns a physically smaller VGG or ResNet,
-and parameter / FLOP counts of any model read off its jaxpr."""
+wrapper that keeps pruned weights at zero), structured L1 filter pruning that returns a physically smaller VGG or
+ResNet, and parameter / FLOP counts of any model read off its jaxpr."""
 
 from attrjax.pruning.masks import (MaskedState, apply_masks, check_structure, conv_kernels, iterative_sparsity,
                                    keep_pruned_at_zero, magnitude_masks, nonzero_masks, sparsity_summary)
@@ -12,5 +12,6 @@ from attrjax.pruning.structured_resnet import (KeptChannels, prune_resnet_filter
 
 __all__ = ["MaskedState", "apply_masks", "check_structure", "conv_kernels", "iterative_sparsity",
            "keep_pruned_at_zero", "magnitude_masks", "nonzero_masks", "sparsity_summary", "count_params_and_flops",
-           "filter_l1_norms", "l1_kept_filters", "largest_filters", "prune_filters", "vgg16_paper_rates", "zero_filters",
+           "filter_l1_norms", "l1_kept_filters", "largest_filters", "prune_filters", "vgg16_paper_rates",
+           "zero_filters",
            "KeptChannels", "prune_resnet_filters", "resnet_kept_channels", "resnet_masked_twin", "stream_writers"]
