@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -91,8 +90,18 @@ def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int,
 def run_record(num_steps: int, objective: Objective, params, run_config: Mapping[str, Any] | None) -> dict:
     """What a checkpoint directory of ``train`` is bound to: the step count, the objective, the parameter shapes
     and the caller's ``run_config``."""
-    return {"num_steps": num_steps, "objective": dataclasses.asdict(objective),
-            "param_shapes": jax.tree.map(lambda leaf: list(np.shape(leaf)), params), "config": dict(run_config or {})}
+    return {"num_steps": num_steps, "objective": dataclasses.asdict(objective), "param_shapes": param_shapes(params),
+            "config": dict(run_config or {})}
+
+
+def _key_name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+
+def param_shapes(params) -> dict[str, list[int]]:
+    """``{"conv1/kernel": [3, 3, 3, 16], ...}`` for any parameter pytree (linen dicts, NNX states, lists)."""
+    return {"/".join(map(_key_name, path)): list(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def train(student, variables: dict, tx: optax.GradientTransformation, objective: Objective,
@@ -144,9 +153,7 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
     start = int(state.step)
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
-    # The step donates the state's buffers: copy them, so that a student built from the teacher's (or the caller's)
-    # device arrays never frees those.
-    state = jax.tree.map(jnp.copy, replicate(state, mesh))
+    state = replicate(state, mesh)  # a copy: the step donates it
     teacher_variables = replicate(teacher_variables or {}, mesh)
 
     history, tick, images_seen, pending = [], time.perf_counter(), 0, []

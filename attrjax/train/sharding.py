@@ -35,9 +35,10 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree (state, teacher variables) replicated on every device of the mesh.
+    """A copy of a pytree (state, teacher variables) replicated on every device of the mesh.
 
     Do this before the first step: a jitted step fed uncommitted arrays once and mesh-placed outputs afterwards
-    would compile twice.
+    would compile twice. The result never shares buffers with ``tree`` (``may_alias=False``), so a step that donates
+    its state cannot free the caller's arrays, e.g. a teacher's variables that a student starts from.
     """
-    return jax.device_put(tree, replicated(mesh))
+    return jax.device_put(tree, replicated(mesh), may_alias=False)
