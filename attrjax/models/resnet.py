@@ -60,8 +60,9 @@ import numpy as np
 from flax import traverse_util
 
 # Private helpers of the sibling VGG modules, shared so that both families initialise, report and convert alike.
-from attrjax.models.torchvision import (_LISTED, _NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _listing,
-                                        _permute, _strip_data_parallel_prefix, check_state_dict_fits)
+from attrjax.models.torchvision import (_NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _listing,
+                                        _permute, _strip_data_parallel_prefix, check_state_dict_fits,
+                                        state_dict_from_variables)
 from attrjax.models.vgg import _torch_bias_init, _torch_kernel_init
 
 BLOCKS = ("basic", "bottleneck")
@@ -443,26 +444,8 @@ def export_resnet(variables: Mapping[str, Any], model: ResNet) -> StateDict:
     """``{'params', 'batch_stats'}`` of ``model`` -> torchvision state dict (float32 NumPy, torchvision's key
     order and layouts: OIHW convs, (K, C) ``fc.weight``), with ``num_batches_tracked`` = int64 0 so that
     ``torchvision.models.resnet*().load_state_dict`` accepts it strictly (for the ImageNet stem)."""
-    flat = traverse_util.flatten_dict(variables)
-    shapes = _variable_shapes(model)
-    state_dict: StateDict = {}
-    problems = []
-    for key, path in _key_map(model).items():
-        if path is None:
-            state_dict[key] = np.zeros((), np.int64)
-            continue
-        value = flat.get(path)
-        if value is None or tuple(np.shape(value)) != shapes[path]:
-            found = "missing" if value is None else f"shape {tuple(np.shape(value))}"
-            problems.append(f"{'/'.join(path)}: {found}, the model expects {shapes[path]}")
-            continue
-        value = np.asarray(value, np.float32)
-        state_dict[key] = np.ascontiguousarray(np.transpose(value, _TO_TORCH[value.ndim]))
-    if problems:
-        raise ValueError(f"variables do not fit {_describe(model)} ({len(problems)} problems):\n  "
-                         + "\n  ".join(problems[:_LISTED])
-                         + "\n  hint: pass the variables this model's init or import_resnet returned")
-    return state_dict
+    return state_dict_from_variables(variables, _key_map(model), _variable_shapes(model), _describe(model),
+                                     hint="pass the variables this model's init or import_resnet returned")
 
 
 def resnet_from_state_dict(state_dict: Mapping[str, np.ndarray], *, num_classes: int | None = None,

@@ -39,6 +39,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -521,23 +522,36 @@ def export_vgg(variables: Mapping[str, Any], model: VGG) -> StateDict:
     Keys and layouts as ``import_vgg`` reads them (``features.*``, ``classifier.1.*``; OIHW convs, (K, F) linear),
     with ``num_batches_tracked`` = int64 0 so ``torch.nn.Module.load_state_dict`` accepts it strictly.
     """
-    flax_shapes = _flax_shapes(model)
+    return state_dict_from_variables(variables, _key_map(model), _flax_shapes(model), _describe(model),
+                                     hint="pass the variables this model's init_variables or import_vgg returned")
+
+
+def state_dict_from_variables(variables: Mapping[str, Any], key_map: Mapping[str, tuple[str, ...] | None],
+                              shapes: Mapping[tuple[str, ...], tuple[int, ...]], description: str, *, hint: str
+                              ) -> StateDict:
+    """Flax variables -> torchvision state dict (float32, torch layouts), shared by the VGG and ResNet exports.
+
+    ``key_map``: torch key -> the variable's path (collection, module..., leaf), or ``_NUM_BATCHES_TRACKED`` for
+    BatchNorm's counter (written as int64 0 so ``load_state_dict`` accepts the dict strictly); ``shapes``: path ->
+    the flax shape the model expects. Raises one ValueError listing every missing or misshapen variable.
+    """
+    flat = flax.traverse_util.flatten_dict(variables)
     state_dict: StateDict = {}
     problems = []
-    for key, source in _key_map(model).items():
-        if source is _NUM_BATCHES_TRACKED:
+    for key, path in key_map.items():
+        if path is _NUM_BATCHES_TRACKED:
             state_dict[key] = np.zeros((), np.int64)
             continue
-        collection, module, leaf = source
-        value = variables.get(collection, {}).get(module, {}).get(leaf)
-        if value is None or tuple(np.shape(value)) != flax_shapes[source]:
+        value = flat.get(path)
+        if value is None or tuple(np.shape(value)) != shapes[path]:
             found = "missing" if value is None else f"shape {tuple(np.shape(value))}"
-            problems.append(f"{collection}/{module}/{leaf}: {found}, model expects {flax_shapes[source]}")
+            problems.append(f"{'/'.join(path)}: {found}, the model expects {shapes[path]}")
             continue
         value = np.asarray(value, np.float32)
         state_dict[key] = np.ascontiguousarray(np.transpose(value, _TO_TORCH[value.ndim]))
     if problems:
-        raise ValueError(f"variables do not fit {_describe(model)}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"variables do not fit {description} ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems[:_LISTED]) + f"\n  hint: {hint}")
     return state_dict
 
 
