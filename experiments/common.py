@@ -86,13 +86,17 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main_for(run: Callable, doc: str):
-    """The command line of an experiment module: ``run(config, workdir)`` with --config, --workdir and --set."""
+def main_for(run: Callable, doc: str, validate: Callable | None = None):
+    """The command line of an experiment module: ``validate(config)`` (when given: a module's ``run`` expects a
+    validated config), then ``run(config, workdir)``, with --config, --workdir and --set."""
     args = arg_parser(doc.splitlines()[0]).parse_args()
     # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
     try:
-        run(load_config(args.config, args.set), args.workdir)
+        config = load_config(args.config, args.set)
+        if validate is not None:
+            validate(config)
+        run(config, args.workdir)
     except RunConfigMismatchError as error:
         sys.exit(f"error: {error}\n(on the command line: --set on_config_change=restart)")
     except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad settings, missing runs, divergence

@@ -16,7 +16,8 @@ from experiments import common, distill, evaluate, prune, train_teacher
 
 
 def validate(config) -> None:
-    """Checks every run's settings, so a bad setting of a late run fails before the first one trains."""
+    """Checks every run's settings, so a bad setting of a late run fails before the first one trains (the modules'
+    ``run`` functions expect a validated config)."""
     for module in (train_teacher, distill, prune, evaluate):
         module.validate(config)
 
@@ -39,7 +40,7 @@ def run(config, workdir: str) -> dict:
 
 
 def main():
-    common.main_for(run, __doc__)
+    common.main_for(run, __doc__)  # run validates every module's settings itself
 
 
 if __name__ == "__main__":

@@ -167,7 +167,6 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str, splits: dict | None = None) -> dict:
-    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
     methods = resolve_methods(config.eval.methods)
     localization = first_images(splits["localization"], config.eval.localization_images)
@@ -205,7 +204,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
 
 
 def main():
-    common.main_for(run, __doc__)
+    common.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,6 @@ def validate(config) -> None:
 
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Trains (or resumes) every pruning run into ``workdir/<name>``; returns the seconds spent per run."""
-    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
     teacher, teacher_variables = common.load_teacher(config, workdir)
     train_setting = {"structured": train_structured, "unstructured": train_unstructured}
@@ -148,7 +147,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
 
 
 def main():
-    common.main_for(run, __doc__)
+    common.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ def validate(config) -> None:
 
 def run(config, workdir: str, splits: dict | None = None) -> float:
     """Trains (or resumes) the teacher into ``workdir/teacher``; returns the seconds spent."""
-    validate(config)
     splits = common.load_splits(config, workdir) if splits is None else splits
     started = time.perf_counter()
     common.train_model(common.TEACHER, config.teacher, common.make_objective(config), config, workdir,
@@ -27,7 +26,7 @@ def run(config, workdir: str, splits: dict | None = None) -> float:
 
 
 def main():
-    common.main_for(run, __doc__)
+    common.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":
