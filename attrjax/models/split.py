@@ -150,40 +150,36 @@ class LinenSplitModel(SplitModel):
     state_collections: tuple[str, ...] = ("batch_stats",)
     rng_collection: str = "dropout"
 
+    def _mode(self, train: bool) -> dict:
+        return {} if self.train_argument is None else {self.train_argument: train}
+
     def _call(self, variables, images, train, rng):
-        kwargs = {} if self.train_argument is None else {self.train_argument: train}
         rngs = {self.rng_collection: rng} if rng is not None else {}
         mutable = list(self.state_collections) if train else False
-        out = self.module.apply(variables, images, rngs=rngs, mutable=mutable, **kwargs)
+        out = self.module.apply(variables, images, rngs=rngs, mutable=mutable, **self._mode(train))
         return out if train else (out, {})
 
     @functools.cached_property
     def layers(self) -> tuple[str, ...]:
-        return tuple(self._layer_shapes())
-
-    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Layer name -> (B,H,W,C) shape of its output, in the order the outputs are computed."""
-        shapes = {}
+        """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed."""
+        names = {}  # an ordered set
 
         def record(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path and getattr(out, "ndim", 0) == 4:
-                shapes[module_path(context.module)] = tuple(out.shape)
+                names[module_path(context.module)] = None
             return out
 
         def forward(images):
             with nn.intercept_methods(record):
-                variables = self.module.init(jax.random.key(0), images, **(
-                    {} if self.train_argument is None else {self.train_argument: False}))
-                return self._call(variables, images, False, None)[0]
+                return self._call(self.init(jax.random.key(0), images), images, False, None)[0]
 
         jax.eval_shape(forward, self.example_images)
-        return shapes
+        return tuple(names)
 
     def init(self, rng, images):
         init_rngs = {"params": rng, self.rng_collection: jax.random.fold_in(rng, 1)}
-        kwargs = {} if self.train_argument is None else {self.train_argument: False}
-        return dict(self.module.init(init_rngs, images, **kwargs))
+        return dict(self.module.init(init_rngs, images, **self._mode(False)))
 
     def apply(self, variables, images, *, train=False, rng=None):
         logits, state = self._call(variables, images, train, rng)
