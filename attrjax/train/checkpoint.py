@@ -30,14 +30,19 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint whose files are missing, unreadable or do not match their manifest."""
 
 
+def check_step_count(name: str, value) -> None:
+    """Raises ValueError unless ``value`` is a positive integer number of steps (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive number of steps, got {value!r}")
+
+
 def checkpoint_manager(directory: str, *, save_every: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A manager that saves every ``save_every`` steps (and on ``force=True``) and keeps the newest few.
 
     Close it (``manager.close()``) on every exit path: an open manager prints orbax's background-thread errors at
     interpreter exit.
     """
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive number of steps, got {save_every!r}")
+    check_step_count("save_every", save_every)
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep)
     handlers = {STATE: ocp.StandardCheckpointHandler(), MANIFEST: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)

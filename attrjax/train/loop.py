@@ -38,11 +38,6 @@ def check_batch(batch: dict, step: int):
                              "source" + (" and the normalisation constants" if key == "image" else ""))
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive number of steps, got {value!r}")
-
-
 def divergence_cause(record: dict, *, first_step_of_run: bool, objective: Objective) -> str:
     """The likely cause of a non-finite step, from its metrics ``record`` (loss terms as floats, flags as bools)."""
     if not record.get("teacher_finite", True):
@@ -128,8 +123,8 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
         non-finite was checkpointed.
       attrjax.train.run_config.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
     """
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("log_every", log_every)
+    checkpoint.check_step_count("num_steps", num_steps)
+    checkpoint.check_step_count("log_every", log_every)
     mesh = data_mesh() if mesh is None else mesh
     step_fn = jit_train_step(make_train_step(student, tx, objective, teacher), mesh)
     state = TrainState.create(variables, tx)
