@@ -109,11 +109,10 @@ def check_count(name: str, value, *, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def check_fraction(name: str, value, *, closed: bool = False) -> None:
-    """Raises unless ``value`` is a number in [0, 1) (or [0, 1] when ``closed``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            0 <= value <= 1 if closed else 0 <= value < 1):
-        raise ValueError(f"{name} must be a number in [0, 1{']' if closed else ')'}, got {value!r}")
+def check_fraction(name: str, value) -> None:
+    """Raises unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
 def check_config(config) -> None:

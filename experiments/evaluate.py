@@ -56,8 +56,7 @@ def first_images(arrays: dict, count: int) -> dict:
 def classification_and_size(model, variables, splits, config) -> dict:
     logits, labels = predict(model, variables, common.eval_batches(splits["val"], config))
     row = classification_report(logits, labels)
-    image = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
-    size = count_params_and_flops(model, variables, image)
+    size = count_params_and_flops(model, variables, common.example_images(config))
     row.update(params=size["params"], mflops=size["flops"] / 1e6,
                conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
     return row
