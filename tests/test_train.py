@@ -104,7 +104,7 @@ def test_non_finite_inputs_are_rejected():
 
 def test_bad_objectives_are_rejected():
     teacher, student = _models()
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="need a teacher"):
         make_train_step(student, sgd(0.1), Objective(kd="binary"))
     with pytest.raises(ValueError, match="matching='weighted'"):
         Objective(matching="activation", drop_rate=0.3)
@@ -157,7 +157,7 @@ def test_objective_without_matching_trains_the_teacher_task():
     state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(),
                            4, rng=jax.random.key(0), log_every=2, log=lambda _: None)
     assert [h["step"] for h in history] == [2, 4]
-    assert all(h["matching_loss"] == 0 for h in history)
+    assert all("matching_loss" not in h for h in history)
     assert jnp.isfinite(history[-1]["loss"])
 
 

@@ -7,11 +7,12 @@ A split model gives
   ``batch_stats``);
 - ``apply(variables, images, *, train, rng) -> (logits (B,K), state)``: ``state`` holds the updated state
   collections in train mode (``{}`` in eval mode);
-- ``linearize(variables, images, layer, *, train, rng) -> LayerLinearization``: one forward pass that returns the
-  activations A (B,H,W,C) at ``layer``, the logits, the updated state, and ``vjp(cotangent (B,K)) -> (B,H,W,C)``,
-  the gradient of ``cotangent . logits`` with respect to A. Grad-CAM, the matching loss and the train step need
-  nothing else, and since ``vjp`` is a JAX function of the variables, ``jax.grad`` differentiates through it
-  (double backprop).
+- ``linearize_layers(variables, images, layers, *, train, rng) -> Linearization``: one forward pass that returns the
+  activations A (B,H,W,C) at each of ``layers``, the logits, the updated state, and ``vjp(cotangent (B,K))``, the
+  gradients of ``cotangent . logits`` with respect to every A (one backward pass for all layers);
+  ``linearize(..., layer)`` is the one-layer case. Grad-CAM, the matching loss and the train step need nothing
+  else, and since ``vjp`` is a JAX function of the variables, ``jax.grad`` differentiates through it (double
+  backprop).
 
 Adapters: ``LinenSplitModel`` wraps any Flax linen module without methods of its own (it finds the layers by
 intercepting submodule calls, and takes the gradient at a layer through a zero perturbation of its output),
@@ -44,6 +45,15 @@ class LayerLinearization(NamedTuple):
     state: Variables  # updated state collections (train mode), else {}
 
 
+class Linearization(NamedTuple):
+    """One forward pass of a split model, linearised at several layers at once."""
+
+    activations: dict[str, jax.Array]  # layer -> A (B,H,W,C)
+    logits: jax.Array  # (B,K)
+    vjp: Callable[[jax.Array], dict[str, jax.Array]]  # cotangent (B,K) -> layer -> d(cotangent . logits)/dA
+    state: Variables  # updated state collections (train mode), else {}
+
+
 class SplitModel(abc.ABC):
     """The protocol; see the module docstring."""
 
@@ -62,14 +72,30 @@ class SplitModel(abc.ABC):
         """``(logits (B,K), updated state)``; ``rng`` feeds dropout when training."""
 
     @abc.abstractmethod
+    def linearize_layers(self, variables: Variables, images: jax.Array, layers: Sequence[str], *,
+                         train: bool = False, rng: jax.Array | None = None) -> Linearization:
+        """The forward pass linearised at every one of ``layers`` (see ``Linearization``)."""
+
     def linearize(self, variables: Variables, images: jax.Array, layer: str, *, train: bool = False,
                   rng: jax.Array | None = None) -> LayerLinearization:
         """The forward pass linearised at ``layer`` (see ``LayerLinearization``)."""
+        lin = self.linearize_layers(variables, images, (layer,), train=train, rng=rng)
+        return LayerLinearization(lin.activations[layer], lin.logits, lambda cotangent: lin.vjp(cotangent)[layer],
+                                  lin.state)
 
     def check_layer(self, layer: str) -> None:
         """Raises ValueError, listing the layers, unless ``layer`` is one of them."""
         if layer not in self.layers:
             raise ValueError(f"unknown layer {layer!r}; this model has: {', '.join(self.layers)}")
+
+    def check_layers(self, layers: Sequence[str]) -> tuple[str, ...]:
+        """``layers`` without repeats, after ``check_layer`` on each; at least one is needed."""
+        layers = tuple(dict.fromkeys(layers))
+        if not layers:
+            raise ValueError(f"name at least one layer to linearise at; this model has: {', '.join(self.layers)}")
+        for layer in layers:
+            self.check_layer(layer)
+        return layers
 
     def activation_shape(self, variables: Variables, images: jax.Array, layer: str) -> tuple[int, ...]:
         """The (B,H,W,C) shape of the activations at ``layer`` for ``images`` (nothing is computed)."""
@@ -111,13 +137,21 @@ class FunctionalSplitModel(SplitModel):
         activations, state = self.features_fn(variables, images, self.layers[-1], train, rng)
         return self.head_fn({**variables, **state}, activations, self.layers[-1], train, rng)
 
-    def linearize(self, variables, images, layer, *, train=False, rng=None):
-        self.check_layer(layer)
+    def _linearize_one(self, variables, images, layer, train, rng):
         activations, state = self.features_fn(variables, images, layer, train, rng)
         _check_activations(layer, activations)
         inner = {**variables, **state}
         logits, vjp, state = jax.vjp(lambda a: self.head_fn(inner, a, layer, train, rng), activations, has_aux=True)
-        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
+        return activations, logits, lambda cotangent: vjp(cotangent)[0], state
+
+    def linearize_layers(self, variables, images, layers, *, train=False, rng=None):
+        """Features and head split the network at one layer, so several layers cost one pass each; with the same
+        variables, images and ``rng`` every pass computes the same logits and state, and the last pass's are kept."""
+        layers = self.check_layers(layers)
+        passes = {layer: self._linearize_one(variables, images, layer, train, rng) for layer in layers}
+        _, logits, _, state = passes[layers[-1]]
+        return Linearization({layer: out[0] for layer, out in passes.items()}, logits,
+                             lambda cotangent: {layer: out[2](cotangent) for layer, out in passes.items()}, state)
 
 
 def module_path(module: nn.Module) -> str:
@@ -185,31 +219,46 @@ class LinenSplitModel(SplitModel):
         logits, state = self._call(variables, images, train, rng)
         return logits, dict(state)
 
-    def linearize(self, variables, images, layer, *, train=False, rng=None):
-        self.check_layer(layer)
+    def linearize_layers(self, variables, images, layers, *, train=False, rng=None):
+        layers = self.check_layers(layers)
 
-        def forward(perturbation):
-            outputs = []
+        def forward(perturbations):
+            outputs = {layer: [] for layer in layers}
 
             def perturb(next_fun, args, kwargs, context):
                 out = next_fun(*args, **kwargs)
-                if context.method_name == "__call__" and context.module.path and module_path(context.module) == layer:
-                    outputs.append(out)
-                    return out if perturbation is None else out + perturbation
+                name = module_path(context.module) if context.method_name == "__call__" else None
+                if name in outputs:
+                    outputs[name].append(out)
+                    return out if perturbations is None else out + perturbations[name]
                 return out
 
             with nn.intercept_methods(perturb):
                 logits, state = self._call(variables, images, train, rng)
-            if len(outputs) != 1:
-                raise ValueError(f"layer {layer!r} ran {len(outputs)} times in one forward pass; split at a layer "
-                                 "that runs once")
-            return logits, (outputs[0], dict(state))
+            return logits, (_single_outputs(outputs), dict(state))
 
-        activations = jax.eval_shape(lambda: forward(None)[1][0])
-        _check_activations(layer, activations)
-        zero = jnp.zeros(activations.shape, activations.dtype)
-        logits, vjp, (activations, state) = jax.vjp(forward, zero, has_aux=True)
-        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
+        return _linearize_by_perturbation(forward, layers)
+
+
+def _single_outputs(outputs: dict[str, list]) -> dict[str, Any]:
+    """``{layer: its output}`` from ``{layer: the outputs of each of its calls}``; a layer must run exactly once."""
+    for layer, calls in outputs.items():
+        if len(calls) != 1:
+            raise ValueError(f"layer {layer!r} ran {len(calls)} times in one forward pass; split at a layer that runs "
+                             "once")
+    return {layer: calls[0] for layer, calls in outputs.items()}
+
+
+def _linearize_by_perturbation(forward, layers: tuple[str, ...]) -> Linearization:
+    """``forward(perturbations {layer: (B,H,W,C)} | None) -> (logits, (activations {layer: A}, state))`` adds each
+    perturbation to its layer's output; linearised at zero perturbations, the cotangents of the perturbations are
+    the gradients at the layers, exactly, from one forward and one backward pass."""
+    shapes = jax.eval_shape(lambda: forward(None)[1][0])
+    for layer in layers:
+        _check_activations(layer, shapes[layer])
+    zeros = {layer: jnp.zeros(shape.shape, shape.dtype) for layer, shape in shapes.items()}
+    logits, vjp, (activations, state) = jax.vjp(forward, zeros, has_aux=True)
+    return Linearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
 
 
 @contextlib.contextmanager
@@ -283,24 +332,24 @@ class NNXSplitModel(SplitModel):
             model.eval()
         return model
 
-    def _run(self, variables, images, train, rng, observe_layer: str | None = None, perturbation=None):
+    def _run(self, variables, images, train, rng, perturbations: dict | None = None):
+        """``(logits, {layer: output}, state)``; each layer in ``perturbations`` is observed and, unless its
+        perturbation is None, perturbed."""
         model = self._merged(variables, train, rng)
+        perturbations = perturbations or {}
         submodules = {_nnx_path(path): module for path, module in model.iter_modules() if path}
-        outputs = []
-        if observe_layer is None:
-            logits = model(images)
-        else:
-            def observe(module, out):
-                outputs.append(out)
-                return out if perturbation is None else out + perturbation
+        names = {id(submodules[layer]): layer for layer in perturbations}
+        outputs = {layer: [] for layer in perturbations}
 
-            with _calls_observed([submodules[observe_layer]], observe):
-                logits = model(images)
-            if len(outputs) != 1:
-                raise ValueError(f"layer {observe_layer!r} ran {len(outputs)} times in one forward pass; split at a "
-                                 "layer that runs once")
+        def observe(module, out):
+            layer = names[id(module)]
+            outputs[layer].append(out)
+            return out if perturbations[layer] is None else out + perturbations[layer]
+
+        with _calls_observed([submodules[layer] for layer in perturbations], observe):
+            logits = model(images)
         state = {"batch_stats": nnx.state(model, nnx.BatchStat)} if train else {}
-        return logits, (outputs[0] if outputs else None), state
+        return logits, _single_outputs(outputs), state
 
     @functools.cached_property
     def layers(self) -> tuple[str, ...]:
@@ -330,15 +379,12 @@ class NNXSplitModel(SplitModel):
         logits, _, state = self._run(variables, images, train, rng)
         return logits, state
 
-    def linearize(self, variables, images, layer, *, train=False, rng=None):
-        self.check_layer(layer)
-        activations = jax.eval_shape(lambda: self._run(variables, images, train, rng, layer)[1])
-        _check_activations(layer, activations)
+    def linearize_layers(self, variables, images, layers, *, train=False, rng=None):
+        layers = self.check_layers(layers)
 
-        def forward(perturbation):
-            logits, out, state = self._run(variables, images, train, rng, layer, perturbation)
-            return logits, (out, state)
+        def forward(perturbations):
+            perturbations = dict.fromkeys(layers) if perturbations is None else perturbations
+            logits, outputs, state = self._run(variables, images, train, rng, perturbations)
+            return logits, (outputs, state)
 
-        zero = jnp.zeros(activations.shape, activations.dtype)
-        logits, vjp, (activations, state) = jax.vjp(forward, zero, has_aux=True)
-        return LayerLinearization(activations, logits, lambda cotangent: vjp(cotangent)[0], state)
+        return _linearize_by_perturbation(forward, layers)

@@ -8,9 +8,8 @@ on divergence stops naming the first non-finite step, the term that went non-fin
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,13 +19,13 @@ from attrjax.train import checkpoint
 from attrjax.train.run_config import bind_run_config
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
 from attrjax.train.state import TrainState
-from attrjax.train.step import Objective, jit_train_step, make_train_step
+from attrjax.train.objective import LossTerm, Objective, as_terms, objective_record
+from attrjax.train.step import jit_train_step, make_train_step
 
 # ``batches(start_step)`` yields the batches of steps start_step, start_step + 1, ...: a pure function of the step,
 # so that a resumed run sees exactly the batches an uninterrupted one would.
 BatchesFrom = Callable[[int], Iterator[dict]]
 STEP_INPUTS = ("image", "labels")  # what the step reads; other keys (e.g. masks) stay on the host
-LOSS_TERMS = ("loss", "task_loss", "matching_loss")
 
 
 def check_batch(batch: dict, step: int):
@@ -38,54 +37,51 @@ def check_batch(batch: dict, step: int):
                              "source" + (" and the normalisation constants" if key == "image" else ""))
 
 
-def divergence_cause(record: dict, *, first_step_of_run: bool, objective: Objective) -> str:
+def divergence_cause(record: dict, *, first_step_of_run: bool, terms: Sequence[LossTerm]) -> str:
     """The likely cause of a non-finite step, from its metrics ``record`` (loss terms as floats, flags as bools)."""
     if not record.get("teacher_finite", True):
         return ("the teacher's logits or maps are NaN/inf: its variables are broken (retrain it, or check the "
                 "checkpoint or file it was loaded from)")
-    task_ok, match_ok = np.isfinite(record["task_loss"]), np.isfinite(record["matching_loss"])
-    if not task_ok and first_step_of_run:
-        return ("the task loss is non-finite on the run's first step, so a setting is wrong rather than the training "
-                "diverging: check the labels (" + objective.labels + f" labels, kd={objective.kd!r}) and the loss "
-                f"settings (temperature {objective.temperature}, kd_alpha {objective.kd_alpha})")
-    if not task_ok:
-        return ("the student's logits overflowed (the task loss went non-finite first): lower the learning rate, or "
-                "add warm-up or gradient clipping")
-    if not match_ok:
-        return (f"the matching loss went non-finite first: lower the matching weight (now "
-                f"{objective.matching_weight}) or the learning rate")
+    for term in terms:
+        if not np.isfinite(record[term.name]):
+            return term.divergence_hint(first_step_of_run)
     if not record["gradients_finite"]:
         return "the losses were finite but their gradients overflowed: lower the learning rate or the matching weight"
     return ("the losses and gradients were finite but the update made the weights non-finite: check the learning-rate "
             "schedule, or lower the learning rate")
 
 
-def _non_finite_terms(record: dict) -> list[str]:
-    terms = [key for key in LOSS_TERMS if not np.isfinite(record[key])]
-    return terms + [key[:-len("_finite")] for key in ("teacher_finite", "gradients_finite", "state_finite")
+def _loss_names(terms: Sequence[LossTerm]) -> tuple[str, ...]:
+    return ("loss",) + tuple(term.name for term in terms)
+
+
+def _non_finite_terms(record: dict, terms: Sequence[LossTerm]) -> list[str]:
+    names = [key for key in _loss_names(terms) if not np.isfinite(record[key])]
+    return names + [key[:-len("_finite")] for key in ("teacher_finite", "gradients_finite", "state_finite")
                     if not record.get(key, True)]
 
 
-def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int, objective: Objective) -> None:
+def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int, terms: Sequence[LossTerm]) -> None:
     """Raises ``FloatingPointError`` for the first of ``pending`` ``(step, metrics)`` whose losses, gradients or
     updated state are non-finite; one device-to-host transfer for all of them."""
     steps, metrics = zip(*pending)
     for step, record in zip(steps, jax.device_get(list(metrics))):
         record = {key: (bool(value) if key.endswith("_finite") else float(value)) for key, value in record.items()}
-        terms = _non_finite_terms(record)
-        if terms:
-            cause = divergence_cause(record, first_step_of_run=step == start_step + 1, objective=objective)
+        non_finite = _non_finite_terms(record, terms)
+        if non_finite:
+            cause = divergence_cause(record, first_step_of_run=step == start_step + 1, terms=terms)
             raise FloatingPointError(
-                f"[{name}] step {step} went non-finite ({', '.join(terms)}: "
-                + ", ".join(f"{key} {record[key]:.4g}" for key in LOSS_TERMS)
+                f"[{name}] step {step} went non-finite ({', '.join(non_finite)}: "
+                + ", ".join(f"{key} {record[key]:.4g}" for key in _loss_names(terms))
                 + f"). Likely cause: {cause}. Nothing from step {step} on was checkpointed; the newest checkpoint "
                 "is the last finite state, so a rerun with a fixed setting resumes from it")
 
 
-def run_record(num_steps: int, objective: Objective, params, run_config: Mapping[str, Any] | None) -> dict:
+def run_record(num_steps: int, objective: Objective | Sequence[LossTerm], params,
+               run_config: Mapping[str, Any] | None) -> dict:
     """What a checkpoint directory of ``train`` is bound to: the step count, the objective, the parameter shapes
     and the caller's ``run_config``."""
-    return {"num_steps": num_steps, "objective": dataclasses.asdict(objective), "param_shapes": param_shapes(params),
+    return {"num_steps": num_steps, "objective": objective_record(objective), "param_shapes": param_shapes(params),
             "config": dict(run_config or {})}
 
 
@@ -99,7 +95,7 @@ def param_shapes(params) -> dict[str, list[int]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def train(student, variables: dict, tx: optax.GradientTransformation, objective: Objective,
+def train(student, variables: dict, tx: optax.GradientTransformation, objective: Objective | Sequence[LossTerm],
           batches: BatchesFrom, num_steps: int, *, rng: jax.Array, teacher=None,
           teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
           run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
@@ -137,13 +133,13 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
         if manager is not None:
             state = checkpoint.restore_latest(manager, state, log=lambda line: log(f"[{name}] {line}"))
         return _run_steps(step_fn, state, teacher_variables, batches, num_steps, rng=rng, manager=manager, mesh=mesh,
-                          objective=objective, log_every=log_every, name=name, log=log)
+                          terms=as_terms(objective), log_every=log_every, name=name, log=log)
     finally:
         if manager is not None:
             manager.close()  # waits for the last save; an unclosed manager floods stderr at exit
 
 
-def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, objective, log_every,
+def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, terms, log_every,
                name, log):
     start = int(state.step)
     if start:
@@ -162,16 +158,16 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
         last = step == num_steps
         saving = manager is not None and (last or manager.should_save(step))
         if saving or last or step % log_every == 0:
-            check_finite(pending, name=name, start_step=start, objective=objective)
+            check_finite(pending, name=name, start_step=start, terms=terms)
             pending = []
         if saving:
             checkpoint.save(manager, state, step=step, force=last)
         if last or step % log_every == 0:
-            record = {key: float(metrics[key]) for key in LOSS_TERMS}
+            record = {key: float(metrics[key]) for key in _loss_names(terms)}
             elapsed = time.perf_counter() - tick
             record.update(step=step, images_per_s=images_seen / elapsed)
             history.append(record)
-            log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {record[k]:.4f}" for k in LOSS_TERMS)
+            log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {record[k]:.4f}" for k in _loss_names(terms))
                 + f"  {record['images_per_s']:.0f} img/s")
             tick, images_seen = time.perf_counter(), 0
     return state, history
