@@ -1,15 +1,18 @@
 """Batched, jit-compiled evaluation of a model: predictions and attribution localisation.
 
-Every class of every image of a batch is attributed in one compiled call (``attribution.methods.class_maps``: Grad-CAM,
-LRP, Excitation Backprop, the gradient family), upsampled to the image size, and scored against the segmentation
-masks.
+Evaluators are objects built once from a model (and an attribution method), whose compiled functions serve any
+variables of that model; ``run(variables, batches)`` yields named metrics: ``ClassificationEvaluator`` (mAP, F1)
+and ``AttributionEvaluator`` (pointing, mask AUC, agreement with a reference model, deletion / insertion AUC).
+Every class of every image of a batch is attributed in one compiled call (``attribution.methods.class_maps``:
+Grad-CAM, LRP, Excitation Backprop, the gradient family), upsampled to the image size, and scored against the
+segmentation masks.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,7 @@ from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve,
                              localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
                              summarize_localization, top_k_iou)
 from attrjax.metrics.localization import mean_or_nan
-from attrjax.models import SplitModel, logits_fn
+from attrjax.models import logits_fn
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 
@@ -58,17 +61,6 @@ def make_attribution_fn(model, layer: str, method: str = "gradcam", method_optio
         return evaluation_maps(maps, images.shape[1]), logits
 
     return jax.jit(attribute)
-
-
-def predict(model, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N,K) and labels (N,K) over padded eval batches (their ``valid`` rows only)."""
-    predict_fn = make_predict_fn(model)
-    logits, labels = [], []
-    for batch in batches:
-        valid = np.asarray(batch["valid"])
-        logits.append(np.asarray(predict_fn(variables, batch["image"]))[valid])
-        labels.append(np.asarray(batch["labels"])[valid])
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshold: float = 0.5) -> dict:
@@ -116,93 +108,178 @@ def _top_class_faithfulness(model, steps: int, variables: dict, images: jax.Arra
             "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
 
 
-def localization_report(model, variables: dict, batches: Iterable[dict], *, layer: str, prediction_rule: str,
-                        tolerance: float = 0, keep_maps: int = 0,
-                        reference: tuple[SplitModel, dict] | Sequence[np.ndarray] | Literal["self"] | None = None,
-                        method: str = "gradcam", method_options: dict | None = None,
-                        keep_raw_maps: bool = False, faithfulness_steps: int = 0) -> tuple[dict, dict]:
-    """Pointing accuracy and mask AUC of ``method``'s maps (Grad-CAM at ``layer`` by default) over (image, class)
-    pairs, in one pass that computes each batch's maps once.
+class ClassificationEvaluator:
+    """Sample mAP, class mAP and sample F1 of a model (``classification_report``), its predict function compiled
+    once for every variables it is run with.
 
-    A pair counts when the class is in the image's mask and the model predicts it (``prediction_rule``, see
-    ``metrics.localization.predicted_classes``: ``positive_logit`` (logit > 0) for multi-label models, ``top1``
-    for single-label ones; required, since the wrong rule silently scores other pairs).
+    ``run(variables, batches)`` yields ``(name, value)`` pairs; ``batches`` are padded eval batches (``image``,
+    ``labels``, ``valid``).
+    """
+
+    def __init__(self, model, *, f1_threshold: float = 0.5):
+        self.predict_fn = make_predict_fn(model)
+        self.f1_threshold = f1_threshold
+
+    def predictions(self, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N,K) and labels (N,K) of the batches' ``valid`` rows."""
+        logits, labels = [], []
+        for batch in batches:
+            valid = np.asarray(batch["valid"])
+            logits.append(np.asarray(self.predict_fn(variables, batch["image"]))[valid])
+            labels.append(np.asarray(batch["labels"])[valid])
+        return np.concatenate(logits), np.concatenate(labels)
+
+    def run(self, variables: dict, batches: Iterable[dict]) -> Iterator[tuple[str, float]]:
+        yield from classification_report(*self.predictions(variables, batches),
+                                         f1_threshold=self.f1_threshold).items()
+
+
+def predict(model, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N,K) and labels (N,K) over padded eval batches (their ``valid`` rows only)."""
+    return ClassificationEvaluator(model).predictions(variables, batches)
+
+
+Reference = tuple[object, dict] | Sequence[np.ndarray] | Literal["self"] | None
+
+
+class AttributionEvaluator:
+    """How well one attribution method's maps localise, agree with a reference's and explain the prediction.
+
+    Built once for a model and a method (its functions compile on the first batch and are reused for any variables
+    of that model, e.g. the naive and the matched student of one architecture), then run on any variables:
+    ``evaluate`` returns ``(summary, examples)``, ``run`` yields the summary's ``(name, value)`` pairs. Every batch's
+    maps (every class of every image, one compiled call) are computed once and serve all metrics.
+
+    A pair (image, class) counts for pointing and mask AUC when the class is in the image's mask and the model
+    predicts it (``prediction_rule``, see ``metrics.localization.predicted_classes``: ``positive_logit`` (logit > 0)
+    for multi-label models, ``top1`` for single-label ones; required, since the wrong rule silently scores other
+    pairs).
 
     Args:
-      reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
-        layer) the maps are compared with on every pair whose class is present, whatever either model predicts:
-        ``map_cosine`` (mean cosine similarity), ``same_peak`` (fraction of pairs whose maps peak at the same
-        position), ``spearman`` (mean Spearman rank correlation of the pixels) and ``top10_iou`` (mean IoU of the
-        two maps' top-10% pixels), all at the maps' own resolution. A pair where either map has a NaN / inf pixel
-        or is constant (e.g. all zero) has none of them (``metrics.agreement``): it is left out of the means and
-        counted in ``map_cosine_excluded``, ``same_peak_excluded``, ``spearman_excluded`` and
-        ``top10_iou_excluded``; a mean over no pair is NaN. Or the reference's raw maps per batch,
-        ``examples["raw_maps"]`` of an earlier report over the same batches, so a teacher's maps are computed once
-        for many students. Or ``"self"``: the model's own maps, computed once, so a teacher's agreement with
-        itself is measured (1 where defined; NaN for a broken model) rather than assumed.
-      method_options: keyword arguments of the method (``attribution.methods.class_maps``).
-      keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
-        ``examples["raw_maps"]``.
+      model: anything ``attrjax.models.as_split_model`` takes.
+      layer: the layer Grad-CAM (and any layer-based method) attributes at.
+      method, method_options: the attribution method and its keyword arguments (``attribution.methods.class_maps``).
+      tolerance: the pointing game's tolerance in pixels.
       faithfulness_steps: when > 0, also the deletion and insertion AUC (``metrics.faithfulness``, that many
         increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
         ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images, NaN as soon
         as one image's map or logits hold a NaN. Costs 2 x (steps + 1) forward passes per image.
-
-    Returns:
-      ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries and
-      their ``*_excluded`` counts);
-      ``examples`` holds the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
     """
-    if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
-        raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
-    if isinstance(reference, str) and reference != "self":
-        raise ValueError(f"reference must be (model, variables), per-batch raw maps, 'self' or None, got "
-                         f"{reference!r}")
-    attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
-    attribute_reference = (jax.jit(_all_class_maps(reference[0], layer, method, method_options))
-                           if isinstance(reference, tuple) else None)
 
-    @jax.jit
-    def score_batch(raw_maps, logits, segmentation, reference_maps):
-        maps = evaluation_maps(raw_maps, segmentation.shape[-1])
-        scores = localization_scores(maps, segmentation, logits, tolerance=tolerance, prediction_rule=prediction_rule)
-        if reference_maps is not None:
-            scores.update(map_cosine=map_cosine(raw_maps, reference_maps),
-                          same_peak=same_peak(raw_maps, reference_maps),
-                          spearman=spearman_rank(raw_maps, reference_maps),
-                          top10_iou=top_k_iou(raw_maps, reference_maps, 0.1))
-        return maps, scores
+    def __init__(self, model, *, layer: str, prediction_rule: str, method: str = "gradcam",
+                 method_options: dict | None = None, tolerance: float = 0, faithfulness_steps: int = 0):
+        if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
+            raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
+        self.model, self.layer, self.method, self.method_options = model, layer, method, method_options
+        self.faithfulness_steps = faithfulness_steps
+        self.attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
+        self.score_batch = jax.jit(functools.partial(batch_scores, tolerance=tolerance,
+                                                     prediction_rule=prediction_rule))
 
-    per_batch, per_image, kept, raw_per_batch = [], [], [], []
-    for index, batch in enumerate(batches):
-        raw_maps, logits = attribute(variables, batch["image"])
-        if isinstance(reference, str):
-            reference_maps = raw_maps
-        elif attribute_reference is not None:
-            reference_maps, _ = attribute_reference(reference[1], batch["image"])
-        else:
-            reference_maps = None if reference is None else reference[index]
-        maps, scores = score_batch(raw_maps, logits, batch["mask"], reference_maps)
+    def run(self, variables: dict, batches: Iterable[dict], *, reference: Reference = None
+            ) -> Iterator[tuple[str, float]]:
+        yield from self.evaluate(variables, batches, reference=reference)[0].items()
+
+    def evaluate(self, variables: dict, batches: Iterable[dict], *, reference: Reference = None, keep_maps: int = 0,
+                 keep_raw_maps: bool = False) -> tuple[dict, dict]:
+        """Pointing accuracy and mask AUC over (image, class) pairs, agreement with ``reference`` and faithfulness.
+
+        Args:
+          batches: padded eval batches with ``image``, ``mask`` (B,S,S) segmentation (class c + 1 marks class c)
+            and ``valid``.
+          reference: optional ``(model, variables)`` (e.g. the teacher) whose maps by the same method (at the same
+            layer) the maps are compared with on every pair whose class is present, whatever either model
+            predicts: ``map_cosine`` (mean cosine similarity), ``same_peak`` (fraction of pairs whose maps peak at
+            the same position), ``spearman`` (mean Spearman rank correlation of the pixels) and ``top10_iou`` (mean
+            IoU of the two maps' top-10% pixels), all at the maps' own resolution. A pair where either map has a
+            NaN / inf pixel or is constant (e.g. all zero) has none of them (``metrics.agreement``): it is left out
+            of the means and counted in ``map_cosine_excluded``, ``same_peak_excluded``, ``spearman_excluded`` and
+            ``top10_iou_excluded``; a mean over no pair is NaN. Or the reference's raw maps per batch,
+            ``examples["raw_maps"]`` of an earlier evaluation over the same batches, so a teacher's maps are
+            computed once for many students. Or ``"self"``: the model's own maps, computed once, so a teacher's
+            agreement with itself is measured (1 where defined; NaN for a broken model) rather than assumed.
+          keep_maps: return the first ``keep_maps`` images' ``image``, ``mask``, ``maps`` (n,K,S,S) and ``logits``.
+          keep_raw_maps: also return every batch's raw maps (B,K,h,w), padding rows included, as
+            ``examples["raw_maps"]``.
+
+        Returns:
+          ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries and
+          their ``*_excluded`` counts and the faithfulness AUCs) and the kept examples.
+        """
+        reference_maps_of = self._reference_maps_fn(reference)
+        per_batch, per_image, kept, raw_per_batch = [], [], [], []
+        for index, batch in enumerate(batches):
+            raw_maps, logits = self.attribute(variables, batch["image"])
+            maps, scores = self.score_batch(raw_maps, logits, batch["mask"], reference_maps_of(index, batch, raw_maps))
+            if keep_raw_maps:
+                raw_per_batch.append(np.asarray(raw_maps))
+            valid = np.asarray(batch["valid"])
+            per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
+            if self.faithfulness_steps:
+                curves = _top_class_faithfulness(self.model, self.faithfulness_steps, variables, batch["image"], maps,
+                                                 logits)
+                per_image.append({key: np.asarray(value)[valid] for key, value in curves.items()})
+            if sum(len(k["maps"]) for k in kept) < keep_maps:
+                kept.append({key: np.asarray(value)[valid] for key, value in
+                             {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
+        if not per_batch:
+            raise ValueError("no batches to evaluate: pass at least one eval batch")
+        summary = summarize_scores({key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]})
+        if per_image:
+            summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
+        examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
         if keep_raw_maps:
-            raw_per_batch.append(np.asarray(raw_maps))
-        valid = np.asarray(batch["valid"])
-        per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
-        if faithfulness_steps:
-            curves = _top_class_faithfulness(model, faithfulness_steps, variables, batch["image"], maps, logits)
-            per_image.append({key: np.asarray(value)[valid] for key, value in curves.items()})
-        if sum(len(k["maps"]) for k in kept) < keep_maps:
-            kept.append({key: np.asarray(value)[valid] for key, value in
-                         {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
-    scores = {key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]}
+            examples["raw_maps"] = raw_per_batch
+        return summary, examples
+
+    def _reference_maps_fn(self, reference: Reference) -> Callable:
+        """``(batch index, batch, own raw maps) -> the reference's raw maps, or None``."""
+        if reference is None:
+            return lambda index, batch, raw_maps: None
+        if isinstance(reference, str):
+            if reference != "self":
+                raise ValueError(f"reference must be (model, variables), per-batch raw maps, 'self' or None, got "
+                                 f"{reference!r}")
+            return lambda index, batch, raw_maps: raw_maps
+        if isinstance(reference, tuple):
+            attribute_reference = jax.jit(_all_class_maps(reference[0], self.layer, self.method, self.method_options))
+            return lambda index, batch, raw_maps: attribute_reference(reference[1], batch["image"])[0]
+        return lambda index, batch, raw_maps: reference[index]
+
+
+def batch_scores(raw_maps: jax.Array, logits: jax.Array, segmentation: jax.Array, reference_maps: jax.Array | None,
+                 *, tolerance: float, prediction_rule: str) -> tuple[jax.Array, dict]:
+    """``(maps (B,K,S,S), scores)`` of one batch: raw maps (B,K,h,w) upsampled to the segmentation (B,S,S) and
+    min-max normalised, and per pair (B,K) the localisation scores (``metrics.localization_scores``) and, with
+    reference maps (B,K,h,w), the agreement scores ``map_cosine``, ``same_peak``, ``spearman`` and ``top10_iou``."""
+    maps = evaluation_maps(raw_maps, segmentation.shape[-1])
+    scores = localization_scores(maps, segmentation, logits, tolerance=tolerance, prediction_rule=prediction_rule)
+    if reference_maps is not None:
+        scores.update(map_cosine=map_cosine(raw_maps, reference_maps), same_peak=same_peak(raw_maps, reference_maps),
+                      spearman=spearman_rank(raw_maps, reference_maps),
+                      top10_iou=top_k_iou(raw_maps, reference_maps, 0.1))
+    return maps, scores
+
+
+def summarize_scores(scores: dict) -> dict:
+    """The summary of per-pair scores (N,K) of all batches: ``summarize_localization``'s and, where agreement
+    scores are present, their means over the present pairs where they are defined and the ``*_excluded`` counts."""
     summary = summarize_localization(scores)
-    if reference is not None:
-        for key in AGREEMENT_KEYS:
+    for key in AGREEMENT_KEYS:
+        if key in scores:
             values = scores[key][scores["present"]]
             defined = values[~np.isnan(values)]
             summary.update({key: mean_or_nan(defined), f"{key}_excluded": int(values.size - defined.size)})
-    if faithfulness_steps:
-        summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
-    examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
-    if keep_raw_maps:
-        examples["raw_maps"] = raw_per_batch
-    return summary, examples
+    return summary
+
+
+def localization_report(model, variables: dict, batches: Iterable[dict], *, layer: str, prediction_rule: str,
+                        tolerance: float = 0, keep_maps: int = 0, reference: Reference = None,
+                        method: str = "gradcam", method_options: dict | None = None,
+                        keep_raw_maps: bool = False, faithfulness_steps: int = 0) -> tuple[dict, dict]:
+    """One ``AttributionEvaluator(model, ...).evaluate(variables, batches, ...)``: see there for every argument."""
+    evaluator = AttributionEvaluator(model, layer=layer, prediction_rule=prediction_rule, method=method,
+                                     method_options=method_options, tolerance=tolerance,
+                                     faithfulness_steps=faithfulness_steps)
+    return evaluator.evaluate(variables, batches, reference=reference, keep_maps=keep_maps,
+                              keep_raw_maps=keep_raw_maps)

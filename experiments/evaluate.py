@@ -10,7 +10,7 @@ several methods are evaluated).
 ``eval.methods`` is a comma-separated list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM,
 LRP, RAP, EBP) or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all)
 bounds the localisation images, ``eval.method_options`` passes options to a method (e.g. integrated gradients'
-steps), and ``eval.faithfulness_steps`` > 0 adds deletion and insertion AUC (``evaluation.localization_report``).
+steps), and ``eval.faithfulness_steps`` > 0 adds deletion and insertion AUC (``evaluation.AttributionEvaluator``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 from attrjax import data as attr_data
 from attrjax.attribution.methods import resolve_methods
-from attrjax.evaluation import classification_report, localization_report, predict
+from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
 from attrjax.pruning import count_params_and_flops, sparsity_summary
 from experiments import common, prune
@@ -54,29 +54,32 @@ def first_images(arrays: dict, count: int) -> dict:
 
 
 def classification_and_size(model, variables, splits, config) -> dict:
-    logits, labels = predict(model, variables, common.eval_batches(splits["val"], config))
-    row = classification_report(logits, labels)
+    row = dict(ClassificationEvaluator(model).run(variables, common.eval_batches(splits["val"], config)))
     size = count_params_and_flops(model, variables, common.example_images(config))
     row.update(params=size["params"], mflops=size["flops"] / 1e6,
                conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
     return row
 
 
-def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict):
+def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict, evaluators: dict):
     """``{method: summary}`` and ``{method: examples}`` of one model. The teacher is scored against its own maps
     (``reference="self"``: 1 where they are comparable, NaN for a broken teacher) and its raw maps are cached in
-    ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them."""
+    ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them.
+    ``evaluators`` caches one ``AttributionEvaluator`` per (architecture, method), so students of one architecture
+    share its compiled functions."""
     summaries, examples = {}, {}
     for method in methods:
         started = time.perf_counter()
         is_teacher = name == "teacher"
-        summaries[method], examples[method] = localization_report(
-            model, variables, common.eval_batches(arrays, config), layer=config.eval_layer,
-            tolerance=config.eval.tolerance, keep_maps=config.eval.figure_images, method=method,
-            method_options=config.eval.method_options.get(method),
-            reference="self" if is_teacher else teacher_maps.get(method),
-            keep_raw_maps=is_teacher, faithfulness_steps=config.eval.faithfulness_steps,
-            prediction_rule="top1" if config.data.labels == "single" else "positive_logit")
+        key = (model, method)
+        if key not in evaluators:
+            evaluators[key] = AttributionEvaluator(
+                model, layer=config.eval_layer, method=method, method_options=config.eval.method_options.get(method),
+                tolerance=config.eval.tolerance, faithfulness_steps=config.eval.faithfulness_steps,
+                prediction_rule="top1" if config.data.labels == "single" else "positive_logit")
+        summaries[method], examples[method] = evaluators[key].evaluate(
+            variables, common.eval_batches(arrays, config), keep_maps=config.eval.figure_images,
+            reference="self" if is_teacher else teacher_maps.get(method), keep_raw_maps=is_teacher)
         if is_teacher:
             teacher_maps[method] = examples[method].pop("raw_maps")
         summaries[method]["eval_s"] = time.perf_counter() - started
@@ -170,11 +173,11 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     methods = resolve_methods(config.eval.methods)
     localization = first_images(splits["localization"], config.eval.localization_images)
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
-    results, examples, teacher_maps = {}, {}, {}
+    results, examples, teacher_maps, evaluators = {}, {}, {}, {}
     for name, model, variables in trained_models(config, workdir):
         results[name] = classification_and_size(model, variables, splits, config)
         results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,
-                                                                          methods, config, teacher_maps)
+                                                                          methods, config, teacher_maps, evaluators)
 
     table = markdown_table(results, methods[0])
     print("\n" + table + "\n")

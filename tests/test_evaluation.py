@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from attrjax.attribution import grad_cam, minmax_normalize, resize_maps
-from attrjax.evaluation import classification_report, localization_report
+from attrjax.evaluation import (AttributionEvaluator, ClassificationEvaluator, classification_report,
+                                localization_report)
 from attrjax.metrics import curve_auc, mask_auc, pointing_game
 from attrjax.models import VGG, init_variables, vgg
 from tests.test_metrics import reference_average_precision
@@ -193,3 +194,33 @@ def test_self_reference_scores_the_model_against_its_own_maps():
     num_present = sum((masks[n] == c + 1).any() for n in range(5) for c in range(3))
     for key in AGREEMENT_KEYS:
         assert math.isnan(nan_summary[key]) and nan_summary[f"{key}_excluded"] == num_present, key
+
+
+def test_an_evaluator_built_once_scores_any_variables_of_its_model():
+    """One AttributionEvaluator, two students: the same numbers as a fresh report each, compiled once; named
+    metrics from run(); the classification evaluator reports what classification_report does."""
+    model, images, masks = _tiny_setup()
+    evaluator = AttributionEvaluator(model, layer="conv2_1", prediction_rule="positive_logit",
+                                     faithfulness_steps=2)
+    teacher = init_variables(model, jax.random.key(4))
+    for seed in (5, 6):
+        student = init_variables(model, jax.random.key(seed))
+        fresh, _ = localization_report(model, student, _batches(images, masks, 4), layer="conv2_1",
+                                       reference=(model, teacher), prediction_rule="positive_logit",
+                                       faithfulness_steps=2)
+        named = dict(evaluator.run(student, _batches(images, masks, 4), reference=(model, teacher)))
+        assert named.keys() == fresh.keys() and {"map_cosine", "deletion_auc", "pointing_accuracy"} <= named.keys()
+        np.testing.assert_allclose([named[k] for k in sorted(named)], [fresh[k] for k in sorted(fresh)], rtol=1e-6)
+    assert evaluator.attribute._cache_size() == 1  # one compilation served both students
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]
+    batches = [{"image": images[:4], "labels": labels[:4], "valid": np.ones(4, bool)},
+               {"image": np.concatenate([images[4:], images[:3]]), "labels": np.concatenate([labels[4:], labels[:3]]),
+                "valid": np.arange(4) < 1}]
+    classification = ClassificationEvaluator(model)
+    logits, seen = classification.predictions(teacher, batches)
+    np.testing.assert_array_equal(seen, labels)
+    assert dict(classification.run(teacher, batches)) == classification_report(logits, labels)
+    with pytest.raises(ValueError, match="no batches to evaluate"):
+        evaluator.evaluate(teacher, [])
+    with pytest.raises(ValueError, match="reference must be"):
+        evaluator.evaluate(teacher, _batches(images, masks, 4), reference="teacher")
