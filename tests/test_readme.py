@@ -30,3 +30,7 @@ def test_readme_own_model_examples_run():
     exec(blocks[2], namespace)  # noqa: S102 - the NNX example, reusing the linen one's data and objective
     assert int(namespace["state"].step) == 20 and -1 <= namespace["summary"]["map_cosine"] <= 1
     assert -1 <= linen_cosine <= 1
+    exec(blocks[3], namespace)  # noqa: S102 - loss terms and evaluators, continuing the NNX example
+    logged = namespace["history"][-1].keys()
+    assert {"loss", "task_loss", "matching_loss", "matching_loss/bn", "matching_loss/gxa"} <= logged
+    assert 0 <= namespace["metrics"]["gradcam/pointing_accuracy"] <= 1
