@@ -1,0 +1,80 @@
+"""Statistics over repeated runs (seeds): means with confidence intervals, and paired differences.
+
+A metric measured once per seed is a small sample, so intervals use Student's t (``scipy.stats``), and a
+comparison of two settings pairs their runs by seed (same teacher, same data order), which removes the
+seed-to-seed variation both share. Undefined values (NaN: a run that diverged, a metric with nothing to average)
+are left out and counted, never averaged in or silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def _finite(values: Sequence[float]) -> np.ndarray:
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"expected one value per run (a 1-D sequence), got shape {values.shape}")
+    return values
+
+
+def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> dict:
+    """Mean of one metric over runs with its two-sided t confidence interval.
+
+    Args:
+      values: (N,) one value per run; NaN (undefined) values are left out.
+      confidence: the interval's coverage.
+
+    Returns:
+      ``mean``, ``low``, ``high`` (NaN with fewer than 2 defined values), ``std`` (sample standard deviation),
+      ``n`` (defined values) and ``n_undefined``.
+    """
+    values = _finite(values)
+    defined = values[~np.isnan(values)]
+    n = int(defined.size)
+    result = {"mean": float(np.mean(defined)) if n else math.nan, "low": math.nan, "high": math.nan,
+              "std": float(np.std(defined, ddof=1)) if n > 1 else math.nan, "n": n,
+              "n_undefined": int(values.size - n)}
+    if n > 1:
+        scale = stats.sem(defined)
+        if scale > 0:
+            result["low"], result["high"] = map(float, stats.t.interval(confidence, n - 1, loc=result["mean"],
+                                                                         scale=scale))
+        else:  # every run gave the same value
+            result["low"] = result["high"] = result["mean"]
+    return result
+
+
+def paired_difference(treated: Sequence[float], control: Sequence[float], *, confidence: float = 0.95) -> dict:
+    """``treated - control`` paired by run (e.g. matched minus naive, seed by seed): the paired t analysis.
+
+    Args:
+      treated, control: (N,) values of the same N runs (same seeds, in the same order); a pair with a NaN on
+        either side is left out.
+
+    Returns:
+      the ``mean_interval`` of the differences (``mean``, ``low``, ``high``, ``std``, ``n``, ``n_undefined``),
+      ``p_value`` of the two-sided paired t-test (NaN with fewer than 2 pairs or identical differences), and
+      ``positive`` / ``negative``: the number of pairs whose difference is > 0 / < 0.
+    """
+    treated, control = _finite(treated), _finite(control)
+    if treated.shape != control.shape:
+        raise ValueError(f"paired values need one treated and one control value per run, got {treated.size} and "
+                         f"{control.size}")
+    differences = treated - control
+    result = mean_interval(differences, confidence=confidence)
+    defined = differences[~np.isnan(differences)]
+    result["p_value"] = math.nan
+    if defined.size > 1 and np.std(defined) > 0:
+        result["p_value"] = float(stats.ttest_1samp(defined, 0.0).pvalue)
+    result.update(positive=int(np.sum(defined > 0)), negative=int(np.sum(defined < 0)))
+    return result
+
+
+def excludes_zero(interval: dict) -> bool:
+    """Whether a ``mean_interval`` / ``paired_difference`` interval lies strictly on one side of zero."""
+    return bool(interval["low"] > 0 or interval["high"] < 0)
