@@ -124,6 +124,10 @@ def check_config(config) -> None:
     check_count("data.image_size", config.data.image_size)
     check_count("data.num_classes", config.data.num_classes, minimum=2)
     check_fraction("stochastic_drop_rate", config.stochastic_drop_rate)
+    if config.data.name == "shapes":
+        check_count("data.seed", config.data.seed, minimum=0)
+    if not isinstance(config.runs, str):
+        raise ValueError(f"runs must be a string of comma-separated run names ('' for all), got {config.runs!r}")
     normalization(config)  # an unknown dataset name fails here
     if config.data.labels not in ("multilabel", "single"):
         raise ValueError(f"data.labels must be 'multilabel' or 'single', got {config.data.labels!r}")
@@ -141,6 +145,19 @@ def check_model_run(name: str, model_config, objective_fn: Callable[[], Objectiv
         return build_model(model_config, config)
     except (ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"settings of the {name!r} run: {error}") from error
+
+
+def chosen_runs(config, runs: dict) -> dict:
+    """The entries of ``runs`` (name -> run config) that ``config.runs`` names; all of them when it is empty."""
+    names = [name.strip() for name in config.runs.split(",") if name.strip()]
+    return {name: run for name, run in runs.items() if not names or name in names}
+
+
+def check_chosen_runs(config, available) -> None:
+    """Raises if ``config.runs`` names a run that is not among ``available``."""
+    unknown = [name.strip() for name in config.runs.split(",") if name.strip() and name.strip() not in available]
+    if unknown:
+        raise ValueError(f"runs names unknown runs {unknown}; this config has: {', '.join(available)}")
 
 
 def data_dir(config, workdir: str) -> str:
@@ -171,7 +188,7 @@ def _shapes_splits(config, directory: str) -> dict:
     shapes = attr_data.ShapesConfig(**{field.name: config.data[field.name]
                                        for field in dataclasses.fields(attr_data.ShapesConfig)})
     sizes = dict(num_train=config.data.num_train, num_val=config.data.num_val,
-                 num_localization=config.data.num_localization, seed=config.seed)
+                 num_localization=config.data.num_localization, seed=config.data.seed)
     attr_data.build_shapes(directory, shapes=shapes, **sizes)
     return {split: attr_data.load_split(directory, split, shapes=shapes, **sizes)
             for split in ("train", "val", "localization")}

@@ -16,14 +16,16 @@ from attrjax.models import VGG, check_compatible
 from experiments import common
 
 
-def student_runs(config) -> dict[str, ml_collections.ConfigDict]:
-    """Name -> student config; ``stochastic_drop_rate`` > 0 adds the stochastic-matching student."""
+def student_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> student config; ``stochastic_drop_rate`` > 0 adds the stochastic-matching student. ``chosen``: only
+    the runs ``config.runs`` names."""
     runs = {name: dict(run) for name, run in config.students.items()}
     if config.stochastic_drop_rate:
         stochastic = dict(runs["kd_match"])
         stochastic["objective"] = dict(stochastic["objective"], drop_rate=config.stochastic_drop_rate)
         runs["kd_match_stochastic"] = stochastic
-    return {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+    return common.chosen_runs(config, runs) if chosen else runs
 
 
 def validate(config) -> None:

@@ -61,13 +61,14 @@ def classification_and_size(model, variables, splits, config) -> dict:
     return row
 
 
-def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict, evaluators: dict):
+def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict,
+                           evaluators: dict | None = None):
     """``{method: summary}`` and ``{method: examples}`` of one model. The teacher is scored against its own maps
     (``reference="self"``: 1 where they are comparable, NaN for a broken teacher) and its raw maps are cached in
     ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them.
     ``evaluators`` caches one ``AttributionEvaluator`` per (architecture, method), so students of one architecture
     share its compiled functions."""
-    summaries, examples = {}, {}
+    summaries, examples, evaluators = {}, {}, {} if evaluators is None else evaluators
     for method in methods:
         started = time.perf_counter()
         is_teacher = name == "teacher"
@@ -155,6 +156,7 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
 def validate(config) -> None:
     """Raises for a bad evaluation setting before any model is loaded (or, in the demo, trained)."""
     common.check_config(config)
+    common.check_chosen_runs(config, [*student_runs(config, chosen=False), *prune.pruning_runs(config, chosen=False)])
     settings = config.eval
     resolve_methods(settings.methods)
     common.check_count("eval.batch_size", settings.batch_size)

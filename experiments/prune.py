@@ -30,8 +30,9 @@ from experiments import common
 SETTINGS = ("structured", "unstructured")
 
 
-def pruning_runs(config) -> dict[str, ml_collections.ConfigDict]:
-    """Name -> ``{setting, objective}``: every setting naive and matched (and stochastic when switched on)."""
+def pruning_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> ``{setting, objective}``: every setting naive and matched (and stochastic when switched on).
+    ``chosen``: only the runs ``config.runs`` names."""
     matched = dict(matching="weighted", matching_weight=config.pruning.matching_weight)
     runs = {}
     for setting in SETTINGS:
@@ -40,7 +41,8 @@ def pruning_runs(config) -> dict[str, ml_collections.ConfigDict]:
         if config.stochastic_drop_rate:
             runs[f"{setting}_match_stochastic"] = dict(
                 setting=setting, objective=dict(matched, drop_rate=config.stochastic_drop_rate))
-    return {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+    return common.chosen_runs(config, runs) if chosen else runs
 
 
 def round_name(name: str, round_index: int) -> str:

@@ -40,22 +40,33 @@ def test_localization_report_matches_a_per_pair_loop():
     summary, _ = localization_report(model, variables, _batches(images, masks, 4), layer=layer,
                                      reference=(model, variables), prediction_rule="positive_logit")
 
-    hits, aucs = [], []
+    top1, _ = localization_report(model, variables, _batches(images, masks, 4), layer=layer, prediction_rule="top1")
+    hits, aucs, all_hits, all_aucs, top1_hits = [], [], [], [], []
     for n in range(5):
         feats = model.apply(variables, images[n:n + 1], layer=layer, method=VGG.features)
         logits = model.apply(variables, feats, layer=layer, method=VGG.head)
         for c in range(3):
             target = masks[n] == c + 1
-            if not target.any() or logits[0, c] <= 0:
+            if not target.any():
                 continue
             heat = grad_cam(lambda a: model.apply(variables, a, layer=layer, method=VGG.head), feats,
                             jnp.array([c]))
             heat = minmax_normalize(resize_maps(heat, 16))
-            hits.append(float(pointing_game(heat, target[None])[0]))
-            aucs.append(float(mask_auc(heat, target[None])[0]))
+            all_hits.append(float(pointing_game(heat, target[None])[0]))
+            all_aucs.append(float(mask_auc(heat, target[None])[0]))
+            if logits[0, c] > 0:  # the paper's protocol: predicted pairs only
+                hits.append(all_hits[-1])
+                aucs.append(all_aucs[-1])
+            if c == int(jnp.argmax(logits[0])):
+                top1_hits.append(all_hits[-1])
     assert summary["num_counted"] == len(hits) >= 3  # the comparison is not vacuous
+    assert top1["num_counted"] == len(top1_hits) < len(all_hits)  # another rule, another pair set ...
+    for key in ("pointing_accuracy_all_present", "mean_auc_all_present"):  # ... but the common set is the same
+        assert top1[key] == summary[key]
     np.testing.assert_allclose(summary["pointing_accuracy"], np.mean(hits) if hits else np.nan, rtol=1e-6)
     np.testing.assert_allclose(summary["mean_auc"], np.nanmean(aucs) if aucs else np.nan, rtol=1e-5)
+    np.testing.assert_allclose(summary["pointing_accuracy_all_present"], np.mean(all_hits), rtol=1e-6)
+    np.testing.assert_allclose(summary["mean_auc_all_present"], np.nanmean(all_aucs), rtol=1e-5)
     # A model agrees perfectly with itself.
     np.testing.assert_allclose(summary["map_cosine"], 1.0, rtol=1e-5)
     assert summary["same_peak"] == 1.0 and summary["top10_iou"] == 1.0

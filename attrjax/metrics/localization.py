@@ -206,6 +206,8 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
       A dict of (B, K) arrays:
         ``hit``: pointing-game hit in {0., 1.}, NaN where not ``counted``;
         ``auc``: mask AUC, NaN where not ``counted`` or undefined (the mask covers the whole image);
+        ``hit_all_present``, ``auc_all_present``: the same on every present pair with a finite map, whatever the
+        model predicts (one pair set for all models, so they compare on equal terms);
         ``counted``, ``present``, ``predicted``, ``finite``: bool.
       So ``jnp.nanmean(hit)`` is the pointing accuracy and ``jnp.nanmean(auc)`` the mean AUC; concatenate the
       dicts of several batches and call ``summarize_localization`` for the report.
@@ -228,9 +230,12 @@ def localization_scores(maps: jax.Array, segmentation: jax.Array, logits: jax.Ar
     pair_maps, pair_masks = maps.reshape(pairs), masks.reshape(pairs)
     hit = pointing_game(pair_maps, pair_masks, tolerance=tolerance).reshape(batch, num_classes)
     auc = mask_auc(pair_maps, pair_masks).reshape(batch, num_classes)
+    scored = present & finite
     return {
         "hit": jnp.where(counted, hit, jnp.nan),
         "auc": jnp.where(counted, auc, jnp.nan),
+        "hit_all_present": jnp.where(scored, hit, jnp.nan),
+        "auc_all_present": jnp.where(scored, auc, jnp.nan),
         "counted": counted,
         "present": present,
         "predicted": predicted,
@@ -249,8 +254,10 @@ def summarize_localization(scores: dict[str, jax.Array]) -> dict[str, float | in
       Python numbers: ``pointing_accuracy`` = hits / counted pairs; ``mean_auc`` over counted pairs whose AUC
       is defined (the reference would give NaN as soon as one mask covers a whole image); ``num_counted`` (the
       reference's correctly predicted GT classes); ``num_present_not_predicted`` (its incorrectly predicted
-      ones, finite maps only); ``num_skipped_nonfinite`` (present pairs whose map had a NaN/inf). Rates are
-      NaN when there is nothing to average.
+      ones, finite maps only); ``num_skipped_nonfinite`` (present pairs whose map had a NaN/inf);
+      ``pointing_accuracy_all_present`` and ``mean_auc_all_present``, the same over every present pair with a
+      finite map, predicted or not (with ``scores`` that have them). Rates are NaN when there is nothing to
+      average.
     """
     counted = np.asarray(scores["counted"], bool)
     present = np.asarray(scores["present"], bool)
@@ -259,13 +266,20 @@ def summarize_localization(scores: dict[str, jax.Array]) -> dict[str, float | in
     hits = np.asarray(scores["hit"], np.float64)[counted]
     aucs = np.asarray(scores["auc"], np.float64)[counted]
     aucs = aucs[~np.isnan(aucs)]
-    return {
+    summary = {
         "pointing_accuracy": mean_or_nan(hits),
         "mean_auc": mean_or_nan(aucs),
         "num_counted": int(counted.sum()),
         "num_present_not_predicted": int((present & ~predicted & finite).sum()),
         "num_skipped_nonfinite": int((present & ~finite).sum()),
     }
+    if "hit_all_present" in scores:
+        scored = present & finite
+        all_aucs = np.asarray(scores["auc_all_present"], np.float64)[scored]
+        summary.update(pointing_accuracy_all_present=mean_or_nan(np.asarray(scores["hit_all_present"],
+                                                                            np.float64)[scored]),
+                       mean_auc_all_present=mean_or_nan(all_aucs[~np.isnan(all_aucs)]))
+    return summary
 
 
 def mean_or_nan(values: np.ndarray) -> float:

@@ -71,6 +71,8 @@ def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.Confi
         unstructured=dict(rate=0.2, rounds=16, steps_per_round=steps(30), optimizer=finetune),
     )
     config.stochastic_drop_rate = 0.3
+    # Which student and pruning runs to train and evaluate: comma-separated names (e.g. "kd,kd_match"), "" for all.
+    config.runs = ""
     config.eval = dict(batch_size=32, tolerance=0, figure_images=6, methods="paper", localization_images=0,
                        method_options={}, faithfulness_steps=0)
     config.checkpoint_every = steps(5)

@@ -38,10 +38,10 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # initialisation, data order, dropout and stochastic channels
     config.data = dict(
-        name="shapes", data_dir="", image_size=64, num_classes=6, labels="multilabel", min_objects=1, max_objects=2,
-        min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
+        name="shapes", seed=0, data_dir="", image_size=64, num_classes=6, labels="multilabel", min_objects=1,
+        max_objects=2, min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
         num_train=6000, num_val=1000, num_localization=500, batch_size=32, crop_padding=4,
     )
     config.matching_layer = "pool3"
@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Stochastic matching (docs/method.md#stochastic-matching) as a switch: adds a third student whose teacher maps
     # drop this fraction of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0
+    # Which student and pruning runs to train and evaluate: comma-separated names (e.g. "kd,kd_match"), "" for all.
+    config.runs = ""
     # The demo evaluates Grad-CAM (the paper's main method); `--set eval.methods=all` adds LRP, EBP and the gradient
     # family, whose per-class passes cost far more on CPU (then also bound localization_images).
     config.eval = dict(batch_size=100, tolerance=0, figure_images=6, methods="gradcam", localization_images=0,

@@ -1,0 +1,89 @@
+"""A tiny sweep end to end (2 seeds x 2 grid points, the KD pair only): runs, resumes, shares the seed's teacher,
+reports failures, and its statistics equal a hand computation from its own rows."""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from attrjax.train import RunConfigMismatchError
+from experiments import sweep, sweep_report
+from tests.test_experiments import TINY
+
+SETTINGS = [*TINY[:-3], "eval.methods=gradcam", "eval.faithfulness_steps=0", "eval.figure_images=0",
+            "runs=kd,kd_match"]
+GRID = {"students.kd_match.objective.matching_weight": ["0.0", "10.0"]}
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
+    lines = []
+    rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny")
+    points = ["matching_weight=0.0", "matching_weight=10.0"]
+    assert sorted({(row["point"], row["seed"]) for row in rows}) == [(p, s) for p in points for s in (0, 1)]
+    assert {row["model"] for row in rows} == {"teacher", "kd", "kd_match"}
+    assert all(row["status"] == "trained" for row in rows)
+    assert "[sweep] 4/4" in lines[-2] and "min left" in lines[0]
+    # One teacher per seed, shared by both points: its variables are the same file.
+    links = [os.path.realpath(tmp_path / p / "seed0" / "teacher") for p in points]
+    assert links[0] == links[1] and len(os.listdir(tmp_path / "teachers")) == 2
+    teacher_rows = [r for r in rows if r["model"] == "teacher" and r["seed"] == 0]
+    assert teacher_rows[0]["sample_map"] == teacher_rows[1]["sample_map"]
+
+    # The statistics against a hand computation on the rows: a t interval and a paired difference.
+    stats = json.loads((tmp_path / "statistics.json").read_text())
+    cosine = {(r["point"], r["model"], r["seed"]): r["map_cosine"] for r in rows}
+    matched = [cosine[points[1], "kd_match", s] for s in (0, 1)]
+    naive = [cosine[points[1], "kd", s] for s in (0, 1)]
+    entry = next(e for e in stats["models"] if e["point"] == points[1] and e["model"] == "kd_match"
+                 and e["metric"] == "map_cosine")
+    half = 12.706204736174707 * np.std(matched, ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
+    np.testing.assert_allclose([entry["low"], entry["high"]], [np.mean(matched) - half, np.mean(matched) + half])
+    difference = next(e for e in stats["differences"] if e["point"] == points[1] and e["metric"] == "map_cosine")
+    np.testing.assert_allclose(difference["mean"], np.mean(np.subtract(matched, naive)))
+    assert difference["positive"] + difference["negative"] <= 2 and difference["setting"] == "kd"
+    with open(tmp_path / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 12
+    report = (tmp_path / "report.md").read_text()
+    assert "Made by `tiny`" in report and "| kd_match |" in report and "distinguishable from 0" in report
+    for figure in ("tradeoff.png", "bars_matching_weight-10.0_gradcam.png"):
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+
+    # A rerun reads every finished run back; a run that fails is reported and the sweep goes on.
+    (tmp_path / points[0] / "seed1" / "results.json").unlink()
+    (tmp_path / points[0] / "seed1" / "kd_match" / "checkpoints").rename(tmp_path / "moved")
+    (tmp_path / points[0] / "seed1" / "kd_match" / "checkpoints").write_text("not a directory")
+    lines.clear()
+    again = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny")
+    statuses = [line.split(": ")[1].split()[0].rstrip(";") for line in lines[:4]]
+    assert statuses == ["finished", "failed", "finished", "finished"]
+    failed = [row for row in again if row["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["seed"] == 1 and "Error" in failed[0]["error"]
+    assert "1 run(s) failed" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_sweeps_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="not KEY=V1,V2"):
+        sweep.parse_grid(["students.kd_match.objective.matching_weight"])
+    with pytest.raises(ValueError, match="unknown config key 'students.kd_match.objective.matching_wieght'"):
+        sweep.run_sweep("quick", SETTINGS, {"students.kd_match.objective.matching_wieght": ["1"]}, 1, str(tmp_path))
+    with pytest.raises(ValueError, match="config key 'teacher.num_steps' holds a int, not str"):
+        sweep.run_sweep("quick", SETTINGS, {"teacher.num_steps": ["many"]}, 1, str(tmp_path))
+    with pytest.raises(ValueError, match="runs names unknown runs \\['kd_mach'\\]"):
+        sweep.run_sweep("quick", [*SETTINGS[:-1], "runs=kd_mach"], {}, 1, str(tmp_path))
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        sweep.run_sweep("quick", SETTINGS, {}, 0, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    sweep.bind_run_config(str(tmp_path), sweep.sweep_record("quick", SETTINGS, GRID))
+    with pytest.raises(RunConfigMismatchError, match="grid"):  # a directory of another sweep
+        sweep.run_sweep("quick", SETTINGS, {}, 1, str(tmp_path))
+
+
+def test_model_names_map_to_settings_and_variants():
+    assert sweep_report.setting_and_variant("kd_match_stochastic") == ("kd", "stochastic")
+    assert sweep_report.setting_and_variant("structured_match") == ("structured", "matched")
+    assert sweep_report.setting_and_variant("unstructured") == ("unstructured", "naive")
+    assert sweep_report.setting_and_variant("teacher") == ("teacher", "teacher")
