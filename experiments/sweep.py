@@ -101,7 +101,7 @@ def run_one(config, run_dir: str, *, sweep_dir: str) -> dict:
     config.data.data_dir = config.data.data_dir or os.path.join(sweep_dir, "data")  # one copy of each dataset
     share_teacher(config, sweep_dir, run_dir)
     started = time.perf_counter()
-    with open(os.path.join(run_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
+    with open(os.path.join(run_dir, "log.txt"), "a", buffering=1) as log, contextlib.redirect_stdout(log):
         try:
             results = demo.run(config, run_dir)
         except RunConfigMismatchError:
@@ -114,7 +114,7 @@ def run_one(config, run_dir: str, *, sweep_dir: str) -> dict:
 
 
 def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str, *,
-              log=print, command: str | None = None) -> list[dict]:
+              log=print, command: str | None = None, compilation_cache: bool = False) -> list[dict]:
     """Runs (or reads back) every (grid point, seed) and writes the table, statistics and report; returns the
     tidy rows."""
     common.check_count("seeds", seeds)
@@ -128,6 +128,8 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
     os.makedirs(sweep_dir, exist_ok=True)
     bind_run_config(sweep_dir, sweep_record(config_name, overrides, grid), on_config_change=base.on_config_change,
                     log=log)
+    if compilation_cache:  # identical programs of all runs compile once; inside the bound directory
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
     outcomes, spent, total = {}, [], len(configs)
     for index, ((name, seed), config) in enumerate(configs.items(), 1):
         outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir)
@@ -152,9 +154,8 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of every run")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="grid axes (their product)")
     args = parser.parse_args(argv)
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
     try:
-        run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir)
+        run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True)
     except RunConfigMismatchError as error:
         sys.exit(f"error: {error}\n(to start this sweep afresh: --set on_config_change=restart, or a new --workdir)")
     except (ValueError, FileNotFoundError) as error:
