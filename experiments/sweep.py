@@ -11,6 +11,9 @@ is recorded as failed with its error while the sweep goes on. ``seed`` varies wh
 can be a grid axis of its own. Runs of one seed whose teacher settings are equal share one teacher. The sweep
 directory is bound to its config and grid (``on_config_change`` as for single runs); more seeds extend it.
 
+``--reuse OTHER_SWEEP`` evaluates another sweep's trained models (e.g. with more attribution methods) without
+training them again.
+
 Writes ``sweep.csv`` / ``sweep.json`` (one row per point, seed, model and attribution method, every metric),
 ``statistics.json`` and ``report.md`` with figures (``experiments.sweep_report``).
 """
@@ -76,14 +79,27 @@ def teacher_key(config) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def share_teacher(config, sweep_dir: str, run_dir: str) -> None:
+def share_teacher(config, teachers_dir: str, run_dir: str) -> None:
     """Makes ``run_dir/teacher`` a link to the one teacher directory of every run with this teacher key, so the
     seed's teacher trains once; the teacher's own run record still guards what it was trained with."""
-    shared = os.path.join(sweep_dir, "teachers", f"{teacher_key(config)}-seed{config.seed}")
+    shared = os.path.join(teachers_dir, f"{teacher_key(config)}-seed{config.seed}")
     os.makedirs(shared, exist_ok=True)
     link = os.path.join(run_dir, common.TEACHER)
     if not os.path.lexists(link):
         os.symlink(os.path.relpath(shared, run_dir), link)
+
+
+def reuse_trained(source_run_dir: str, run_dir: str) -> None:
+    """Links every trained model of ``source_run_dir`` (another sweep's run of the same point and seed) into
+    ``run_dir``, so this run only evaluates; each model's run record still refuses settings it was not trained
+    with, so only the evaluation settings may differ."""
+    if not os.path.isdir(source_run_dir):
+        raise FileNotFoundError(f"{source_run_dir} does not exist: --reuse needs a sweep with the same grid points "
+                                "and at least as many seeds")
+    for name in sorted(os.listdir(source_run_dir)):
+        source = os.path.join(source_run_dir, name)
+        if os.path.isdir(source) and not os.path.lexists(os.path.join(run_dir, name)):
+            os.symlink(os.path.relpath(os.path.realpath(source), run_dir), os.path.join(run_dir, name))
 
 
 def sweep_record(config_name: str, overrides: list[str], grid: dict) -> dict:
@@ -91,7 +107,7 @@ def sweep_record(config_name: str, overrides: list[str], grid: dict) -> dict:
     return {"config": config_name, "overrides": list(overrides), "grid": grid}
 
 
-def run_one(config, run_dir: str, *, sweep_dir: str) -> dict:
+def run_one(config, run_dir: str, *, sweep_dir: str, teachers_dir: str, reuse_dir: str | None = None) -> dict:
     """One demo run into ``run_dir`` (its output in ``run_dir/log.txt``); ``{"status", "results" | "error"}``."""
     results_path = os.path.join(run_dir, "results.json")
     if os.path.exists(results_path):
@@ -99,7 +115,9 @@ def run_one(config, run_dir: str, *, sweep_dir: str) -> dict:
             return {"status": "finished", "results": json.load(f)["results"], "seconds": 0.0}
     os.makedirs(run_dir, exist_ok=True)
     config.data.data_dir = config.data.data_dir or os.path.join(sweep_dir, "data")  # one copy of each dataset
-    share_teacher(config, sweep_dir, run_dir)
+    if reuse_dir is not None:
+        reuse_trained(reuse_dir, run_dir)
+    share_teacher(config, teachers_dir, run_dir)
     started = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "a", buffering=1) as log, contextlib.redirect_stdout(log):
         try:
@@ -114,9 +132,13 @@ def run_one(config, run_dir: str, *, sweep_dir: str) -> dict:
 
 
 def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str, *,
-              log=print, command: str | None = None, compilation_cache: bool = False) -> list[dict]:
+              log=print, command: str | None = None, compilation_cache: bool = False,
+              teachers_dir: str | None = None, reuse: str | None = None) -> list[dict]:
     """Runs (or reads back) every (grid point, seed) and writes the table, statistics and report; returns the
-    tidy rows."""
+    tidy rows. ``teachers_dir`` (default ``<sweep_dir>/teachers``) holds the shared teachers: sweeps given the same
+    one share their seeds' teachers too. ``reuse``: another sweep directory whose trained models this one
+    evaluates (e.g. with other attribution methods) instead of training its own."""
+    teachers_dir = os.path.join(sweep_dir, "teachers") if teachers_dir is None else teachers_dir
     common.check_count("seeds", seeds)
     points = grid_points(grid)
     base = point_config(config_name, overrides, {}, 0)
@@ -132,7 +154,9 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
     outcomes, spent, total = {}, [], len(configs)
     for index, ((name, seed), config) in enumerate(configs.items(), 1):
-        outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir)
+        outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir,
+                          teachers_dir=teachers_dir,
+                          reuse_dir=None if reuse is None else os.path.join(reuse, name, f"seed{seed}"))
         outcomes[name, seed] = outcome
         if outcome["status"] != "finished":
             spent.append(outcome["seconds"])
@@ -153,9 +177,14 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 of every grid point")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of every run")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="grid axes (their product)")
+    parser.add_argument("--reuse", default=None, help="another sweep directory (same grid) whose trained models "
+                        "this sweep evaluates, e.g. with --set eval.methods=paper")
+    parser.add_argument("--teachers", default=None, help="where the shared teachers live (default WORKDIR/teachers; "
+                        "another sweep's teachers directory reuses its teachers)")
     args = parser.parse_args(argv)
     try:
-        run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True)
+        run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True,
+                  teachers_dir=args.teachers, reuse=args.reuse)
     except RunConfigMismatchError as error:
         sys.exit(f"error: {error}\n(to start this sweep afresh: --set on_config_change=restart, or a new --workdir)")
     except (ValueError, FileNotFoundError) as error:

@@ -64,6 +64,17 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     assert len(failed) == 1 and failed[0]["seed"] == 1 and "Error" in failed[0]["error"]
     assert "1 run(s) failed" in (tmp_path / "report.md").read_text()
 
+    # Another sweep evaluates these trained models with more methods and trains nothing.
+    lines.clear()
+    other = tmp_path.parent / f"{tmp_path.name}-ebp"
+    evaluated = sweep.run_sweep("quick", [*SETTINGS, "eval.methods=gradcam,ebp"], GRID, 1, str(other),
+                                log=lines.append, reuse=str(tmp_path))
+    assert {row["method"] for row in evaluated} == {"gradcam", "ebp"}
+    log = (other / points[1] / "seed0" / "log.txt").read_text()
+    assert "resuming from the checkpoint of step 3" in log and "] step " not in log
+    reused = {(r["model"], r["method"]): r["map_cosine"] for r in evaluated if r["point"] == points[1]}
+    assert reused["kd_match", "gradcam"] == cosine[points[1], "kd_match", 0]
+
 
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="not KEY=V1,V2"):
