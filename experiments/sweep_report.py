@@ -205,6 +205,10 @@ def write(sweep_dir: str, rows: list[dict], *, grid: dict, command: str, log=pri
             text += [f"## {point}, {method}", "", model_table(stats, point, method), "",
                      "Matched minus naive, paired by seed:", "", difference_table(stats, point, method), "",
                      f"![{point} {method}]({figure})", ""]
+        example = os.path.join(point, f"seed{stats['seeds'][0]}", "figure.png")
+        if os.path.exists(os.path.join(sweep_dir, example)):  # the first localisation images: not selected
+            text += [f"Maps of the first localisation images (seed {stats['seeds'][0]}, not selected):", "",
+                     f"![{point} maps]({example})", ""]
     if methods and tradeoff_figure(stats, scored, grid, methods[0], os.path.join(sweep_dir, "tradeoff.png")):
         text += ["## Trade-off", "", "![trade-off](tradeoff.png)", ""]
     with open(os.path.join(sweep_dir, "report.md"), "w") as f:
