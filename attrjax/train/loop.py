@@ -77,6 +77,14 @@ def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int,
                 "is the last finite state, so a rerun with a fixed setting resumes from it")
 
 
+def format_duration(seconds: float) -> str:
+    """``75.0`` -> ``"1m15s"``; ``3700`` -> ``"1h02m"``."""
+    seconds = max(0, round(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def run_record(num_steps: int, objective: Objective | Sequence[LossTerm], params,
                run_config: Mapping[str, Any] | None) -> dict:
     """What a checkpoint directory of ``train`` is bound to: the step count, the objective, the parameter shapes
@@ -147,7 +155,7 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
     state = replicate(state, mesh)  # a copy: the step donates it
     teacher_variables = replicate(teacher_variables or {}, mesh)
 
-    history, tick, images_seen, pending = [], time.perf_counter(), 0, []
+    history, tick, images_seen, pending, logged_step = [], time.perf_counter(), 0, [], start
     batch_iter = batches(start)
     for step in range(start + 1, num_steps + 1):
         batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
@@ -164,10 +172,13 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
             checkpoint.save(manager, state, step=step, force=last)
         if last or step % log_every == 0:
             record = {key: float(metrics[key]) for key in _loss_names(terms)}
-            elapsed = time.perf_counter() - tick
-            record.update(step=step, images_per_s=images_seen / elapsed)
+            now = time.perf_counter()
+            record.update(step=step, images_per_s=images_seen / (now - tick))
             history.append(record)
+            # Time left at the latest interval's pace (the first interval also holds the compilation).
+            seconds_per_step = (now - tick) / (step - logged_step)
+            left = "" if last else f", {format_duration(seconds_per_step * (num_steps - step))} left"
             log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {record[k]:.4f}" for k in _loss_names(terms))
-                + f"  {record['images_per_s']:.0f} img/s")
-            tick, images_seen = time.perf_counter(), 0
+                + f"  {record['images_per_s']:.0f} img/s{left}")
+            tick, images_seen, logged_step = time.perf_counter(), 0, step
     return state, history
