@@ -17,6 +17,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.demo --workdir $(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check attrjax experiments benchmarks tests
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
