@@ -71,8 +71,8 @@ def statistics(rows: list[dict]) -> dict:
     seeds = sorted({row["seed"] for row in rows})
     scored = [row for row in rows if row["status"] != "failed"]
     index = {(row["point"], row["model"], row["method"], row["seed"]): row for row in scored}
-    groups = sorted({(row["point"], row["model"], row["setting"], row["variant"], row["method"]) for row in scored},
-                    key=lambda group: [str(part) for part in group])
+    groups = list(dict.fromkeys((row["point"], row["model"], row["setting"], row["variant"], row["method"])
+                                for row in scored))  # in the order the runs report them (teacher first)
     models, differences = [], []
     for point, model, setting, variant, method in groups:
         by_seed = [index.get((point, model, method, seed)) for seed in seeds]
