@@ -166,7 +166,7 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
             + (f" ({outcome['error']})" if outcome["status"] == "failed" else "")
             + (f"; about {left / 60:.0f} min left" if index < total and spent else ""))
     rows = sweep_report.tidy_rows(outcomes, {point_name(point): point for point in points})
-    sweep_report.write(sweep_dir, rows, grid=grid, command=command or " ".join(sys.argv), log=log)
+    sweep_report.write(sweep_dir, rows, grid=grid, command=command or "experiments.sweep.run_sweep", log=log)
     return rows
 
 
@@ -183,8 +183,9 @@ def main(argv=None):
                         "another sweep's teachers directory reuses its teachers)")
     args = parser.parse_args(argv)
     try:
+        command = "python -m experiments.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
         run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True,
-                  teachers_dir=args.teachers, reuse=args.reuse)
+                  teachers_dir=args.teachers, reuse=args.reuse, command=command)
     except RunConfigMismatchError as error:
         sys.exit(f"error: {error}\n(to start this sweep afresh: --set on_config_change=restart, or a new --workdir)")
     except (ValueError, FileNotFoundError) as error:

@@ -118,6 +118,41 @@ def difference_table(stats: dict, point: str, method: str) -> str:
     return "\n".join(lines)
 
 
+SUMMARY = [("sample_map", "sample mAP"), ("f1", "F1"), ("pointing_accuracy", "pointing (predicted)"),
+           ("pointing_accuracy_all_present", "pointing (all present)"),
+           ("mean_auc_all_present", "mask AUC (all present)"), ("map_cosine", "cos. to teacher")]
+SETTING_TITLES = {"kd": "distillation", "structured": "structured pruning", "unstructured": "unstructured pruning"}
+
+
+def summary_table(stats: dict, point: str, method: str) -> str:
+    """The main metrics of every model, ``mean [low, high]``."""
+    entries = {(e["model"], e["metric"]): e for e in stats["models"] if e["point"] == point and e["method"] == method}
+    models = list(dict.fromkeys(model for model, _ in entries))
+    lines = ["| model | " + " | ".join(title for _, title in SUMMARY) + " |", "|---" * (len(SUMMARY) + 1) + "|"]
+    lines += [f"| {model} | " + " | ".join(_interval(entries[model, key], 2) for key, _ in SUMMARY) + " |"
+              for model in models]
+    return "\n".join(lines)
+
+
+def summary_difference_table(stats: dict, point: str, method: str, variant: str = "matched") -> str:
+    """Per setting, ``variant - naive`` of the main metrics: ``difference [low, high] k/n``, bold where the interval
+    excludes zero."""
+    entries = {(e["setting"], e["metric"]): e for e in stats["differences"]
+               if e["point"] == point and e["method"] == method and e["variant"] == variant}
+    settings = list(dict.fromkeys(setting for setting, _ in entries))
+    metrics = [(key, title) for key, title in SUMMARY if key in DIFFERENCES]
+    lines = ["| setting | " + " | ".join(title for _, title in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for setting in settings:
+        cells = []
+        for key, _ in metrics:
+            e = entries[setting, key]
+            text = (f"{e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}] {e['positive']}/{e['n']}"
+                    if not math.isnan(e["low"]) else "n/a")
+            cells.append(f"**{text}**" if e["excludes_zero"] else text)
+        lines.append(f"| {SETTING_TITLES.get(setting, setting)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bar_figure(stats: dict, point: str, method: str, path: str) -> None:
     """Bars with 95% intervals per model for the cosine to the teacher, pointing (all present pairs) and sample mAP."""
     metrics = [("map_cosine", "cosine to teacher"), ("pointing_accuracy_all_present", "pointing (all present)"),
@@ -202,7 +237,10 @@ def write(sweep_dir: str, rows: list[dict], *, grid: dict, command: str, log=pri
         for method in methods:
             figure = f"bars_{point}_{method}.png".replace(",", "_").replace("=", "-")
             bar_figure(stats, point, method, os.path.join(sweep_dir, figure))
-            text += [f"## {point}, {method}", "", model_table(stats, point, method), "",
+            text += [f"## {point}, {method}", "", summary_table(stats, point, method), "",
+                     "Matched minus naive (difference [95% interval], seeds higher / seeds), bold where the interval "
+                     "excludes zero:", "", summary_difference_table(stats, point, method), "",
+                     "Every metric:", "", model_table(stats, point, method), "",
                      "Matched minus naive, paired by seed:", "", difference_table(stats, point, method), "",
                      f"![{point} {method}]({figure})", ""]
         example = os.path.join(point, f"seed{stats['seeds'][0]}", "figure.png")
