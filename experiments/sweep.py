@@ -108,7 +108,8 @@ def sweep_record(config_name: str, overrides: list[str], grid: dict) -> dict:
 
 
 def run_one(config, run_dir: str, *, sweep_dir: str, teachers_dir: str, reuse_dir: str | None = None) -> dict:
-    """One demo run into ``run_dir`` (its output in ``run_dir/log.txt``); ``{"status", "results" | "error"}``."""
+    """One demo run into ``run_dir`` (its output in ``run_dir/log.txt``): ``{"status", "results" | "error",
+    "seconds"}`` with status ``finished`` (read back from an earlier sweep), ``ran`` or ``failed``."""
     results_path = os.path.join(run_dir, "results.json")
     if os.path.exists(results_path):
         with open(results_path) as f:
@@ -128,7 +129,7 @@ def run_one(config, run_dir: str, *, sweep_dir: str, teachers_dir: str, reuse_di
             traceback.print_exc(file=log)
             return {"status": "failed", "error": f"{type(error).__name__}: {error}",
                     "seconds": time.perf_counter() - started}
-    return {"status": "trained", "results": results, "seconds": time.perf_counter() - started}
+    return {"status": "ran", "results": results, "seconds": time.perf_counter() - started}
 
 
 def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]], seeds: int, sweep_dir: str, *,
