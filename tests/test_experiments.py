@@ -1,4 +1,4 @@
-"""End to end: the real demo (build, teacher, KD and both prunings, each naive / matched / stochastic, evaluation) on a
+"""End to end: the real demo (build, teacher, KD and both prunings, each naive and matched, evaluation) on a
 tiny build."""
 
 import csv
@@ -13,14 +13,13 @@ import pytest
 from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
 from attrjax.train import RunConfigMismatchError, make_optimizer
-from experiments import common, demo, prune, train_teacher
+from experiments import common, demo, distill, prune, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
         "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
         "eval.batch_size=8", "eval.figure_images=2", "eval.methods=gradcam,lrp,ebp",
-        "eval.faithfulness_steps=2", "checkpoint_every=2", "log_every=2",
-        "stochastic_drop_rate=0.3"]
+        "eval.faithfulness_steps=2", "checkpoint_every=2", "log_every=2"]
 
 
 @pytest.mark.slow
@@ -28,7 +27,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     config = common.load_config("quick", TINY)
     results = demo.run(config, str(tmp_path))
     compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")
-                  for variant in ("", "_match", "_match_stochastic")]
+                  for variant in ("", "_match")]
     assert list(results) == ["teacher"] + compressed
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
@@ -43,7 +42,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert results["structured"]["params"] == count_params_and_flops(pruned_model, pruned_variables, images)["params"]
     assert results["structured"]["mflops"] < results["teacher"]["mflops"]
     sparsity = iterative_sparsity(config.pruning.unstructured.rate, 2)
-    for name in ("unstructured", "unstructured_match", "unstructured_match_stochastic"):
+    for name in ("unstructured", "unstructured_match"):
         np.testing.assert_allclose(results[name]["conv_sparsity"], sparsity, atol=1e-3)
         assert results[name]["mflops"] < 0.5 * results["teacher"]["mflops"]
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -54,7 +53,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10 * 3 and {row["method"] for row in rows} == {"gradcam", "lrp", "ebp"}
+    assert len(rows) == 7 * 3 and {row["method"] for row in rows} == {"gradcam", "lrp", "ebp"}
     assert all(0.0 <= float(row["insertion_auc"]) <= 1.0 for row in rows)
     teacher_rows = [row for row in rows if row["model"] == "teacher"]
     assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
@@ -64,7 +63,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # A second run finds every model finished: it restores them, trains nothing and reproduces the results.
     again = demo.run(config, str(tmp_path))
     out = capsys.readouterr().out
-    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3), ("kd_match_stochastic", 3),
+    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3),
                         ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2)):
         assert f"[{name}] resuming from the checkpoint of step {steps}" in out
     assert "] step " not in out
@@ -78,6 +77,21 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     shutil.rmtree(tmp_path / "unstructured" / "round02")
     with pytest.raises(FileNotFoundError, match="train it first"):
         prune.load("unstructured", prune.pruning_runs(config)["unstructured"], config, str(tmp_path), *teacher)
+
+
+def test_stochastic_matching_adds_a_run_to_every_setting_and_runs_chooses_runs():
+    config = common.load_config("quick", ["stochastic_drop_rate=0.3"])
+    students, pruned = distill.student_runs(config), prune.pruning_runs(config)
+    assert list(students) == ["kd", "kd_match", "kd_match_stochastic"]
+    assert students["kd_match_stochastic"].objective.drop_rate == 0.3
+    assert [name for name in pruned if name.endswith("_stochastic")] == ["structured_match_stochastic",
+                                                                         "unstructured_match_stochastic"]
+    assert pruned["structured_match_stochastic"].objective.to_dict() == dict(
+        matching="weighted", matching_weight=config.pruning.matching_weight, drop_rate=0.3)
+    chosen = common.load_config("quick", ["stochastic_drop_rate=0.3", "runs='kd, unstructured_match_stochastic'"])
+    assert list(distill.student_runs(chosen)) == ["kd"]
+    assert list(prune.pruning_runs(chosen)) == ["unstructured_match_stochastic"]
+    assert len(prune.pruning_runs(chosen, chosen=False)) == 6
 
 
 def test_config_overrides_and_errors():
@@ -162,7 +176,7 @@ def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path,
 
 @pytest.mark.slow
 def test_the_resnet_grid_runs_with_one_switch(tmp_path):
-    config = common.load_config("quick_resnet", TINY[:-1] + ["eval.methods='gradcam'", "eval.faithfulness_steps=0"])
+    config = common.load_config("quick_resnet", TINY + ["eval.methods='gradcam'", "eval.faithfulness_steps=0"])
     results = demo.run(config, str(tmp_path))
     assert list(results) == ["teacher", "kd", "kd_match", "structured", "structured_match", "unstructured",
                              "unstructured_match"]

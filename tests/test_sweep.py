@@ -13,8 +13,8 @@ from attrjax.train import RunConfigMismatchError
 from experiments import sweep, sweep_report
 from tests.test_experiments import TINY
 
-SETTINGS = [*TINY[:-3], "eval.methods=gradcam", "eval.faithfulness_steps=0", "eval.figure_images=0",
-            "runs=kd,kd_match"]
+SETTINGS = [*(s for s in TINY if not s.startswith(("eval.", "checkpoint_every", "log_every"))),
+            "eval.batch_size=8", "eval.methods=gradcam", "eval.figure_images=0", "runs=kd,kd_match"]
 GRID = {"students.kd_match.objective.matching_weight": ["0.0", "10.0"]}
 
 
