@@ -79,8 +79,8 @@ def statistics(rows: list[dict]) -> dict:
         for metric, _ in REPORTED:
             models.append({"point": point, "model": model, "method": method, "metric": metric,
                            **mean_interval([_value(row, metric) for row in by_seed])})
-        if variant in ("matched", "stochastic"):
-            naive = [index.get((point, setting, method, seed)) for seed in seeds]
+        naive = [index.get((point, setting, method, seed)) for seed in seeds]
+        if variant in ("matched", "stochastic") and any(naive):  # a sweep may have run the matched variant alone
             for metric in DIFFERENCES:
                 difference = paired_difference([_value(row, metric) for row in by_seed],
                                                [_value(row, metric) for row in naive])
@@ -108,6 +108,8 @@ def model_table(stats: dict, point: str, method: str) -> str:
 
 def difference_table(stats: dict, point: str, method: str) -> str:
     entries = [e for e in stats["differences"] if e["point"] == point and e["method"] == method]
+    if not entries:
+        return "(no naive runs to compare with)"
     lines = ["| setting | variant - naive | metric | difference [95% CI] | seeds > 0 / < 0 | p "
              "| distinguishable from 0 |", "|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -140,6 +142,8 @@ def summary_difference_table(stats: dict, point: str, method: str, variant: str 
     entries = {(e["setting"], e["metric"]): e for e in stats["differences"]
                if e["point"] == point and e["method"] == method and e["variant"] == variant}
     settings = list(dict.fromkeys(setting for setting, _ in entries))
+    if not settings:
+        return "(no naive runs to compare with)"
     metrics = [(key, title) for key, title in SUMMARY if key in DIFFERENCES]
     lines = ["| setting | " + " | ".join(title for _, title in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for setting in settings:
