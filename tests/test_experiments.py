@@ -18,7 +18,7 @@ from experiments import common, demo, distill, prune, train_teacher
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
         "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
-        "eval.batch_size=8", "eval.figure_images=2", "eval.methods=gradcam,lrp,ebp",
+        "eval.batch_size=8", "eval.figure_images=2", "eval.methods=gradcam,lrp",
         "eval.faithfulness_steps=2", "checkpoint_every=2", "log_every=2"]
 
 
@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert list(results) == ["teacher"] + compressed
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
-        assert list(row["methods"]) == ["gradcam", "lrp", "ebp"]
+        assert list(row["methods"]) == ["gradcam", "lrp"]
         for summary in row["methods"].values():
             assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
             assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
@@ -53,7 +53,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 7 * 3 and {row["method"] for row in rows} == {"gradcam", "lrp", "ebp"}
+    assert len(rows) == 7 * 2 and {row["method"] for row in rows} == {"gradcam", "lrp"}
     assert all(0.0 <= float(row["insertion_auc"]) <= 1.0 for row in rows)
     teacher_rows = [row for row in rows if row["model"] == "teacher"]
     assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
@@ -69,7 +69,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "] step " not in out
     for name in results:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
-        for method in ("gradcam", "lrp", "ebp"):
+        for method in ("gradcam", "lrp"):
             np.testing.assert_allclose(again[name]["methods"][method]["map_cosine"],
                                        results[name]["methods"][method]["map_cosine"])
 
