@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from attrjax.attribution import target_weights, top1_target
 from attrjax.models import VGG, SplitModel, as_split_model, check_compatible
 from attrjax.train.objective import LossTerm, NetworkOutputs, Objective, TermInputs, as_terms
 from attrjax.train.sharding import batch_sharding, replicated
@@ -34,8 +35,8 @@ def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...
     return NetworkOutputs(lin.logits, lin.activations, gradients, lin.vjp), lin.state
 
 
-def _one_hot_top1(logits):
-    return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=logits.dtype)
+def _top1_weights(logits):
+    return target_weights(top1_target, logits)
 
 
 def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=None) -> Callable:
@@ -64,9 +65,9 @@ def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=Non
             # Eval mode and constants: the teacher's logits, maps and gradients carry no gradient to the student.
             teacher_outputs, _ = network_outputs(as_split_model(teacher, images),
                                                  jax.lax.stop_gradient(teacher_variables), images, layers,
-                                                 _one_hot_top1, train=False)
+                                                 _top1_weights, train=False)
         # The student is attributed to the teacher's top-1 class (its own without a teacher), in train mode.
-        target_fn = _one_hot_top1 if teacher_outputs is None else lambda _: _one_hot_top1(teacher_outputs.logits)
+        target_fn = _top1_weights if teacher_outputs is None else lambda _: _top1_weights(teacher_outputs.logits)
         variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
         student_outputs, state = network_outputs(as_split_model(student, images), variables, images, layers,
                                                  target_fn, train=True, rng=dropout_key)
