@@ -173,6 +173,7 @@ class AttributionEvaluator:
         self.model, self.layer, self.method, self.method_options = model, layer, method, method_options
         self.faithfulness_steps = faithfulness_steps
         self.attribute = jax.jit(_all_class_maps(model, layer, method, method_options))
+        self._reference_attributions = {id(model): (model, self.attribute)}  # id -> (model, compiled maps)
         self.score_batch = jax.jit(functools.partial(batch_scores, tolerance=tolerance,
                                                      prediction_rule=prediction_rule))
 
@@ -242,9 +243,18 @@ class AttributionEvaluator:
                                  f"{reference!r}")
             return lambda index, batch, raw_maps: raw_maps
         if isinstance(reference, tuple):
-            attribute_reference = jax.jit(_all_class_maps(reference[0], self.layer, self.method, self.method_options))
+            attribute_reference = self._reference_attribution(reference[0])
             return lambda index, batch, raw_maps: attribute_reference(reference[1], batch["image"])[0]
         return lambda index, batch, raw_maps: reference[index]
+
+
+    def _reference_attribution(self, model) -> Callable:
+        """The compiled all-class maps of a reference model, built once per model (the entry keeps the model alive,
+        so its id stays its own)."""
+        if id(model) not in self._reference_attributions:
+            maps_fn = jax.jit(_all_class_maps(model, self.layer, self.method, self.method_options))
+            self._reference_attributions[id(model)] = (model, maps_fn)
+        return self._reference_attributions[id(model)][1]
 
 
 def batch_scores(raw_maps: jax.Array, logits: jax.Array, segmentation: jax.Array, reference_maps: jax.Array | None,
