@@ -147,15 +147,19 @@ def check_model_run(name: str, model_config, objective_fn: Callable[[], Objectiv
         raise ValueError(f"settings of the {name!r} run: {error}") from error
 
 
+def _run_names(config) -> list[str]:
+    return [name.strip() for name in config.runs.split(",") if name.strip()]
+
+
 def chosen_runs(config, runs: dict) -> dict:
     """The entries of ``runs`` (name -> run config) that ``config.runs`` names; all of them when it is empty."""
-    names = [name.strip() for name in config.runs.split(",") if name.strip()]
+    names = _run_names(config)
     return {name: run for name, run in runs.items() if not names or name in names}
 
 
 def check_chosen_runs(config, available) -> None:
     """Raises if ``config.runs`` names a run that is not among ``available``."""
-    unknown = [name.strip() for name in config.runs.split(",") if name.strip() and name.strip() not in available]
+    unknown = [name for name in _run_names(config) if name not in available]
     if unknown:
         raise ValueError(f"runs names unknown runs {unknown}; this config has: {', '.join(available)}")
 
