@@ -1,4 +1,7 @@
-"""LRP and Excitation Backprop on a tiny VGG against a brute-force float64 NumPy reference and their identities."""
+"""LRP and Excitation Backprop on a tiny VGG against a brute-force float64 NumPy reference, today's recorded outputs and
+their identities."""
+
+import pathlib
 
 import functools
 
@@ -8,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.attribution.propagation import (excitation_backprop, fold_batchnorm, folded_logits, linear_layer_names,
-                                             lrp, resolve_rules)
+from attrjax.attribution import (AlphaBeta, Composite, Epsilon, ZBox, excitation_backprop, lrp, propagation_graph,
+                                 rap)
+from attrjax.attribution.graph import Affine
 from attrjax.models import init_variables, vgg
 from attrjax.models.vgg import max_pool_2x2
 
@@ -166,21 +170,39 @@ def _reference(model, variables, image, target, rules, epsilon=0.0, layer="input
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_fold_batchnorm_matches_conv_then_bn():
-    rng = np.random.default_rng(0)
-    x, kernel, bias = rng.normal(size=(5, 4)), rng.normal(size=(4, 3)), rng.normal(size=3)
-    scale, shift, mean, var = rng.normal(size=3), rng.normal(size=3), rng.normal(size=3), rng.uniform(0.5, 2, 3)
-    folded_kernel, folded_bias = fold_batchnorm(kernel, bias, scale, shift, mean, var)
-    expected = (x @ kernel + bias - mean) / np.sqrt(var + BN_EPS) * scale + shift
-    np.testing.assert_allclose(x @ folded_kernel + folded_bias, expected, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("head_pooling", ["flatten", "avg"])
+def test_canonical_graph_folds_batchnorm_and_computes_the_logits(head_pooling):
+    model = _model(head_pooling)
+    variables, images = _variables(model), _images()
+    graph = propagation_graph(model, variables, images)
+    affine = [(node.name, node.kind) for node in graph.nodes if isinstance(node, Affine)]
+    pool = [("pool0", "pool")] if head_pooling == "avg" else []
+    assert affine == [("conv1_1", "conv"), ("conv2_1", "conv")] + pool + [("classifier", "dense")]
+    chex.assert_trees_all_close(graph.forward(images)[graph.output], model.apply(variables, images),
+                                rtol=1e-5, atol=1e-5)
+
+
+REFERENCE = pathlib.Path(__file__).parent / "fixtures" / "propagation_vgg_reference.npz"
 
 
 @pytest.mark.parametrize("head_pooling", ["flatten", "avg"])
-def test_folded_forward_equals_model_apply(head_pooling):
-    model = _model(head_pooling)
-    variables, images = _variables(model), _images()
-    chex.assert_trees_all_close(folded_logits(model, variables, images), model.apply(variables, images),
-                                rtol=1e-5, atol=1e-5)
+def test_vgg_results_unchanged(head_pooling):
+    """The engine reproduces what the VGG-only implementation it replaced computed (recorded in the fixture)."""
+    recorded = np.load(REFERENCE)
+    model, target = _model(head_pooling), jnp.array([1, 2, 0])
+    variables, images = _variables(model, seed=7), _images(3, seed=8)
+    lrp_cases = {"paper": {}, "composite": {"composite": "composite"},
+                 "ab21": {"composite": Composite(default=AlphaBeta(2.0, 1.0))},
+                 "eps": {"composite": Composite(default=Epsilon(0.01))},
+                 "conv2_1": {"layer": "conv2_1"}, "pool1": {"layer": "pool1"}}
+    for name, kwargs in lrp_cases.items():
+        np.testing.assert_allclose(lrp(model, variables, images, target, **kwargs),
+                                   recorded[f"{head_pooling}/lrp/{name}"], rtol=1e-5, atol=1e-6, err_msg=name)
+    for layer in ("input", "conv1_1", "pool1", "conv2_1"):
+        np.testing.assert_allclose(excitation_backprop(model, variables, images, target, layer=layer),
+                                   recorded[f"{head_pooling}/ebp/{layer}"], rtol=1e-5, atol=1e-6, err_msg=layer)
+        np.testing.assert_allclose(rap(model, variables, images, target, layer=layer, positive_only=False),
+                                   recorded[f"{head_pooling}/rap/{layer}"], rtol=1e-5, atol=1e-6, err_msg=layer)
 
 
 @pytest.mark.parametrize("head_pooling", ["flatten", "avg"])
@@ -189,11 +211,11 @@ def test_conservation_bias_free(head_pooling):
     variables, images, target = _variables(model, bias_free=True), _images(), jnp.array([0, 2])
     logits = model.apply(variables, images)
     target_logit = logits[jnp.arange(2), target]
-    for kwargs in ({}, {"input_rule": None}, {"rule": "alpha2beta1"}, {"rule": "composite"}):
-        maps = lrp(model, variables, images, target, **kwargs)
+    for composite in ("paper", Composite(), Composite(default=AlphaBeta(2.0, 1.0), first=ZBox()), "composite"):
+        maps = lrp(model, variables, images, target, composite=composite)
         chex.assert_shape(maps, (2, 8, 8))
-        np.testing.assert_allclose(maps.sum((1, 2)), target_logit, rtol=2e-4, atol=1e-5, err_msg=str(kwargs))
-    maps = lrp(model, variables, images, target, rule="epsilon", input_rule=None, epsilon=1e-9)
+        np.testing.assert_allclose(maps.sum((1, 2)), target_logit, rtol=2e-4, atol=1e-5, err_msg=str(composite))
+    maps = lrp(model, variables, images, target, composite=Composite(default=Epsilon(1e-9)))
     np.testing.assert_allclose(maps.sum((1, 2)), target_logit, rtol=2e-3, atol=1e-4)
     for layer in ("conv1_1", "pool1", "conv2_1", "pool2"):  # every intermediate layer holds the same total
         np.testing.assert_allclose(lrp(model, variables, images, target, layer=layer).sum((1, 2)), target_logit,
@@ -204,15 +226,16 @@ def test_conservation_bias_free(head_pooling):
 def test_matches_numpy_reference(head_pooling):
     model = _model(head_pooling)
     variables, images, target = _variables(model), _images(), np.array([1, 2])
-    names = linear_layer_names(model)
-    bounds = (np.full((8, 8, 3), -2.5), np.full((8, 8, 3), 2.5))
+    names = ("conv1_1", "conv2_1", "classifier") + (("avgpool",) if head_pooling == "avg" else ())
+    bounds = (np.full((8, 8, 3), -4.5), np.full((8, 8, 3), 4.5))
     cases = [  # (lrp kwargs, reference rules, reference kwargs)
-        ({"input_rule": None}, {n: (1.0, 0.0) for n in names}, {}),
-        ({"rule": "alpha2beta1", "input_rule": None}, {n: (2.0, 1.0) for n in names}, {}),
+        ({"composite": Composite()}, {n: (1.0, 0.0) for n in names}, {}),
+        ({"composite": Composite(default=AlphaBeta(2.0, 1.0))}, {n: (2.0, 1.0) for n in names}, {}),
         ({}, {**{n: (1.0, 0.0) for n in names}, "conv1_1": "zb"}, {}),
-        ({"input_bounds": (-2.5, 2.5)}, {**{n: (1.0, 0.0) for n in names}, "conv1_1": "zb"}, {"bounds": bounds}),
-        ({"rule": "epsilon", "input_rule": None, "epsilon": 0.1}, {n: "epsilon" for n in names}, {"epsilon": 0.1}),
-        ({"rule": "composite", "epsilon": 0.1},
+        ({"composite": Composite(first=ZBox(-4.5, 4.5))}, {**{n: (1.0, 0.0) for n in names}, "conv1_1": "zb"},
+         {"bounds": bounds}),
+        ({"composite": Composite(default=Epsilon(0.1))}, {n: "epsilon" for n in names}, {"epsilon": 0.1}),
+        ({"composite": Composite(first=ZBox(), by_kind={"dense": Epsilon(0.1), "pool": Epsilon(0.1)})},
          {n: "zb" if n == "conv1_1" else (1.0, 0.0) if n.startswith("conv") else "epsilon" for n in names},
          {"epsilon": 0.1}),
         ({"layer": "conv2_1"}, {n: (1.0, 0.0) for n in names}, {"layer": "conv2_1"}),
@@ -225,17 +248,18 @@ def test_matches_numpy_reference(head_pooling):
             np.testing.assert_allclose(maps[b], expected, rtol=1e-3, atol=1e-5, err_msg=str(kwargs))
 
 
-def test_rule_mapping_and_callable():
+def test_composite_by_name_kind_and_position():
     model = _model("avg")
     variables, images, target = _variables(model), _images(), jnp.array([0, 1])
-    assert linear_layer_names(model) == ("conv1_1", "conv2_1", "avgpool", "classifier")
-    composite = lrp(model, variables, images, target, rule="composite")
-    mapped = lrp(model, variables, images, target, rule={"classifier": "epsilon"})
-    called = lrp(model, variables, images, target,
-                 rule=lambda n: {"conv1_1": "zb", "conv2_1": "alpha1beta0"}.get(n, "epsilon"))
-    chex.assert_trees_all_close(mapped, composite, rtol=1e-6, atol=1e-7)
-    chex.assert_trees_all_close(called, composite, rtol=1e-6, atol=1e-7)
-    assert resolve_rules(model, "alpha2beta1")["conv2_1"] == ("alphabeta", 2.0, 1.0)
+    preset = lrp(model, variables, images, target, composite="composite")
+    by_name = Composite(by_name={"conv1_1": ZBox(), "pool0": Epsilon(), "classifier": Epsilon()})
+    by_position = Composite(first=ZBox(), last=Epsilon(), by_kind={"pool": Epsilon()})
+    for composite in (by_name, by_position):
+        chex.assert_trees_all_close(lrp(model, variables, images, target, composite=composite), preset,
+                                    rtol=1e-6, atol=1e-7)
+    graph = propagation_graph(model, variables, images)
+    rules = {node.name: rule for node, rule in by_position.resolve(graph).items()}
+    assert rules == {"conv1_1": ZBox(), "conv2_1": AlphaBeta(), "pool0": Epsilon(), "classifier": Epsilon()}
 
 
 def test_excitation_backprop_probabilities_and_relation_to_lrp():
@@ -251,7 +275,7 @@ def test_excitation_backprop_probabilities_and_relation_to_lrp():
     target_logit = logits[jnp.arange(2), target][:, None, None]
     for layer in ("conv1_1", "conv2_1"):
         chex.assert_trees_all_close(excitation_backprop(model, variables, images, target, layer=layer) * target_logit,
-                                    lrp(model, variables, images, target, input_rule=None, layer=layer),
+                                    lrp(model, variables, images, target, composite=Composite(), layer=layer),
                                     rtol=1e-4, atol=1e-6)
 
 
@@ -264,32 +288,42 @@ def test_max_pool_ties_keep_relevance():
 def test_jit_equals_eager_and_batched_equals_per_image():
     model = _model("flatten")
     variables, images, target = _variables(model), _images(3), jnp.array([0, 1, 2])
-    jitted = jax.jit(functools.partial(lrp, model, rule="composite"))
-    eager = lrp(model, variables, images, target, rule="composite")
+    jitted = jax.jit(functools.partial(lrp, model, composite="composite"))
+    eager = lrp(model, variables, images, target, composite="composite")
     chex.assert_trees_all_close(jitted(variables, images, target), eager, rtol=1e-5, atol=1e-6)
     for b in range(3):
-        chex.assert_trees_all_close(lrp(model, variables, images[b:b + 1], target[b:b + 1], rule="composite")[0],
+        chex.assert_trees_all_close(lrp(model, variables, images[b:b + 1], target[b:b + 1], composite="composite")[0],
                                     eager[b], rtol=1e-5, atol=1e-6)
     jitted_ebp = jax.jit(functools.partial(excitation_backprop, model, layer="conv2_1"))
     chex.assert_trees_all_close(jitted_ebp(variables, images, target),
                                 excitation_backprop(model, variables, images, target, layer="conv2_1"),
                                 rtol=1e-5, atol=1e-6)
     weights = jax.nn.one_hot(target, 3)  # (B,K) weights and callables follow the library's target convention
-    chex.assert_trees_all_close(lrp(model, variables, images, weights, rule="composite"), eager)
-    chex.assert_trees_all_close(lrp(model, variables, images, lambda _: target, rule="composite"), eager)
+    chex.assert_trees_all_close(lrp(model, variables, images, weights, composite="composite"), eager)
+    chex.assert_trees_all_close(lrp(model, variables, images, lambda _: target, composite="composite"), eager)
 
 
 def test_bad_inputs():
     model = _model("flatten")
     variables, images, target = _variables(model), _images(), jnp.array([0, 1])
-    with pytest.raises(ValueError, match="unknown LRP rule"):
-        lrp(model, variables, images, target, rule="gamma")
+    with pytest.raises(ValueError, match="unknown composite 'gamma'"):
+        lrp(model, variables, images, target, composite="gamma")
     with pytest.raises(ValueError, match="alpha - beta = 1"):
-        lrp(model, variables, images, target, rule="alpha2beta0")
-    with pytest.raises(ValueError, match="only applies to the first conv"):
-        lrp(model, variables, images, target, rule="zb", input_rule=None)
-    with pytest.raises(ValueError, match="unknown layers"):
-        lrp(model, variables, images, target, rule={"conv9_9": "epsilon"})
+        AlphaBeta(2.0, 0.0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        AlphaBeta(0.5, -0.5)
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        Epsilon(-1.0)
+    with pytest.raises(ValueError, match="low <= high"):
+        ZBox(1.0, -1.0)
+    with pytest.raises(ValueError, match="do not contain the layer's inputs"):
+        lrp(model, variables, images, target, composite=Composite(first=ZBox(-0.5, 0.5)))
+    with pytest.raises(ValueError, match="unknown layer kinds"):
+        Composite(by_kind={"attention": Epsilon()})
+    with pytest.raises(ValueError, match=r"layers \['conv9_9'\] that this model does not have.*conv2_1"):
+        lrp(model, variables, images, target, composite=Composite(by_name={"conv9_9": Epsilon()}))
+    with pytest.raises(ValueError, match="must be a rule object"):
+        Composite(by_name={"conv1_1": "epsilon"})
     with pytest.raises(ValueError, match="unknown layer 'conv5_3'.*conv2_1"):
         lrp(model, variables, images, target, layer="conv5_3")
     with pytest.raises(ValueError, match="unknown layer"):

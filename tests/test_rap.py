@@ -92,7 +92,7 @@ def test_matches_numpy_reference(head_pooling):
     model = _model(head_pooling)
     variables, images, target = _variables(model), _images(), np.array([1, 2])
     for layer, kwargs, ref_kwargs in (("input", {}, {}), ("conv2_1", {}, {}), ("pool1", {}, {}),
-                                      ("input", {"input_bounds": (-3.0, 3.0)}, {"bounds": (-3.0, 3.0)})):
+                                      ("input", {"input_bounds": (-4.5, 4.5)}, {"bounds": (-4.5, 4.5)})):
         maps = rap(model, variables, images, target, layer=layer, positive_only=False, **kwargs)
         for b in range(2):
             expected = _reference(model, variables, images[b], np.eye(3)[target[b]], layer, **ref_kwargs)

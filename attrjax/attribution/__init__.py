@@ -2,8 +2,9 @@
 
 - ``gradcam``: Grad-CAM / weighted collapsed attributions at a layer (the paper's matched map), all classes at once.
 - ``gradients``: saliency, input x gradient, integrated gradients, SmoothGrad, guided backprop.
-- ``propagation``: LRP (alpha-beta, epsilon, z^B, composites) and Excitation Backprop for the VGG family.
-- ``rap``: Relative Attributing Propagation.
+- ``graph``, ``rules``, ``propagation``: the propagation engine (any model's forward pass as a canonical graph, rules
+  and composites) and LRP and Excitation Backprop on it.
+- ``rap``: Relative Attributing Propagation on the same engine.
 - ``methods``: every method by name, all classes of a batch at once (the evaluation's entry point).
 """
 
@@ -13,14 +14,18 @@ from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam
                                          top1_target, weighted_collapse)
 from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
                                            integrated_gradients, saliency, smooth_grad, sum_channels)
-from attrjax.attribution.propagation import (excitation_backprop, fold_batchnorm, folded_logits, linear_layer_names,
-                                             lrp, resolve_rules)
-from attrjax.attribution.rap import rap
+from attrjax.attribution.graph import UnsupportedOp, trace_graph
+from attrjax.attribution.propagation import excitation_backprop, lrp, propagate, propagation_graph
+from attrjax.attribution.rap import rap, rap_composite
+from attrjax.attribution.rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule,
+                                       WinningProbability, WSquare, ZBox)
 
 __all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "grad_cam_all_classes_from_vjp",
            "minmax_normalize", "resize_maps",
            "sensitivities_and_logits", "sensitivities_from_vjp", "target_weights", "top1_target", "weighted_collapse",
            "guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
            "smooth_grad", "sum_channels",
-           "excitation_backprop", "fold_batchnorm", "folded_logits", "linear_layer_names", "lrp", "resolve_rules",
-           "rap"]
+           "UnsupportedOp", "trace_graph", "excitation_backprop", "lrp", "propagate", "propagation_graph",
+           "rap", "rap_composite",
+           "COMPOSITES", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "SumRule", "WinningProbability",
+           "WSquare", "ZBox"]

@@ -76,6 +76,13 @@ class SplitModel(abc.ABC):
                          train: bool = False, rng: jax.Array | None = None) -> Linearization:
         """The forward pass linearised at every one of ``layers`` (see ``Linearization``)."""
 
+    def apply_perturbed(self, variables: Variables, images: jax.Array, perturbations: dict[str, jax.Array], *,
+                        train: bool = False, rng: jax.Array | None = None) -> tuple[jax.Array, Variables]:
+        """``(logits, state)`` of a forward pass that adds ``perturbations[layer]`` (B,H,W,C) to each named layer's
+        output. Propagation methods (LRP, Excitation Backprop, RAP) read relevance at a layer through it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply_perturbed, which reading relevance "
+                                  "at a layer needs; read it at the input (layer='input')")
+
     def linearize(self, variables: Variables, images: jax.Array, layer: str, *, train: bool = False,
                   rng: jax.Array | None = None) -> LayerLinearization:
         """The forward pass linearised at ``layer`` (see ``LayerLinearization``)."""
@@ -136,6 +143,15 @@ class FunctionalSplitModel(SplitModel):
     def apply(self, variables, images, *, train=False, rng=None):
         activations, state = self.features_fn(variables, images, self.layers[-1], train, rng)
         return self.head_fn({**variables, **state}, activations, self.layers[-1], train, rng)
+
+    def apply_perturbed(self, variables, images, perturbations, *, train=False, rng=None):
+        """Features and head split the network at one layer, so one layer can be perturbed per pass."""
+        if len(perturbations) != 1:
+            raise ValueError(f"a FunctionalSplitModel perturbs one layer per pass, got {sorted(perturbations)}")
+        ((layer, perturbation),) = perturbations.items()
+        self.check_layer(layer)
+        activations, state = self.features_fn(variables, images, layer, train, rng)
+        return self.head_fn({**variables, **state}, activations + perturbation, layer, train, rng)
 
     def _linearize_one(self, variables, images, layer, train, rng):
         activations, state = self.features_fn(variables, images, layer, train, rng)
@@ -219,23 +235,34 @@ class LinenSplitModel(SplitModel):
         logits, state = self._call(variables, images, train, rng)
         return logits, dict(state)
 
+    def _run(self, variables, images, train, rng, layers, perturbations):
+        """``(logits, {layer: output}, state)``; each of ``layers`` is observed and, with ``perturbations``,
+        perturbed."""
+        outputs = {layer: [] for layer in layers}
+
+        def perturb(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            name = module_path(context.module) if context.method_name == "__call__" else None
+            if name in outputs:
+                outputs[name].append(out)
+                return out if perturbations is None else out + perturbations[name]
+            return out
+
+        with nn.intercept_methods(perturb):
+            logits, state = self._call(variables, images, train, rng)
+        return logits, _single_outputs(outputs), dict(state)
+
+    def apply_perturbed(self, variables, images, perturbations, *, train=False, rng=None):
+        layers = self.check_layers(tuple(perturbations))
+        logits, _, state = self._run(variables, images, train, rng, layers, perturbations)
+        return logits, state
+
     def linearize_layers(self, variables, images, layers, *, train=False, rng=None):
         layers = self.check_layers(layers)
 
         def forward(perturbations):
-            outputs = {layer: [] for layer in layers}
-
-            def perturb(next_fun, args, kwargs, context):
-                out = next_fun(*args, **kwargs)
-                name = module_path(context.module) if context.method_name == "__call__" else None
-                if name in outputs:
-                    outputs[name].append(out)
-                    return out if perturbations is None else out + perturbations[name]
-                return out
-
-            with nn.intercept_methods(perturb):
-                logits, state = self._call(variables, images, train, rng)
-            return logits, (_single_outputs(outputs), dict(state))
+            logits, outputs, state = self._run(variables, images, train, rng, layers, perturbations)
+            return logits, (outputs, state)
 
         return _linearize_by_perturbation(forward, layers)
 
@@ -377,6 +404,11 @@ class NNXSplitModel(SplitModel):
 
     def apply(self, variables, images, *, train=False, rng=None):
         logits, _, state = self._run(variables, images, train, rng)
+        return logits, state
+
+    def apply_perturbed(self, variables, images, perturbations, *, train=False, rng=None):
+        self.check_layers(tuple(perturbations))
+        logits, _, state = self._run(variables, images, train, rng, dict(perturbations))
         return logits, state
 
     def linearize_layers(self, variables, images, layers, *, train=False, rng=None):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
+from attrjax.jaxprs import bind, call_body
 from attrjax.models.split import SplitModel
 
 _COUNTED = frozenset({"conv_general_dilated", "dot_general"})
@@ -45,23 +46,6 @@ class _Value(NamedTuple):
     array: Any  # the concrete value, where it depends on neither the image nor an abstract leaf; else None
     data: bool  # whether it depends on the image
     leaf: int | None  # index of the variables leaf it holds (up to a reshape, transpose or cast); None: computed
-
-
-def _shapes(atoms) -> list[tuple]:
-    return [(tuple(atom.aval.shape), atom.aval.dtype) for atom in atoms]
-
-
-def _call_body(eqn) -> tuple[jax_core.Jaxpr, list] | None:
-    """``(jaxpr, consts)`` of an equation that calls one sub-jaxpr on its operands as they are (``jit``,
-    ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``, ...); None for any other."""
-    jaxprs = [value for value in eqn.params.values() if isinstance(value, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
-    if eqn.primitive.name == "scan" or len(jaxprs) != 1:
-        return None
-    jaxpr, consts = ((jaxprs[0].jaxpr, jaxprs[0].consts) if isinstance(jaxprs[0], jax_core.ClosedJaxpr)
-                     else (jaxprs[0], []))
-    if _shapes(jaxpr.invars) != _shapes(eqn.invars) or _shapes(jaxpr.outvars) != _shapes(eqn.outvars):
-        return None
-    return jaxpr, consts
 
 
 def _has_counted(jaxpr: jax_core.Jaxpr) -> bool:
@@ -88,7 +72,7 @@ class _Walk:
         return [read(atom) for atom in jaxpr.outvars]
 
     def equation(self, eqn, ins: list[_Value]) -> list[_Value]:
-        body = _call_body(eqn)
+        body = call_body(eqn)
         if body is not None:
             return self.run(*body, ins)
         name = eqn.primitive.name
@@ -105,8 +89,7 @@ class _Walk:
         leaf = ins[0].leaf if name in _SAME_VALUES else None
         if any(value.array is None for value in ins):
             return [_Value(None, False, leaf) for _ in eqn.outvars]
-        outs = eqn.primitive.bind(*(value.array for value in ins), **eqn.primitive.get_bind_params(eqn.params))
-        return [_Value(out, False, leaf) for out in (outs if eqn.primitive.multiple_results else [outs])]
+        return [_Value(out, False, leaf) for out in bind(eqn, [value.array for value in ins])]
 
     def count(self, eqn, ins: list[_Value]):
         if eqn.primitive.name == "conv_general_dilated":
