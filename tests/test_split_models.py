@@ -12,6 +12,7 @@ from attrjax.attribution import weighted_collapse
 from attrjax.attribution.methods import class_maps
 from attrjax.evaluation import localization_report, make_predict_fn
 from attrjax.matching import matching_loss
+from attrjax.attribution import lrp
 from attrjax.models import init_variables, vgg
 from attrjax.models.split import LinenSplitModel, NNXSplitModel, _calls_observed
 from attrjax.models.vgg import vgg_split_model
@@ -203,8 +204,9 @@ def test_a_users_linen_model_goes_through_the_evaluation():
     chex.assert_trees_all_close(make_predict_fn(UserCNN())(variables, IMAGES), logits, atol=1e-6)
     saliency_maps, _ = class_maps(UserCNN(), variables, IMAGES, "saliency")
     chex.assert_shape(saliency_maps, (4, 3, 8, 8))
-    with pytest.raises(ValueError, match="'lrp' needs attrjax's VGG.*for a UserCNN use gradcam, guided_backprop"):
-        class_maps(UserCNN(), variables, IMAGES, "lrp")
+    lrp_maps, _ = class_maps(UserCNN(), variables, IMAGES, "lrp")  # propagation methods take any model too
+    chex.assert_shape(lrp_maps, (4, 3, 8, 8))
+    chex.assert_trees_all_close(lrp_maps[:, 1], lrp(UserCNN(), variables, IMAGES, jnp.full((4,), 1)), atol=1e-6)
     masks = np.zeros((4, 8, 8), np.int32)
     masks[:, 2:5, 2:5] = np.array([1, 2, 3, 1])[:, None, None]  # class c + 1 marks class c's pixels
     batch = {"image": IMAGES, "mask": jnp.asarray(masks), "valid": np.ones(4, bool)}

@@ -36,7 +36,7 @@ from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, in
 from attrjax.attribution.propagation import excitation_backprop, lrp
 from attrjax.attribution.rap import rap
 from attrjax.chunking import chunked_map
-from attrjax.models import VGG, as_split_model, logits_fn
+from attrjax.models import as_split_model, logits_fn
 
 # (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
 ClassMapFn = Callable[..., jax.Array]
@@ -80,9 +80,6 @@ def _guided_backprop(model, variables, images, classes, layer, **options):
     return _max_abs_channel(guided_backprop(model, variables, images, classes, **options))
 
 
-# Propagation rules are written for attrjax's VGG (its layer sequence); Grad-CAM, guided backprop and the gradient
-# family work for any model.
-VGG_ONLY_METHODS = ("ebp", "lrp", "rap")
 PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
@@ -119,26 +116,21 @@ def class_maps(model, variables: dict, images: jax.Array, method: str = "gradcam
     """Raw maps of every class for a batch: ``(maps (B,K,h,w), logits (B,K))``.
 
     Args:
-      model, variables: a model and its variables (eval mode): a split model (``attrjax.models.split``), attrjax's
-        VGG or any Flax linen classifier for Grad-CAM and the gradient family; attrjax's VGG for
-        ``VGG_ONLY_METHODS``.
+      model, variables: a model and its variables (eval mode): anything ``attrjax.models.as_split_model`` takes
+        (attrjax's VGG and ResNets, a Flax linen or NNX classifier, a split model).
       images: (B,S,S,3) normalised images.
       method: one of ``METHODS`` (see the module docstring).
       layer: where ``gradcam`` and ``ebp`` read their maps (required for them; the other methods attribute the
         input).
       class_chunk: classes attributed together by the per-class methods (memory vs speed).
       **options: keyword arguments of the method's function (e.g. ``steps=16`` for integrated gradients,
-        ``samples=8`` for SmoothGrad, ``rule="epsilon"`` for LRP); Grad-CAM takes none.
+        ``samples=8`` for SmoothGrad, ``composite="epsilon_plus"`` for LRP); Grad-CAM takes none.
     """
     check_method(method)
     if method in ("gradcam", "ebp") and layer is None:
         raise ValueError(f"method {method!r} reads its map at a layer; pass layer= (e.g. the last conv)")
     if class_chunk < 1:
         raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
-    if method in VGG_ONLY_METHODS and not isinstance(model, VGG):
-        raise ValueError(f"method {method!r} needs attrjax's VGG: its propagation rules are written for the VGG's "
-                         f"layer sequence; for a {type(model).__name__} use gradcam, guided_backprop or the gradient "
-                         "family (saliency, input_x_gradient, integrated_gradients, smooth_grad)")
     if method == "gradcam":
         if options:
             raise ValueError(f"gradcam takes no options, got {sorted(options)}")

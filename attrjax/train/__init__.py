@@ -6,10 +6,11 @@ from attrjax.train.run_config import RunConfigMismatchError, bind_run_config, ch
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
 from attrjax.train.state import TrainState, learning_rate_schedule, make_optimizer, sgd
 from attrjax.train.objective import (AttributionMatching, DistillationLoss, LossTerm, NetworkOutputs, Objective,
-                                     TaskLoss, TermInputs, activation_map, gradcam_map)
+                                     PropagationMatching, TaskLoss, TermInputs, activation_map, gradcam_map)
 from attrjax.train.step import jit_train_step, make_loss_fn, make_train_step
 
-__all__ = ["AttributionMatching", "DistillationLoss", "LossTerm", "NetworkOutputs", "TaskLoss", "TermInputs",
+__all__ = ["AttributionMatching", "DistillationLoss", "LossTerm", "NetworkOutputs", "PropagationMatching", "TaskLoss",
+           "TermInputs",
            "activation_map", "gradcam_map"]
 __all__ += ["CorruptCheckpointError", "NonFiniteStateError", "Objective", "RunConfigMismatchError", "TrainState",
            "bind_run_config", "check_run_config", "checkpoint_manager", "data_mesh", "jit_train_step",

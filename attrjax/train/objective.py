@@ -6,10 +6,11 @@ term names. The step linearises each network once, at the union of the layers it
 and one backward pass for all layers; ``attrjax.models.SplitModel.linearize_layers``), hands every term the same
 ``TermInputs`` and minimises ``sum(term.weight * term(inputs))``. Each term's value is logged under its ``name``.
 
-Terms: ``TaskLoss`` (labels only), ``DistillationLoss`` (KD against the teacher's logits) and
+Terms: ``TaskLoss`` (labels only), ``DistillationLoss`` (KD against the teacher's logits),
 ``AttributionMatching`` (the teacher's and the student's maps at a layer, with any ``AttributionMap``:
-``gradcam_map``, ``activation_map`` or a function of your own). ``Objective`` builds the paper's settings from a few
-fields; a list of terms composes anything else, e.g. matching at two layers::
+``gradcam_map``, ``activation_map`` or a function of your own) and ``PropagationMatching`` (their LRP or Excitation
+Backprop maps, at the input by default, differentiated through the propagation rules). ``Objective`` builds the
+paper's settings from a few fields; a list of terms composes anything else, e.g. matching at two layers::
 
     terms = [DistillationLoss(),
              AttributionMatching("layer3", weight=50.0, name="matching_loss/layer3"),
@@ -22,19 +23,22 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from attrjax import distill, matching
-from attrjax.attribution import activation_collapse, weighted_collapse
+from attrjax.attribution import activation_collapse, excitation_backprop, lrp, top1_target, weighted_collapse
+from attrjax.attribution.rules import Composite, resolve_composite
 
 # (activations A (B,H,W,C), gradients dT/dA (B,H,W,C) of the attributed target T) -> maps (B,H,W)
 AttributionMap = Callable[[jax.Array, jax.Array], jax.Array]
 LABEL_KINDS = ("multilabel", "single")
 KD_KINDS = ("binary", "softmax")
-MATCHING_KINDS = ("weighted", "activation")  # the paper's 'swa' (ours) and 'ewa' (AT-like baseline)
+# The paper's 'swa' (ours) and 'ewa' (AT-like baseline), and LRP maps at the input (PropagationMatching).
+MATCHING_KINDS = ("weighted", "activation", "lrp")
+PROPAGATION_METHODS = {"lrp": lrp, "ebp": excitation_backprop}
 
 
 def gradcam_map(activations: jax.Array, gradients: jax.Array) -> jax.Array:
@@ -60,10 +64,13 @@ class NetworkOutputs(NamedTuple):
     activations: Mapping[str, jax.Array]  # layer -> A (B,H,W,C), for the layers the terms name
     gradients: Mapping[str, jax.Array]  # layer -> d(target . logits)/dA (B,H,W,C)
     vjp: Callable[[jax.Array], Mapping[str, jax.Array]] | None  # cotangent (B,K) -> layer -> gradients
+    model: Any = None  # the network (a split model) ...
+    variables: Any = None  # ... and its eval-mode variables (the student's: parameters and running statistics)
 
 
 class TermInputs(NamedTuple):
     labels: jax.Array  # (B,K) multi-hot or one-hot, or (B,) int
+    images: jax.Array  # (B,S,S,3)
     student: NetworkOutputs
     teacher: NetworkOutputs | None  # None when no term needs a teacher
     rng: jax.Array  # this term's own key for this step
@@ -232,6 +239,65 @@ class AttributionMatching(LossTerm):
 
 
 @dataclasses.dataclass(frozen=True)
+class PropagationMatching(LossTerm):
+    """The matching loss on propagation maps: the teacher's and the student's LRP (or Excitation Backprop) maps at
+    ``layer`` (the input by default), for the step's attribution target, L2-normalised and compared as in
+    ``AttributionMatching``.
+
+    Both maps are those of the eval-mode networks (the student's parameters with its running BatchNorm statistics:
+    the network that is deployed and explained), while the task and distillation terms see the train-mode pass.
+    The loss is differentiated through the propagation rules: the relevance is a piecewise smooth function of the
+    parameters (the rules' ratios and products; activations pass relevance unchanged and max-pools route it by
+    their arg-max), so its gradient is exact wherever no arg-max or sign changes, with no surrogate.
+
+    Attributes:
+      method: ``lrp`` or ``ebp``.
+      layer: ``input`` or a layer of both networks with the same spatial size in both.
+      weight: lambda.
+      composite: the rules, a preset name (``attrjax.attribution.COMPOSITES``) or a ``Composite``; Excitation
+        Backprop uses its own (``excitation_backprop``) unless one is given.
+    """
+
+    method: str = "lrp"
+    layer: str = "input"
+    weight: float = 1.0
+    composite: str | Composite | None = None
+    name: str = "matching_loss"
+
+    def __post_init__(self):
+        if self.method not in PROPAGATION_METHODS:
+            raise ValueError(f"method must be one of {tuple(PROPAGATION_METHODS)}, got {self.method!r}")
+        if self.composite is not None:
+            resolve_composite(self.composite)
+        self._check_weight()
+
+    @property
+    def needs_teacher(self):
+        return True
+
+    def maps(self, network: NetworkOutputs, images: jax.Array, target: jax.Array) -> jax.Array:
+        options = {} if self.composite is None else {"composite": self.composite}
+        return PROPAGATION_METHODS[self.method](network.model, network.variables, images, target, layer=self.layer,
+                                                **options)
+
+    def __call__(self, inputs):
+        target = top1_target(inputs.teacher.logits)
+        teacher_maps = jax.lax.stop_gradient(self.maps(inputs.teacher, inputs.images, target))
+        return matching.matching_loss(teacher_maps, self.maps(inputs.student, inputs.images, target))
+
+    def divergence_hint(self, first_step_of_run):
+        del first_step_of_run
+        return (f"the {self.method} matching loss {self.name!r} went non-finite first: lower its weight (now "
+                f"{self.weight}) or the learning rate")
+
+    def record(self) -> dict:
+        record = super().record()
+        if isinstance(self.composite, Composite):
+            record["composite"] = repr(self.composite)
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
 class Objective:
     """The paper's objectives in a few fields; ``terms()`` gives the loss terms they stand for.
 
@@ -240,7 +306,8 @@ class Objective:
         softmax CE).
       kd: None, ``binary`` (per-class Bernoulli KD) or ``softmax`` (Hinton KD); replaces the task loss.
       temperature, kd_alpha: KD's T and alpha.
-      matching: None, ``weighted`` (weighted collapsed attribution matching) or ``activation`` (unweighted).
+      matching: None, ``weighted`` (weighted collapsed attribution matching), ``activation`` (unweighted) or ``lrp``
+        (the paper's LRP maps at the input, ``PropagationMatching``; ``matching_layer`` is then not used).
       matching_weight: lambda.
       matching_layer: the layer both networks are matched at (must have the same spatial size in both).
       drop_rate: stochastic matching: fraction of teacher channels dropped from its map each step (0 = off).
@@ -276,6 +343,8 @@ class Objective:
         task = DistillationLoss(self.kd, self.temperature, self.kd_alpha) if self.kd else TaskLoss(self.labels)
         if not self.matching:
             return (task,)
+        if self.matching == "lrp":
+            return task, PropagationMatching("lrp", "input", self.matching_weight)
         attribution = gradcam_map if self.matching == "weighted" else activation_map
         return task, AttributionMatching(self.matching_layer, self.matching_weight, attribution, self.drop_rate)
 
@@ -285,7 +354,8 @@ def as_terms(objective: Objective | Sequence[LossTerm]) -> tuple[LossTerm, ...]:
     terms = objective.terms() if isinstance(objective, Objective) else tuple(objective)
     if not terms or not all(isinstance(term, LossTerm) for term in terms):
         raise TypeError(f"an objective is an attrjax.train.Objective or a non-empty sequence of loss terms "
-                        f"(TaskLoss, DistillationLoss, AttributionMatching, ...), got {objective!r}")
+                        f"(TaskLoss, DistillationLoss, AttributionMatching, PropagationMatching, ...), got "
+                        f"{objective!r}")
     names = [term.name for term in terms]
     clashes = sorted({name for name in names if names.count(name) > 1 or name == "loss" or name.endswith("_finite")})
     if clashes:

@@ -29,10 +29,10 @@ def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...
     pass); the gradients are those of ``target_fn(logits) -> (B,K)`` weights."""
     if not layers:
         logits, state = model.apply(variables, images, train=train, rng=rng)
-        return NetworkOutputs(logits, {}, {}, None), state
+        return NetworkOutputs(logits, {}, {}, None, model, variables), state
     lin = model.linearize_layers(variables, images, layers, train=train, rng=rng)
     gradients = lin.vjp(jax.lax.stop_gradient(target_fn(lin.logits)))
-    return NetworkOutputs(lin.logits, lin.activations, gradients, lin.vjp), lin.state
+    return NetworkOutputs(lin.logits, lin.activations, gradients, lin.vjp, model, variables), lin.state
 
 
 def _top1_weights(logits):
@@ -75,7 +75,7 @@ def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=Non
             raise ValueError(f"the teacher predicts {teacher_outputs.logits.shape[-1]} classes but the student "
                              f"{student_outputs.logits.shape[-1]}; distillation needs the same class axis")
 
-        values = {term.name: term(TermInputs(labels, student_outputs, teacher_outputs,
+        values = {term.name: term(TermInputs(labels, images, student_outputs, teacher_outputs,
                                              jax.random.fold_in(terms_key, index)))
                   for index, term in enumerate(terms)}
         loss = sum(term.weight * values[term.name] for term in terms)
