@@ -1,7 +1,8 @@
 """Evaluation throughput by attribution method: every class of every image of a batch in one jit call, against a
 per-image, per-class loop of the same computation.
 
-    python -m benchmarks.evaluation [--model demo|paper] [--methods paper|all|NAME ...] [--batch N] [--out r.json]
+    python -m benchmarks.evaluation [--model demo|paper|resnet] [--methods paper|all|NAME ...] [--batch N]
+        [--out r.json]
 
 For each method, two ways to compute the same evaluation maps (B,K,S,S) (the method's raw map, bilinearly
 upsampled to the image and min-max normalised, docs/method.md#localisation-metrics), each jitted and compiled before
@@ -27,15 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attrjax.attribution import grad_cam
+from attrjax.attribution import weighted_collapse
 from attrjax.attribution.methods import PER_CLASS_METHODS, resolve_methods
 from attrjax.evaluation import evaluation_maps, make_attribution_fn
-from attrjax.models import VGG, init_variables, last_conv_layer, vgg
+from attrjax.models import as_split_model, last_conv_layer, resnet_small, vgg
 from benchmarks import common
 
 PRESETS = {
-    "demo": dict(layout="vgg16_s3", width_divisor=4, image_size=64, num_classes=6, batch=16),
-    "paper": dict(layout="vgg16", width_divisor=1, image_size=227, num_classes=20, batch=2),
+    "demo": dict(arch="vgg", layout="vgg16_s3", width_divisor=4, image_size=64, num_classes=6, batch=16),
+    "paper": dict(arch="vgg", layout="vgg16", width_divisor=1, image_size=227, num_classes=20, batch=2),
+    # The demo's ResNet (experiments/configs/quick_resnet.py): basic blocks, the small stem, 64 px.
+    "resnet": dict(arch="resnet", layout="resnet_small", width_divisor=1, image_size=64, num_classes=6, batch=16),
 }
 # Options that keep the sampling methods affordable on a CPU; override with --steps / --samples.
 DEFAULT_OPTIONS = {"integrated_gradients": {"steps": 16}, "smooth_grad": {"samples": 8}}
@@ -66,14 +69,14 @@ def method_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def one_pair_fn(model: VGG, layer: str, method: str, options: dict):
+def one_pair_fn(model, layer: str, method: str, options: dict, num_classes: int):
     """``(variables, image (1,S,S,3), target (1,)) -> evaluation map (1,1,S,S)``: one image, one class."""
 
     def one_pair(variables, image, target):
         if method == "gradcam":
-            features = model.apply(variables, image, layer=layer, method=VGG.features)
-            head = lambda a: model.apply(variables, a, layer=layer, method=VGG.head)  # noqa: E731
-            raw = grad_cam(head, features, target)
+            lin = as_split_model(model, image).linearize(variables, image, layer)
+            sensitivities = jnp.sum(lin.vjp(jax.nn.one_hot(target, num_classes)), axis=(1, 2))
+            raw = weighted_collapse(lin.activations, sensitivities)
         else:
             raw = PER_CLASS_METHODS[method](model, variables, image, target, layer, **options)
         return evaluation_maps(raw[:, None], image.shape[1])
@@ -81,11 +84,11 @@ def one_pair_fn(model: VGG, layer: str, method: str, options: dict):
     return jax.jit(one_pair)
 
 
-def time_method(model, variables, images, layer, method, options, args) -> dict:
+def time_method(model, variables, images, layer, method, options, num_classes, args) -> dict:
     batched = make_attribution_fn(model, layer, method, options, class_chunk=args.class_chunk)
-    one_pair = one_pair_fn(model, layer, method, options)
+    one_pair = one_pair_fn(model, layer, method, options, num_classes)
     single_images = [images[i:i + 1] for i in range(len(images))]
-    targets = [jnp.asarray([k], jnp.int32) for k in range(model.num_classes)]
+    targets = [jnp.asarray([k], jnp.int32) for k in range(num_classes)]
 
     def loop():
         return [[one_pair(variables, image, target) for target in targets] for image in single_images]
@@ -95,7 +98,7 @@ def time_method(model, variables, images, layer, method, options, args) -> dict:
     with common.count_compiles() as compiles_during_timing:
         times = common.interleaved_times({"batched": lambda: batched(variables, images), "loop": loop},
                                          rounds=args.rounds)
-    pairs = len(images) * model.num_classes
+    pairs = len(images) * num_classes
     seconds = {name: statistics.median(t) for name, t in times.items()}
     return {
         "options": options,
@@ -123,22 +126,28 @@ def run(args: argparse.Namespace) -> dict:
     preset = dict(PRESETS[args.model])
     batch = args.batch or preset["batch"]
     image_size = args.image_size or preset["image_size"]
-    model = vgg(preset["layout"], num_classes=preset["num_classes"], image_size=image_size,
-                width_divisor=preset["width_divisor"])
-    layer = args.layer or last_conv_layer(model)
-    variables = init_variables(model, jax.random.key(0))
+    num_classes = preset["num_classes"]
+    if preset["arch"] == "vgg":
+        model = vgg(preset["layout"], num_classes=num_classes, image_size=image_size,
+                    width_divisor=preset["width_divisor"])
+    else:
+        model = resnet_small(num_classes, width_divisor=preset["width_divisor"])
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3), np.float32))
+    split = as_split_model(model, images)
+    layer = args.layer or (last_conv_layer(model) if preset["arch"] == "vgg" else split.layers[-1])
+    variables = split.init(jax.random.key(0), images)
     options = method_options(args)
     results = {}
     for method in resolve_methods(",".join(args.methods)):
-        results[method] = time_method(model, variables, images, layer, method, options.get(method, {}), args)
+        results[method] = time_method(model, variables, images, layer, method, options.get(method, {}), num_classes,
+                                      args)
         timing = results[method]
         print(f"{method}: {timing['batched_pairs_per_s']:.1f} pairs/s batched, {timing['loop_pairs_per_s']:.1f} "
               f"looped, x{timing['speedup']:.1f}", file=sys.stderr, flush=True)
     return {
         "benchmark": "evaluation",
         "config": {"model": args.model, "layout": preset["layout"], "width_divisor": preset["width_divisor"],
-                   "image_size": image_size, "num_classes": model.num_classes, "batch": batch, "layer": layer,
+                   "image_size": image_size, "num_classes": num_classes, "batch": batch, "layer": layer,
                    "class_chunk": args.class_chunk, "pairs_per_batch": batch * model.num_classes,
                    "rounds": args.rounds, **common.environment()},
         "methods": results,

@@ -39,7 +39,7 @@ def test_step_breakdown_benchmark(tmp_path, capsys):
 
 
 def test_evaluation_benchmark_agrees_with_the_per_pair_loop(tmp_path, capsys):
-    result = _run(evaluation.main, ["--model", "demo", "--batch", "2", "--image-size", "32", "--rounds", "1",
+    result = _run(evaluation.main, ["--model", "resnet", "--batch", "2", "--image-size", "32", "--rounds", "1",
                                     "--methods", "gradcam", "lrp", "integrated_gradients", "--steps", "2"],
                   tmp_path, capsys)
     assert set(result["methods"]) == {"gradcam", "lrp", "integrated_gradients"}

@@ -237,12 +237,14 @@ class _Tracer:
         return other[0]
 
     def unsupported(self, eqn, prefix: str, why: str) -> UnsupportedOp:
+        unary = len(eqn.invars) == 1
+        hint = (f"If this op is an elementwise activation that relevance should pass unchanged, add "
+                f"'{eqn.primitive.name}' to passthrough=; otherwise read" if unary else "Read")
         return UnsupportedOp(
             f"cannot propagate relevance through {_where(eqn, prefix)}: {why}. Supported are convolutions, dense "
             "layers, sum/mean/average pooling, constant scales and shifts (eval-mode BatchNorm), residual "
-            "additions, max-pooling, layout ops and elementwise activations. If this op is an elementwise "
-            f"activation that relevance should pass unchanged, add '{eqn.primitive.name}' to passthrough=; "
-            "otherwise read relevance at a layer before it (layer=) or use a gradient method")
+            f"additions, max-pooling, layout ops and elementwise activations. {hint} relevance at a layer before "
+            "it (layer=) or use a gradient method")
 
     def node(self, eqn, name: str, ins: list, acts: list[int], stack: str, prefix: str) -> int:
         params = eqn.params

@@ -313,6 +313,41 @@ def _calls_observed(modules: Sequence[nnx.Module], observe: Callable[[nnx.Module
             cls.__call__ = original
 
 
+@contextlib.contextmanager
+def _calls_named(model: nnx.Module):
+    """While active, every call of a submodule of ``model`` runs in ``jax.named_scope``s of its attribute path
+    (relative to the calling submodule), so the ops of the trace carry the module path (``blocks/0/conv``), as
+    linen's do; the propagation graph names its layers by it. Like ``_calls_observed``, only inside a trace of a
+    freshly merged model."""
+    paths = {id(module): tuple(path) for path, module in model.iter_modules() if path}
+    originals = {cls: cls.__call__ for cls in {type(module) for path, module in model.iter_modules() if path}}
+    active: list[tuple] = [()]  # the paths of the submodule calls under way
+
+    def wrap(original):
+        def call(self, *args, **kwargs):
+            if id(self) not in paths:
+                return original(self, *args, **kwargs)
+            path, parent = paths[id(self)], active[-1]
+            relative = path[len(parent):] if path[:len(parent)] == parent else path
+            with contextlib.ExitStack() as scopes:
+                for part in relative:
+                    scopes.enter_context(jax.named_scope(str(part)))
+                active.append(path)
+                try:
+                    return original(self, *args, **kwargs)
+                finally:
+                    active.pop()
+        return call
+
+    for cls, original in originals.items():
+        cls.__call__ = wrap(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+
+
 def _nnx_path(path: tuple) -> str:
     return ".".join(str(part) for part in path)
 
@@ -373,7 +408,7 @@ class NNXSplitModel(SplitModel):
             outputs[layer].append(out)
             return out if perturbations[layer] is None else out + perturbations[layer]
 
-        with _calls_observed([submodules[layer] for layer in perturbations], observe):
+        with _calls_observed([submodules[layer] for layer in perturbations], observe), _calls_named(model):
             logits = model(images)
         state = {"batch_stats": nnx.state(model, nnx.BatchStat)} if train else {}
         return logits, _single_outputs(outputs), state
