@@ -4,7 +4,6 @@ import os
 import re
 
 import chex
-import jax.numpy as jnp
 
 
 def test_readme_python_example_runs():
@@ -34,3 +33,15 @@ def test_readme_own_model_examples_run():
     logged = namespace["history"][-1].keys()
     assert {"loss", "task_loss", "matching_loss", "matching_loss/bn", "matching_loss/gxa"} <= logged
     assert 0 <= namespace["metrics"]["gradcam/pointing_accuracy"] <= 1
+
+
+def test_readme_propagation_example_runs():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    namespace = {}
+    exec("import jax, jax.numpy as jnp\n" + blocks[4], namespace)  # noqa: S102 - the propagation example
+    for name in ("paper", "custom", "rap_maps"):
+        chex.assert_shape(namespace[name], (4, 32, 32))
+        chex.assert_tree_all_finite(namespace[name])
+    chex.assert_shape(namespace["ebp"], (4, 8, 8))  # layer3_0's map
