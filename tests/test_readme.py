@@ -4,6 +4,7 @@ import os
 import re
 
 import chex
+import jax.numpy as jnp
 
 
 def test_readme_python_example_runs():
