@@ -176,12 +176,12 @@ def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path,
 
 @pytest.mark.slow
 def test_the_resnet_grid_runs_with_one_switch(tmp_path):
-    config = common.load_config("quick_resnet", TINY + ["eval.methods='gradcam'", "eval.faithfulness_steps=0"])
+    # Unstructured pruning is architecture-agnostic (masks on any tree) and runs end to end in the VGG demo test.
+    config = common.load_config("quick_resnet", TINY + ["eval.methods='gradcam'", "eval.faithfulness_steps=0",
+                                                        "runs='kd,kd_match,structured,structured_match'"])
     results = demo.run(config, str(tmp_path))
-    assert list(results) == ["teacher", "kd", "kd_match", "structured", "structured_match", "unstructured",
-                             "unstructured_match"]
+    assert list(results) == ["teacher", "kd", "kd_match", "structured", "structured_match"]
     # Coupled structured pruning at 0.5 halves every width: as many parameters as the half-width student.
     assert results["structured"]["params"] == results["kd"]["params"] < results["teacher"]["params"] / 3
-    np.testing.assert_allclose(results["unstructured"]["conv_sparsity"], iterative_sparsity(0.6, 2), atol=1e-3)
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and -1.0 <= row["methods"]["gradcam"]["map_cosine"] <= 1.0

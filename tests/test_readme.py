@@ -45,4 +45,4 @@ def test_readme_propagation_example_runs():
     for name in ("paper", "custom", "rap_maps"):
         chex.assert_shape(namespace[name], (4, 32, 32))
         chex.assert_tree_all_finite(namespace[name])
-    chex.assert_shape(namespace["ebp"], (4, 8, 8))  # layer3_0's map
+    chex.assert_shape(namespace["ebp"], (4, 16, 16))  # layer2_0's map
