@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attrjax.attribution import lrp
 from attrjax.matching import matching_loss
 from attrjax.models import vgg
 from attrjax.models.split import LinenSplitModel, NNXSplitModel
 from attrjax.models.vgg import vgg_split_model
-from attrjax.train import (AttributionMatching, DistillationLoss, Objective, TaskLoss, activation_map, gradcam_map,
-                           make_loss_fn, read_run_config, sgd, train)
+from attrjax.train import (AttributionMatching, DistillationLoss, Objective, PropagationMatching, TaskLoss,
+                           activation_map, gradcam_map, make_loss_fn, read_run_config, sgd, train)
 from attrjax.train.loop import format_duration
 from tests.test_split_models import IMAGES, UserCNN, UserNNX
 
@@ -57,7 +58,7 @@ def _loss_and_grads(objective, teacher, teacher_variables, student_variables):
     def loss(params):
         return loss_fn(params, student_variables["batch_stats"], teacher_variables, BATCH, jax.random.key(2))
 
-    (value, (_, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(student_variables["params"])
+    (value, (_, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(student_variables["params"])
     return value, metrics, grads
 
 
@@ -105,6 +106,29 @@ def test_a_users_own_attribution_map_is_matched():
                              gradient_times_activation(student_lin.activations, student_lin.vjp(target)))
     np.testing.assert_allclose(float(metrics["matching_loss"]), float(expected), rtol=1e-5)
     assert gradcam_map(teacher_lin.activations, teacher_lin.vjp(target)).shape == (4, 8, 8)
+
+
+def test_lrp_matching_compares_the_eval_mode_lrp_maps_and_its_gradient_is_their_derivative():
+    """The term equals the matching loss of ``lrp`` maps computed directly (eval-mode networks, the teacher's top-1
+    class), and its gradient is the directional derivative (central differences in a random direction)."""
+    teacher, teacher_variables, student_variables = _pair()
+    value, metrics, grads = _loss_and_grads([PropagationMatching()], teacher, teacher_variables, student_variables)
+    target = jnp.argmax(teacher.apply(teacher_variables, IMAGES)[0], -1)
+
+    @jax.jit
+    def direct(params):
+        student_maps = lrp(teacher, {**student_variables, "params": params}, IMAGES, target)
+        return matching_loss(lrp(teacher, teacher_variables, IMAGES, target), student_maps)
+
+    params = student_variables["params"]
+    np.testing.assert_allclose(float(metrics["matching_loss"]), float(direct(params)), rtol=1e-5)
+    assert Objective(kd="binary", matching="lrp", matching_weight=2.0).terms()[1] == PropagationMatching(weight=2.0)
+    direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    step = 1e-3
+    moved = [jax.tree.map(lambda p, d, s=sign: p + s * step * d, params, direction) for sign in (1.0, -1.0)]
+    numeric = (float(direct(moved[0])) - float(direct(moved[1]))) / (2 * step)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, numeric, rtol=5e-2)
 
 
 def test_composed_terms_train_and_are_recorded_with_the_run(tmp_path):
