@@ -296,7 +296,6 @@ def _calls_observed(modules: Sequence[nnx.Module], observe: Callable[[nnx.Module
     instances pass through unchanged); used only inside a trace of a freshly merged model.
     """
     targets = {id(module) for module in modules}
-    originals = {cls: cls.__call__ for cls in {type(module) for module in modules}}
 
     def wrap(original):
         def call(self, *args, **kwargs):
@@ -304,6 +303,14 @@ def _calls_observed(modules: Sequence[nnx.Module], observe: Callable[[nnx.Module
             return observe(self, out) if id(self) in targets else out
         return call
 
+    with _calls_wrapped({type(module) for module in modules}, wrap):
+        yield
+
+
+@contextlib.contextmanager
+def _calls_wrapped(classes, wrap: Callable[[Callable], Callable]):
+    """While active, each class's ``__call__`` is ``wrap(original __call__)``."""
+    originals = {cls: cls.__call__ for cls in classes}
     for cls, original in originals.items():
         cls.__call__ = wrap(original)
     try:
@@ -319,8 +326,8 @@ def _calls_named(model: nnx.Module):
     (relative to the calling submodule), so the ops of the trace carry the module path (``blocks/0/conv``), as
     linen's do; the propagation graph names its layers by it. Like ``_calls_observed``, only inside a trace of a
     freshly merged model."""
-    paths = {id(module): tuple(path) for path, module in model.iter_modules() if path}
-    originals = {cls: cls.__call__ for cls in {type(module) for path, module in model.iter_modules() if path}}
+    submodules = [(tuple(path), module) for path, module in model.iter_modules() if path]
+    paths = {id(module): path for path, module in submodules}
     active: list[tuple] = [()]  # the paths of the submodule calls under way
 
     def wrap(original):
@@ -339,13 +346,8 @@ def _calls_named(model: nnx.Module):
                     active.pop()
         return call
 
-    for cls, original in originals.items():
-        cls.__call__ = wrap(original)
-    try:
+    with _calls_wrapped({type(module) for _, module in submodules}, wrap):
         yield
-    finally:
-        for cls, original in originals.items():
-            cls.__call__ = original
 
 
 def _nnx_path(path: tuple) -> str:
