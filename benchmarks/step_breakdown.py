@@ -7,7 +7,7 @@ per round, plus one 2048^3 matmul for the peak) so that drift in machine load hi
   teacher_forward:  the teacher's eval-mode logits (what ``kd`` adds over ``task``);
   teacher_targets:  the teacher's logits and its top-1 Grad-CAM map at the matching layer (what ``kd_match``'s
                     teacher side costs);
-  task, kd, kd_match, kd_stochastic: full train steps (see ``benchmarks.train_step``).
+  task, kd, kd_match, kd_stochastic, kd_lrp_match: full train steps (see ``benchmarks.train_step``).
 Prints one JSON object with per-component ms, XLA GFLOP and GFLOP/s, and the ratios between objectives.
 """
 
@@ -22,7 +22,7 @@ from attrjax.models import VGG
 from benchmarks import common
 from benchmarks.train_step import build_models, make_objective, pair_config, parse_args, setup
 
-OBJECTIVES = ("task", "kd", "kd_match", "kd_stochastic")
+OBJECTIVES = ("task", "kd", "kd_match", "kd_stochastic", "kd_lrp_match")
 
 
 def _teacher_fns(teacher: VGG, layer: str):
@@ -76,6 +76,7 @@ def run(args) -> dict:
         "matmul_peak_gflops": peak,
         "ratio_kd_match_over_kd": ms["kd_match"] / ms["kd"],
         "ratio_kd_stochastic_over_kd_match": ms["kd_stochastic"] / ms["kd_match"],
+        "ratio_kd_lrp_match_over_kd_match": ms["kd_lrp_match"] / ms["kd_match"],
         "ratio_kd_over_task": ms["kd"] / ms["task"],
         "teacher_forward_share_of_kd": ms["teacher_forward"] / ms["kd"],
         "teacher_targets_share_of_kd_match": ms["teacher_targets"] / ms["kd_match"],

@@ -30,7 +30,8 @@ STOCHASTIC_DROP_RATE = 0.3  # the paper preset's stochastic_drop_rate
 
 
 def make_objective(kind: str, layer: str) -> Objective:
-    """The four students of the paper's protocol: labels only, KD, KD + matching, KD + stochastic matching."""
+    """The four students of the paper's protocol (labels only, KD, KD + matching, KD + stochastic matching) and KD +
+    LRP matching at the input (``PropagationMatching``)."""
     if kind == "task":
         return Objective()
     if kind == "kd":
@@ -40,6 +41,8 @@ def make_objective(kind: str, layer: str) -> Objective:
         return Objective(**matching)
     if kind == "kd_stochastic":
         return Objective(**matching, drop_rate=STOCHASTIC_DROP_RATE)
+    if kind == "kd_lrp_match":
+        return Objective(kd="binary", matching="lrp", matching_weight=100.0)
     raise ValueError(f"unknown objective {kind!r}")
 
 
@@ -61,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=20)
     parser.add_argument("--layer", default="conv4_3", help="matching layer (both networks)")
-    parser.add_argument("--objective", choices=("task", "kd", "kd_match", "kd_stochastic"), default="kd_match")
+    parser.add_argument("--objective", choices=("task", "kd", "kd_match", "kd_stochastic", "kd_lrp_match"),
+                        default="kd_match")
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps (after 2 warm-up), each followed by one timed matmul")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")

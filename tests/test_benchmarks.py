@@ -34,7 +34,7 @@ def test_attribution_benchmark(tmp_path, capsys):
 
 def test_step_breakdown_benchmark(tmp_path, capsys):
     result = _run(step_breakdown.main, TINY_PAIR, tmp_path, capsys)
-    assert set(result["components"]) >= {"task", "kd", "kd_match", "kd_stochastic", "teacher_forward"}
+    assert set(result["components"]) >= {"task", "kd", "kd_match", "kd_stochastic", "kd_lrp_match", "teacher_forward"}
     assert all(component["ms"] > 0 for component in result["components"].values())
 
 
