@@ -23,7 +23,7 @@ TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached):
     config = common.load_config("quick", TINY)
     results = demo.run(config, str(tmp_path))
     compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")

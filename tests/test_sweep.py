@@ -19,9 +19,10 @@ GRID = {"students.kd_match.objective.matching_weight": ["0.0", "10.0"]}
 
 
 @pytest.mark.slow
-def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
+def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path, every_program_cached):
     lines = []
-    rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny")
+    rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny",
+                           compilation_cache=True)  # with every_program_cached: the four runs share programs
     points = ["matching_weight=0.0", "matching_weight=10.0"]
     assert sorted({(row["point"], row["seed"]) for row in rows}) == [(p, s) for p in points for s in (0, 1)]
     assert {row["model"] for row in rows} == {"teacher", "kd", "kd_match"}
@@ -57,7 +58,8 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     (tmp_path / points[0] / "seed1" / "kd_match" / "checkpoints").rename(tmp_path / "moved")
     (tmp_path / points[0] / "seed1" / "kd_match" / "checkpoints").write_text("not a directory")
     lines.clear()
-    again = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny")
+    again = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny",
+                            compilation_cache=True)
     statuses = [line.split(": ")[1].split()[0].rstrip(";") for line in lines[:4]]
     assert statuses == ["finished", "failed", "finished", "finished"]
     failed = [row for row in again if row["status"] == "failed"]
@@ -68,7 +70,7 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     lines.clear()
     other = tmp_path.parent / f"{tmp_path.name}-ebp"
     evaluated = sweep.run_sweep("quick", [*SETTINGS, "eval.methods=gradcam,ebp"], GRID, 1, str(other),
-                                log=lines.append, reuse=str(tmp_path))
+                                log=lines.append, reuse=str(tmp_path), compilation_cache=True)
     assert {row["method"] for row in evaluated} == {"gradcam", "ebp"}
     log = (other / points[1] / "seed0" / "log.txt").read_text()
     assert "resuming from the checkpoint of step 3" in log and "] step " not in log
