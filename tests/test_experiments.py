@@ -175,7 +175,7 @@ def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path,
 
 
 @pytest.mark.slow
-def test_the_resnet_grid_runs_with_one_switch(tmp_path):
+def test_the_resnet_grid_runs_with_one_switch(tmp_path, every_program_cached):
     # Unstructured pruning is architecture-agnostic (masks on any tree) and runs end to end in the VGG demo test.
     config = common.load_config("quick_resnet", TINY + ["eval.methods='gradcam'", "eval.faithfulness_steps=0",
                                                         "runs='kd,kd_match,structured,structured_match'"])
