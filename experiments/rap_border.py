@@ -23,27 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attrjax.attribution import input_x_gradient, lrp, propagate, propagation_graph, rap, rap_composite
+from attrjax.attribution import input_x_gradient, lrp, propagation_maps, rap, rap_composite
 from attrjax.attribution.rap import RapHidden
-from attrjax.attribution.rules import negative, positive, safe_divide
 from attrjax.data.pipeline import normalize
 from attrjax.models import logits_fn
 from experiments import common, evaluate
 from experiments.distill import student_runs
-
-
-@dataclasses.dataclass(frozen=True)
-class RapHiddenWithoutShift(RapHidden):
-    """RAP's hidden rule with the shift left out (the ablation)."""
-
-    def __call__(self, layer, x, relevance):
-        x = positive(x)
-        excitatory, vjp_exc = jax.vjp(lambda a: layer.linear(a, positive(layer.weight)), x)
-        inhibitory, vjp_inh = jax.vjp(lambda a: layer.linear(a, -negative(layer.weight)), x)
-        (to_exc,) = vjp_exc(safe_divide(positive(relevance), excitatory))
-        (to_inh,) = vjp_inh(safe_divide(relevance, excitatory + inhibitory)
-                            + safe_divide(negative(relevance), inhibitory))
-        return x * (to_exc + to_inh)
 
 
 def border_rings(size: int, width: int = 2) -> np.ndarray:
@@ -60,11 +45,8 @@ def border_share(maps: np.ndarray, border: np.ndarray) -> np.ndarray:
 
 
 def without_shift(model, variables, images, target) -> jax.Array:
-    graph = propagation_graph(model, variables, images)
-    values = graph.forward(images)
-    composite = dataclasses.replace(rap_composite(), default=RapHiddenWithoutShift())
-    weights = jax.nn.one_hot(target, values[graph.output].shape[-1])
-    return jnp.sum(propagate(graph, values, weights, composite), axis=-1)
+    composite = dataclasses.replace(rap_composite(), default=RapHidden(shift=False))
+    return propagation_maps(model, variables, images, target, composite, start="weight")
 
 
 def measure(model, variables, images: jax.Array, border: np.ndarray) -> dict:

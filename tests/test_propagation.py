@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from attrjax.attribution import (AlphaBeta, Composite, Epsilon, ZBox, excitation_backprop, lrp, propagation_graph,
-                                 rap)
+                                 propagation_maps, rap)
 from attrjax.attribution.graph import Affine
 from attrjax.models import init_variables, vgg
 from attrjax.models.vgg import max_pool_2x2
@@ -308,6 +308,8 @@ def test_bad_inputs():
     variables, images, target = _variables(model), _images(), jnp.array([0, 1])
     with pytest.raises(ValueError, match="unknown composite 'gamma'"):
         lrp(model, variables, images, target, composite="gamma")
+    with pytest.raises(ValueError, match="start must be 'logit' or 'weight', got 'logits'"):
+        propagation_maps(model, variables, images, target, "paper", start="logits")
     with pytest.raises(ValueError, match="alpha - beta = 1"):
         AlphaBeta(2.0, 0.0)
     with pytest.raises(ValueError, match="beta must be >= 0"):

@@ -15,7 +15,8 @@ from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam
 from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
                                            integrated_gradients, saliency, smooth_grad, sum_channels)
 from attrjax.attribution.graph import UnsupportedOp, trace_graph
-from attrjax.attribution.propagation import excitation_backprop, lrp, propagate, propagation_graph
+from attrjax.attribution.propagation import (excitation_backprop, lrp, propagate, propagation_graph,
+                                             propagation_maps)
 from attrjax.attribution.rap import rap, rap_composite
 from attrjax.attribution.rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule,
                                        WinningProbability, WSquare, ZBox)
@@ -26,6 +27,6 @@ __all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "grad_cam_
            "guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
            "smooth_grad", "sum_channels",
            "UnsupportedOp", "trace_graph", "excitation_backprop", "lrp", "propagate", "propagation_graph",
-           "rap", "rap_composite",
+           "propagation_maps", "rap", "rap_composite",
            "COMPOSITES", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "SumRule", "WinningProbability",
            "WSquare", "ZBox"]

@@ -175,9 +175,23 @@ class _Const:
     value: Any
 
 
-def _where(eqn, prefix: str) -> str:
-    stack = "/".join(part for part in (prefix, str(eqn.source_info.name_stack)) if part)
+def _scope(eqn, prefix: str) -> str:
+    """The equation's name scope, under the scope ``prefix`` of the call it is inside."""
+    return "/".join(part for part in (prefix, str(eqn.source_info.name_stack)) if part)
+
+
+def _where(eqn, stack: str) -> str:
     return f"`{eqn.primitive.name}`" + (f" in {stack}" if stack else "")
+
+
+def _substituted(eqn, const: list, acts: list[int]) -> Callable[..., jax.Array]:
+    """The equation as a function of its input-dependent operands (positions ``acts``), constants filled in."""
+    def fn(*xs):
+        values = list(const)
+        for i, x in zip(acts, xs):
+            values[i] = x
+        return bind(eqn, values)[0]
+    return fn
 
 
 class _Tracer:
@@ -218,40 +232,39 @@ class _Tracer:
         return [read(atom) for atom in jaxpr.outvars]
 
     def equation(self, eqn, ins: list, prefix: str) -> list:
-        name, stack = eqn.primitive.name, "/".join(p for p in (prefix, str(eqn.source_info.name_stack)) if p)
+        stack = _scope(eqn, prefix)
         body = call_body(eqn)
         if body is not None:
             return self.run(*body, ins, stack)
         if self.marker is not None and self.marker in ins:
-            return [self.read_point(eqn, ins, prefix)]
+            return [self.read_point(eqn, ins, stack)]
         acts = [i for i, value in enumerate(ins) if not isinstance(value, _Const)]
-        out = self.node(eqn, name, ins, acts, stack, prefix)
-        return [out]
+        return [self.node(eqn, ins, acts, stack)]
 
-    def read_point(self, eqn, ins: list, prefix: str) -> int:
+    def read_point(self, eqn, ins: list, stack: str) -> int:
         other = [value for value in ins if value != self.marker]
         if eqn.primitive.name != "add" or len(other) != 1 or isinstance(other[0], _Const):
-            raise UnsupportedOp(f"the layer's marker reached {_where(eqn, prefix)}; it must only be added to the "
+            raise UnsupportedOp(f"the layer's marker reached {_where(eqn, stack)}; it must only be added to the "
                                 "layer's output (SplitModel.apply_perturbed)")
         self.point = other[0]
         return other[0]
 
-    def unsupported(self, eqn, prefix: str, why: str) -> UnsupportedOp:
+    def unsupported(self, eqn, stack: str, why: str) -> UnsupportedOp:
         unary = len(eqn.invars) == 1
         hint = (f"If this op is an elementwise activation that relevance should pass unchanged, add "
                 f"'{eqn.primitive.name}' to passthrough=; otherwise read" if unary else "Read")
         return UnsupportedOp(
-            f"cannot propagate relevance through {_where(eqn, prefix)}: {why}. Supported are convolutions, dense "
+            f"cannot propagate relevance through {_where(eqn, stack)}: {why}. Supported are convolutions, dense "
             "layers, sum/mean/average pooling, constant scales and shifts (eval-mode BatchNorm), residual "
             f"additions, max-pooling, layout ops and elementwise activations. {hint} relevance at a layer before "
             "it (layer=) or use a gradient method")
 
-    def node(self, eqn, name: str, ins: list, acts: list[int], stack: str, prefix: str) -> int:
-        params = eqn.params
+    def node(self, eqn, ins: list, acts: list[int], stack: str) -> int:
+        name, params = eqn.primitive.name, eqn.params
         const = [value.value if isinstance(value, _Const) else None for value in ins]
         if name == "conv_general_dilated":
             if acts != [0]:
-                raise self.unsupported(eqn, prefix, "its kernel depends on the input")
+                raise self.unsupported(eqn, stack, "its kernel depends on the input")
             dims = params["dimension_numbers"]
             conv_axes = ((dims.out_spec[1], dims.rhs_spec[0]),)
 
@@ -261,7 +274,7 @@ class _Tracer:
             return self.add(lambda out: Affine(ins[0], out, "", "conv", conv, const[1], None, conv_axes), stack)
         if name == "dot_general":
             if len(acts) != 1:
-                raise self.unsupported(eqn, prefix, "both operands depend on the input (attention?)")
+                raise self.unsupported(eqn, stack, "both operands depend on the input (attention?)")
             act = acts[0]
             (contracting, batch) = params["dimension_numbers"]
             weight_side = 1 - act
@@ -284,34 +297,23 @@ class _Tracer:
             return self.add(lambda out: Affine(ins[0], out, "", "pool", pool, jnp.ones((), eqn.outvars[0].aval.dtype)),
                             stack)
         if name in ("mul", "div", "neg", "add", "sub", "add_any"):
-            return self.elementwise_affine(eqn, name, ins, acts, const, stack, prefix)
+            return self.elementwise_affine(eqn, ins, acts, const, stack)
         if name in _LAYOUT or name in _MAXIMA or name == "max" and len(acts) == 2:
-            kind = "layout" if name in _LAYOUT else "max"
-
-            def moved(*xs, eqn=eqn, ins=ins, acts=acts):
-                values = list(const)
-                for i, x in zip(acts, xs):
-                    values[i] = x
-                return bind(eqn, values)[0]
-
+            kind, moved = "layout" if name in _LAYOUT else "max", _substituted(eqn, const, acts)
             return self.add(lambda out: Transport(tuple(ins[i] for i in acts), out, "", kind, moved), stack)
         if name in ("max", "min") and len(acts) == 1 or name in self.passthrough and len(ins) == 1:
-            def activation(x, eqn=eqn, act=acts[0]):
-                values = list(const)
-                values[act] = x
-                return bind(eqn, values)[0]
-
+            activation = _substituted(eqn, const, acts)
             return self.add(lambda out: Activation(ins[acts[0]], out, "", activation), stack)
         why = {"scan": "a loop", "while": "a loop", "cond": "a branch", "select_n": "a selection by an input-dependent "
                "condition"}.get(name, "it has no propagation rule")
-        raise self.unsupported(eqn, prefix, why)
+        raise self.unsupported(eqn, stack, why)
 
-    def elementwise_affine(self, eqn, name, ins, acts, const, stack, prefix) -> int:
-        dtype = eqn.outvars[0].aval.dtype
+    def elementwise_affine(self, eqn, ins, acts, const, stack) -> int:
+        name, dtype = eqn.primitive.name, eqn.outvars[0].aval.dtype
         if len(acts) == 2:
             if name in ("add", "add_any"):
                 return self.add(lambda out: Sum((ins[0], ins[1]), out, ""), stack)
-            raise self.unsupported(eqn, prefix, f"it combines two input-dependent values ({name}; train-mode "
+            raise self.unsupported(eqn, stack, f"it combines two input-dependent values ({name}; train-mode "
                                    "BatchNorm, a normalisation or gating?): propagate the eval-mode forward pass")
         act, other = acts[0], 1 - acts[0]
         one = jnp.ones((), dtype)
@@ -326,7 +328,7 @@ class _Tracer:
         elif name == "sub":
             weight, bias = (one, -const[1]) if act == 0 else (-one, const[0])
         else:
-            raise self.unsupported(eqn, prefix, "the input is in the denominator")
+            raise self.unsupported(eqn, stack, "the input is in the denominator")
 
         ndim = eqn.outvars[0].aval.ndim
 

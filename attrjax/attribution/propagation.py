@@ -80,10 +80,13 @@ def propagate(graph: Graph, values: dict[int, jax.Array], relevance: jax.Array, 
     return incoming.get(stop, jnp.zeros_like(values[stop]))
 
 
-def _maps(model, variables, images, target: Target, layer: str, composite: str | Composite, start: str,
-          passthrough: Sequence[str]) -> jax.Array:
-    """Relevance (B,H,W) at ``layer`` (summed over channels), started from ``weights * logits`` (``start="logit"``)
-    or from the target weights themselves (``start="weight"``)."""
+def propagation_maps(model, variables: Mapping, images: jax.Array, target: Target, composite: str | Composite, *,
+                     start: str, layer: str = "input", passthrough: Sequence[str] = ()) -> jax.Array:
+    """Relevance (B,H,W) at ``layer`` (summed over channels) under any composite: what ``lrp``,
+    ``excitation_backprop`` and ``rap`` compute with theirs. The relevance of the logits starts as
+    ``weights * logits`` (``start="logit"``, LRP) or as the target weights themselves (``start="weight"``)."""
+    if start not in ("logit", "weight"):
+        raise ValueError(f"start must be 'logit' or 'weight', got {start!r}")
     composite = resolve_composite(composite)
     images = images.astype(jnp.float32)
     graph = propagation_graph(model, variables, images, layer=layer, passthrough=passthrough)
@@ -117,7 +120,8 @@ def lrp(model, variables: Mapping, images: jax.Array, target: Target, *, composi
       rules conserve relevance (alpha-beta, z^B, flat, w^2 exactly; epsilon and gamma up to biases and the
       stabiliser).
     """
-    return _maps(model, variables, images, target, layer, composite, "logit", passthrough)
+    return propagation_maps(model, variables, images, target, composite, start="logit", layer=layer,
+                            passthrough=passthrough)
 
 
 def excitation_backprop(model, variables: Mapping, images: jax.Array, target: Target, *, layer: str = "input",
@@ -135,7 +139,8 @@ def excitation_backprop(model, variables: Mapping, images: jax.Array, target: Ta
 
     Args: as ``lrp``. Returns: (B,H,W) float32, summed over channels.
     """
-    return _maps(model, variables, images, target, layer, composite, "weight", passthrough)
+    return propagation_maps(model, variables, images, target, composite, start="weight", layer=layer,
+                            passthrough=passthrough)
 
 
-__all__ = ["excitation_backprop", "lrp", "propagate", "propagation_graph"]
+__all__ = ["excitation_backprop", "lrp", "propagate", "propagation_graph", "propagation_maps"]

@@ -66,9 +66,9 @@ import jax.numpy as jnp
 
 from attrjax.attribution.gradcam import Target
 from attrjax.attribution.graph import Affine
-from attrjax.attribution.propagation import _maps
-from attrjax.attribution.rules import (Bounds, Composite, Epsilon, ZBox, modified_gradient, negative, per_image_sum,
-                                       positive, safe_divide)
+from attrjax.attribution.propagation import propagation_maps
+from attrjax.attribution.rules import (Bounds, Composite, Epsilon, ZBox, linearized, negative, per_image_sum, positive,
+                                       safe_divide)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +79,8 @@ class RapFirst:
         x_pos, x_neg = positive(x), negative(x)
         w_pos, w_neg = positive(layer.weight), negative(layer.weight)
 
-        def part(xs, ws):
-            return layer.linear(xs, ws), lambda s: modified_gradient(layer, xs, ws, s)
-
-        (z_pp, give_pp), (z_pn, give_pn) = part(x_pos, w_pos), part(x_pos, w_neg)
-        (z_np, give_np), (z_nn, give_nn) = part(x_neg, w_pos), part(x_neg, w_neg)
+        (z_pp, give_pp), (z_pn, give_pn) = linearized(layer, x_pos, w_pos), linearized(layer, x_pos, w_neg)
+        (z_np, give_np), (z_nn, give_nn) = linearized(layer, x_neg, w_pos), linearized(layer, x_neg, w_neg)
         positive_total = jnp.sum(weights * (z_pp + z_nn), axis=-1, keepdims=True)
         negative_total = jnp.sum(weights * (z_pn + z_np), axis=-1, keepdims=True)
         # Each part's contributions x w (times the class weight): R_k = t_k z_k sent back in proportion to z_ik.
@@ -107,7 +104,12 @@ def _shift(contributions: jax.Array, relevance: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class RapHidden:
-    """Step 3 for non-negative inputs: positive and negative relevance apart, absolute influence, then the shift."""
+    """Step 3 for non-negative inputs: positive and negative relevance apart, absolute influence, then the shift.
+
+    ``shift=False`` leaves the shift out: an ablation (``experiments.rap_border``), no longer conservative.
+    """
+
+    shift: bool = True
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
         x = positive(x)
@@ -117,7 +119,8 @@ class RapHidden:
         relevant, irrelevant = positive(relevance), negative(relevance)
         (to_exc,) = vjp_exc(safe_divide(relevant, excitatory))
         (to_inh,) = vjp_inh(safe_divide(relevance, influence) + safe_divide(irrelevant, inhibitory))
-        return _shift(x * (to_exc + to_inh), relevance)
+        contributions = x * (to_exc + to_inh)
+        return _shift(contributions, relevance) if self.shift else contributions
 
 
 def rap_composite(input_bounds: Bounds | None = None) -> Composite:
@@ -148,7 +151,8 @@ def rap(model, variables: Mapping, images: jax.Array, target: Target, *, input_b
     Returns:
       (B,H,W) float32 relevance at ``layer``, summed over channels (then clipped at 0 if ``positive_only``).
     """
-    maps = _maps(model, variables, images, target, layer, rap_composite(input_bounds), "weight", passthrough)
+    maps = propagation_maps(model, variables, images, target, rap_composite(input_bounds), start="weight",
+                            layer=layer, passthrough=passthrough)
     return jnp.maximum(maps, 0.0) if positive_only else maps
 
 

@@ -32,7 +32,7 @@ see the images; ``last``: the classifier), then by kind (``conv``, ``dense``, ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +61,11 @@ def per_image_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=True)
 
 
-def modified_gradient(layer: Affine, x: jax.Array, weight: jax.Array, share: jax.Array) -> jax.Array:
-    """``x * vjp(fn(., weight))(share)``: ``sum_j x_i w_ij share_j`` for every input i."""
-    _, vjp_fn = jax.vjp(lambda a: layer.linear(a, weight), x)
-    return x * vjp_fn(share)[0]
+def linearized(layer: Affine, x: jax.Array, weight: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """``(z, send)`` from one linearisation: ``z = fn(x, weight)`` (no bias) and ``send(share) = x * vjp(share)``,
+    i.e. ``sum_j x_i w_ij share_j`` for every input i."""
+    z, vjp_fn = jax.vjp(lambda a: layer.linear(a, weight), x)
+    return z, lambda share: x * vjp_fn(share)[0]
 
 
 def _stabilise(z: jax.Array, epsilon: float) -> jax.Array:
@@ -85,7 +86,10 @@ class Epsilon:
         _check_non_negative("Epsilon", epsilon=self.epsilon)
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
-        return modified_gradient(layer, x, layer.weight, safe_divide(relevance, _stabilise(layer(x), self.epsilon)))
+        z, send = linearized(layer, x, layer.weight)
+        if layer.bias is not None:
+            z = z + layer.bias
+        return send(safe_divide(relevance, _stabilise(z, self.epsilon)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +176,10 @@ class Gamma:
         _check_non_negative("Gamma", gamma=self.gamma, epsilon=self.epsilon)
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
-        weight = layer.weight + self.gamma * positive(layer.weight)
-        z = layer.linear(x, weight)
+        z, send = linearized(layer, x, layer.weight + self.gamma * positive(layer.weight))
         if layer.bias is not None:
             z = z + layer.bias + self.gamma * positive(layer.bias)
-        return modified_gradient(layer, x, weight, safe_divide(relevance, _stabilise(z, self.epsilon)))
+        return send(safe_divide(relevance, _stabilise(z, self.epsilon)))
 
 
 def _input_free(layer: Affine, x: jax.Array, weight: jax.Array, relevance: jax.Array) -> jax.Array:
@@ -203,9 +206,8 @@ class WinningProbability:
     """Excitation Backprop's marginal winning probability (the relevance is a probability mass)."""
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
-        w_pos = positive(layer.weight)
-        z = layer.linear(x, w_pos)
-        return modified_gradient(layer, x, w_pos, safe_divide(relevance, jnp.where(z > 0, z, 0.0)))
+        z, send = linearized(layer, x, positive(layer.weight))
+        return send(safe_divide(relevance, jnp.where(z > 0, z, 0.0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,5 +304,5 @@ def resolve_composite(composite: str | Composite) -> Composite:
 
 
 __all__ = ["AlphaBeta", "Bounds", "COMPOSITES", "Composite", "Epsilon", "Flat", "Gamma", "KINDS", "SumRule",
-           "WSquare", "WinningProbability", "ZBox", "modified_gradient", "per_image_sum", "resolve_composite",
+           "WSquare", "WinningProbability", "ZBox", "linearized", "per_image_sum", "resolve_composite",
            "safe_divide"]
