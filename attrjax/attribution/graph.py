@@ -10,10 +10,12 @@ and is evaluated on the spot; what depends on the images becomes one of four kin
   constant operand), ``pool`` (``reduce_sum`` / ``reduce_window_sum``, times an output scale: sum, mean and average
   pooling) and ``elementwise`` (a constant scale and shift: ``mul``, ``div``, ``neg``, ``add``, ``sub``).
 - ``Sum``: the addition of two input-dependent values (a residual connection).
-- ``Activation``: an elementwise nonlinearity through which relevance passes unchanged: ``max``/``min`` with a
-  constant (ReLU, ReLU6, clipping), ``tanh``, ``logistic`` and whatever else the caller lists in ``passthrough``.
+- ``Activation``: an elementwise nonlinearity through which relevance passes unchanged: ``max``/``min``/``clamp``
+  with constants (ReLU, ReLU6, clipping), ``tanh``, ``logistic``, a quantizer's ``round`` and casts (a quantized
+  network is propagated as its dequantized weights and passes relevance through each activation quantizer, as its
+  straight-through gradient does), and whatever else the caller lists in ``passthrough``.
 - ``Transport``: an op that only moves or selects values: reshapes, transposes, slices, padding, concatenation,
-  casts, and the maxima (``reduce_max``, ``reduce_window_max``, ``max`` of two input-dependent values: max-pooling).
+  and the maxima (``reduce_max``, ``reduce_window_max``, ``max`` of two input-dependent values: max-pooling).
   Relevance follows its gradient: a permutation is undone, a max sends each output's relevance to its arg-max.
 
 Anything else the images flow through (a product of two input-dependent values as in attention or train-mode
@@ -42,13 +44,15 @@ from jax.extend import core as jax_core
 
 from attrjax.jaxprs import bind, call_body
 
-# Ops that only move, select or cast values: relevance follows their gradient.
+# Ops that only move or select values: relevance follows their gradient.
 _LAYOUT = frozenset({"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "rev", "slice", "pad",
-                     "concatenate", "stack", "convert_element_type", "copy", "copy_p", "reduce_precision",
+                     "concatenate", "stack", "copy", "copy_p", "reduce_precision",
                      "dynamic_slice"})
 _MAXIMA = frozenset({"reduce_max", "reduce_window_max"})
 _SUM_POOLS = frozenset({"reduce_sum", "reduce_window_sum"})
-PASSTHROUGH = frozenset({"tanh", "logistic"})  # elementwise activations besides max/min with a constant
+# Elementwise ops besides max/min/clamp with constants that relevance passes unchanged: activations, and the rounding
+# and casts of a quantizer (whose gradient, zero almost everywhere, would stop it).
+PASSTHROUGH = frozenset({"tanh", "logistic", "round", "convert_element_type"})
 
 
 class UnsupportedOp(ValueError):
@@ -113,7 +117,7 @@ class Activation:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Transport:
-    """An op that moves, selects or casts values (layout ops, maxima); relevance follows its gradient."""
+    """An op that moves or selects values (layout ops, maxima); relevance follows its gradient."""
 
     inputs: tuple[int, ...]
     output: int
@@ -301,7 +305,7 @@ class _Tracer:
         if name in _LAYOUT or name in _MAXIMA or name == "max" and len(acts) == 2:
             kind, moved = "layout" if name in _LAYOUT else "max", _substituted(eqn, const, acts)
             return self.add(lambda out: Transport(tuple(ins[i] for i in acts), out, "", kind, moved), stack)
-        if name in ("max", "min") and len(acts) == 1 or name in self.passthrough and len(ins) == 1:
+        if name in ("max", "min", "clamp") and len(acts) == 1 or name in self.passthrough and len(ins) == 1:
             activation = _substituted(eqn, const, acts)
             return self.add(lambda out: Activation(ins[acts[0]], out, "", activation), stack)
         why = {"scan": "a loop", "while": "a loop", "cond": "a branch", "select_n": "a selection by an input-dependent "

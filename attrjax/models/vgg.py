@@ -245,13 +245,13 @@ def vgg_split_model(model: VGG) -> FunctionalSplitModel:
 
     def features(variables, images, layer, train, rng):
         del rng  # no dropout before the head
-        out = model.apply(variables, images, layer=layer, train=train, method=VGG.features,
+        out = model.apply(variables, images, layer=layer, train=train, method="features",
                           mutable=["batch_stats"] if train else False)
         return out if train else (out, {})
 
     def head(variables, activations, layer, train, rng):
         rngs = {"dropout": rng} if rng is not None else {}
-        out = model.apply(variables, activations, layer=layer, train=train, method=VGG.head, rngs=rngs,
+        out = model.apply(variables, activations, layer=layer, train=train, method="head", rngs=rngs,
                           mutable=["batch_stats"] if train else False)
         return out if train else (out, {})
 

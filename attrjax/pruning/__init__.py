@@ -4,14 +4,15 @@ ResNet, and parameter / FLOP counts of any model read off its jaxpr."""
 
 from attrjax.pruning.masks import (MaskedState, apply_masks, check_structure, conv_kernels, iterative_sparsity,
                                    keep_pruned_at_zero, magnitude_masks, nonzero_masks, sparsity_summary)
-from attrjax.pruning.counting import count_params_and_flops
+from attrjax.pruning.counting import array_bytes, count_params_and_flops, storage_bytes
 from attrjax.pruning.structured import (filter_l1_norms, l1_kept_filters, largest_filters, prune_filters,
                                         vgg16_paper_rates, zero_filters)
 from attrjax.pruning.structured_resnet import (KeptChannels, prune_resnet_filters, resnet_kept_channels,
                                                resnet_masked_twin, stream_writers)
 
 __all__ = ["MaskedState", "apply_masks", "check_structure", "conv_kernels", "iterative_sparsity",
-           "keep_pruned_at_zero", "magnitude_masks", "nonzero_masks", "sparsity_summary", "count_params_and_flops",
+           "keep_pruned_at_zero", "magnitude_masks", "nonzero_masks", "sparsity_summary",
+           "array_bytes", "count_params_and_flops", "storage_bytes",
            "filter_l1_norms", "l1_kept_filters", "largest_filters", "prune_filters", "vgg16_paper_rates",
            "zero_filters",
            "KeptChannels", "prune_resnet_filters", "resnet_kept_channels", "resnet_masked_twin", "stream_writers"]

@@ -182,3 +182,31 @@ def count_params_and_flops(model, variables, example_images) -> dict[str, int]:
         if index in walk.weight_leaves and args[index].array is not None:
             num_params -= math.prod(leaf.shape) - int(jnp.count_nonzero(leaf))
     return {"params": num_params, "flops": 2 * walk.multiply_adds}
+
+
+def _bits(dtype) -> int:
+    dtype = jnp.dtype(dtype)
+    return jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize * 8
+
+
+def array_bytes(array) -> float:
+    """Bytes to store one array as a deployed network would: dense at its dtype's width (int4: half a byte), or, for
+    a weight (2 or more axes) with zeros, in compressed sparse rows when that is smaller: the non-zero values, a
+    16-bit column index per value (32-bit past 65,536 columns) and a 32-bit offset per row; rows are the last axis
+    (a linen kernel's output features), columns the others."""
+    shape = tuple(array.shape)
+    dense = math.prod(shape) * _bits(array.dtype) / 8
+    if len(shape) < 2:
+        return dense
+    columns = math.prod(shape[:-1])
+    nonzero = int(jnp.count_nonzero(array))
+    index_bytes = 2 if columns <= 2 ** 16 else 4
+    sparse = nonzero * (_bits(array.dtype) / 8 + index_bytes) + 4 * (shape[-1] + 1)
+    return min(dense, sparse)
+
+
+def storage_bytes(variables) -> int:
+    """Bytes of every array in ``variables`` (``array_bytes``): parameters, BatchNorm statistics, and for a deployed
+    quantized network its integer weights and float scales. Float32 dense weights take 4 bytes, int8 1, int4 0.5,
+    pruned ones their sparse format's share."""
+    return math.ceil(sum(array_bytes(leaf) for leaf in jax.tree.leaves(variables)))

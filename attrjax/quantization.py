@@ -1,0 +1,359 @@
+"""Quantized networks (int8 or int4 weights and activations) through qwix, for post-training quantization (PTQ) and
+quantization-aware training (QAT) of any Flax linen classifier (docs/method.md#quantization).
+
+What is quantized: every convolution and dense layer (the ops qwix intercepts), its weights symmetrically per output
+channel (``scale = max |W| / (2^(b-1) - 0.5)``, ``q = round(W / scale)``) and its input per tensor with a *static*
+scale: the mean over calibration images of each image's ``max |x|``, over the same bound, so larger values saturate
+(at -128 / 127 for int8). Biases and BatchNorm stay in float32 (hardware folds them into the int32 accumulator's
+rescale).
+
+Two views of one quantized network:
+- ``QuantizedModel`` (from ``calibrate``): a split model whose forward pass computes the quantized network's values in
+  float arithmetic (each quantized operand is ``dequantize(quantize(x))``), so it trains (QAT), attributes and
+  propagates like any other model. Its derivatives use the straight-through estimator at every order: each quantizer
+  differentiates as the identity, so the gradient of the logits at a layer is that of the deployed network with its
+  quantized weights, and the matching loss's double backprop differentiates that gradient through the quantized
+  weights as if they were their float shadows (qwix's own QAT provider defines the estimator for the first
+  derivative only: through its convolution's backward pass a second derivative reaches the weights through their
+  scales alone).
+- ``DeployedModel`` (from ``deploy``): qwix's PTQ model, integer weights stored as int8/int4 and integer arithmetic,
+  what a device runs and stores; it computes the same logits (tested) and has ``nbytes``, ``save`` and
+  ``load_deployed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from qwix._src import averaging
+from qwix._src.core import conv_general as qwix_conv
+from qwix._src.core import dot_general as qwix_dot
+from qwix._src.core import qarray
+from qwix._src.utils import flax_util
+
+from attrjax.models.adapters import as_split_model
+from attrjax.models.split import Linearization, SplitModel, Variables
+from attrjax.pruning.counting import storage_bytes
+
+BITS = {8: jnp.int8, 4: jnp.int4}
+QUANT_STATS = "quant_stats"  # the collection of the calibrated activation ranges
+# The methods of a linen module that run layers (attrjax's VGG splits through features/head).
+_METHODS = ("__call__", "features", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How to quantize: ``bits`` 8 or 4, for the weights (per output channel) and the inputs of every conv and dense
+    layer (per tensor, static range) alike, as qwix's integer convolution multiplies operands of one width."""
+
+    bits: int = 8
+
+    def __post_init__(self):
+        if self.bits not in BITS or isinstance(self.bits, bool):
+            raise ValueError(f"quantization bits must be one of {sorted(BITS)}, got {self.bits!r}")
+
+    def rules(self) -> list[qwix.QuantizationRule]:
+        qtype = BITS[self.bits]
+        return [qwix.QuantizationRule(module_path=".*", weight_qtype=qtype, act_qtype=qtype, act_static_scale=True)]
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _straight_through(x: jax.Array, scale: jax.Array, zero_point, qtype) -> jax.Array:
+    """``dequantize(quantize(x))`` on qwix's grid; differentiates as the identity in ``x`` at every order."""
+    return qarray.dequantize(qarray.quantize_with_scale_zero_point(x, qtype, scale, zero_point))
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(qtype, primals, tangents):
+    x, scale, zero_point = primals
+    return _straight_through(x, scale, zero_point, qtype), tangents[0]
+
+
+class StraightThroughProvider(qwix.QtProvider):
+    """qwix's QAT interception and calibration with float fake quantization whose derivative is the identity at every
+    order (see the module docstring for why not qwix's integer custom VJP)."""
+
+    def _fake_quant(self, x: jax.Array, how: qarray.HowToQuantize, rule, stat_name: str | None) -> jax.Array:
+        batch_axes = tuple(rule.act_batch_axes)
+        if stat_name is None:  # weights, or dynamic-range activations
+            calibration = qarray.calibrate(x, how)
+        elif flax_util.should_update_quant_stats():  # calibrating
+            calibration = self._update_and_get_quant_stat(stat_name, batch_axes, qarray.calibrate(x, how))
+        else:  # the stored range only, so that the forward pass reads no statistic of x
+            average = averaging.SimpleMovingAverage()
+            stat = flax_util.get_or_create_variable(QUANT_STATS, stat_name, lambda: average.init(jax.tree.map(
+                lambda v: v.mean(axis=batch_axes, keepdims=True), qarray.calibrate(x, how))))
+            calibration = average.get_calibration(stat.value)
+        scale, zero_point = jax.lax.stop_gradient(qarray.compute_scale_zero_point(calibration, how.qtype))
+        return _straight_through(x, scale, zero_point, how.qtype)
+
+    def _operand(self, x, rule, op_id: str, side: str, how_fn) -> jax.Array:
+        if flax_util.find_param(x) is not None:
+            return self._fake_quant(x, how_fn(qtype=rule.weight_qtype,
+                                              calibration_method=rule.weight_calibration_method), rule, None)
+        if rule.act_qtype is None:
+            return x
+        return self._fake_quant(x, how_fn(qtype=rule.act_qtype, calibration_method=rule.act_calibration_method),
+                                rule, f"{op_id}_{side}" if rule.act_static_scale else None)
+
+    def conv_general_dilated(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                             preferred_element_type=None, out_sharding=None):
+        rule, op_id = self._get_current_rule_and_op_id("conv_general_dilated")
+        if rule is not None and rule.weight_qtype is not None:
+            dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            lhs = self._operand(lhs, rule, op_id, "lhs", functools.partial(
+                qwix_conv.get_how_to_quantize, dimension_numbers=dims, for_lhs=True))
+            rhs = self._operand(rhs, rule, op_id, "rhs", functools.partial(
+                qwix_conv.get_how_to_quantize, dimension_numbers=dims, for_lhs=False))
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding)
+
+    def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                    out_sharding=None):
+        rule, op_id = self._get_current_rule_and_op_id("dot_general")
+        if rule is not None and rule.weight_qtype is not None:
+            ndims = (lhs.ndim, rhs.ndim)
+            how = functools.partial(qwix_dot.get_how_to_quantize, dimension_numbers=dimension_numbers, ndims=ndims,
+                                    tile_size=None)
+            lhs = self._operand(lhs, rule, op_id, "lhs", functools.partial(how, for_lhs=True))
+            rhs = self._operand(rhs, rule, op_id, "rhs", functools.partial(how, for_lhs=False))
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+    def get_intercept_map(self):
+        intercept_map = super().get_intercept_map()
+        del intercept_map["jax.numpy.einsum"], intercept_map["jax.lax.ragged_dot"]  # einsum lowers to dot_general
+        return intercept_map
+
+
+def _check_linen(model) -> nn.Module:
+    if isinstance(model, QuantizedModel):
+        raise ValueError("the model is quantized already; quantize its float model (QuantizedModel.model)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attrjax quantizes Flax linen modules (through qwix's interception), got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def _quantized_module(model: nn.Module, provider: qwix.QuantizationProvider) -> nn.Module:
+    methods = tuple(name for name in _METHODS if callable(getattr(type(model), name, None)))
+    return qwix.quantize_model(model, provider, methods=methods)
+
+
+def _float_variables(variables: Variables) -> Variables:
+    if QUANT_STATS in variables:
+        raise ValueError(f"these variables carry a '{QUANT_STATS}' collection: a QuantizedModel takes the float "
+                         "model's variables (params, batch_stats) and holds its calibrated ranges itself")
+    return variables
+
+
+def _uncalibrated(quant_stats) -> list[str]:
+    flat = flax_util.flax.traverse_util.flatten_dict(quant_stats) if quant_stats else {}
+    return sorted("/".join(path[:-1]) for path, value in flat.items() if path[-1] == "count" and int(value) == 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedModel(SplitModel):
+    """A float linen classifier with quantized convs and dense layers (see the module docstring); a split model, so
+    it trains, evaluates and attributes like any other. Its variables are the float model's (``params``,
+    ``batch_stats``): QAT trains the float weights behind the quantizers. Build it with ``calibrate``.
+
+    Attributes:
+      model: the float linen module.
+      quantization: bit widths.
+      quant_stats: the calibrated activation ranges (qwix's ``quant_stats`` collection; empty with weights only).
+      example_images: images (B,S,S,3) of the size the model takes.
+    """
+
+    model: nn.Module
+    quantization: Quantization
+    quant_stats: Any
+    example_images: jax.Array
+
+    def __post_init__(self):
+        missing = _uncalibrated(self.quant_stats)
+        if missing:
+            raise ValueError(f"the activation ranges of {', '.join(missing)} were never calibrated; build the "
+                             "model with attrjax.quantization.calibrate")
+
+    @functools.cached_property
+    def module(self) -> nn.Module:
+        return _quantized_module(_check_linen(self.model), StraightThroughProvider(self.quantization.rules()))
+
+    @functools.cached_property
+    def _inner(self) -> SplitModel:
+        return as_split_model(self.module, self.example_images)
+
+    def _with_ranges(self, variables: Variables) -> Variables:
+        variables = dict(_float_variables(variables))
+        if self.quant_stats:
+            variables[QUANT_STATS] = self.quant_stats
+        return variables
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self._inner.layers
+
+    def init(self, rng, images):
+        return {name: value for name, value in self._inner.init(rng, images).items() if name != QUANT_STATS}
+
+    def apply(self, variables, images, *, train=False, rng=None):
+        return self._inner.apply(self._with_ranges(variables), images, train=train, rng=rng)
+
+    def apply_perturbed(self, variables, images, perturbations, *, train=False, rng=None):
+        return self._inner.apply_perturbed(self._with_ranges(variables), images, perturbations, train=train, rng=rng)
+
+    def linearize_layers(self, variables, images, layers, *, train=False, rng=None) -> Linearization:
+        return self._inner.linearize_layers(self._with_ranges(variables), images, layers, train=train, rng=rng)
+
+
+def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array],
+              quantization: Quantization = Quantization()) -> QuantizedModel:
+    """The quantized ``model`` with activation ranges calibrated on ``images`` (an iterable of (B,S,S,3) batches,
+    e.g. training images), run through the float weights in eval mode.
+
+    Raises ValueError when ``images`` yields no batch."""
+    model = _check_linen(model)
+    variables = _float_variables(variables)
+    module = _quantized_module(model, StraightThroughProvider(quantization.rules()))
+    stats, example, count = None, None, 0
+
+    @jax.jit
+    def update(stats, batch):
+        _, updated = module.apply({**variables, QUANT_STATS: stats}, batch, mutable=[QUANT_STATS])
+        return updated[QUANT_STATS]
+
+    for batch in images:
+        batch = jnp.asarray(batch)
+        if batch.ndim != 4 or not len(batch):
+            raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
+        if stats is None:
+            example = batch[:1]
+            stats = module.init(jax.random.key(0), example).get(QUANT_STATS, {})
+            if not stats:
+                break  # weights only: nothing to calibrate
+        stats = update(stats, batch)
+        count += 1
+    if example is None:
+        raise ValueError("calibration needs at least one batch of images (e.g. a few hundred training images)")
+    return QuantizedModel(model, quantization, jax.device_get(stats), example)
+
+
+def _ptq_module(quantized: QuantizedModel) -> nn.Module:
+    return _quantized_module(quantized.model, qwix.PtqProvider(quantized.quantization.rules()))
+
+
+def _ptq_template(quantized: QuantizedModel):
+    return jax.eval_shape(_ptq_module(quantized).init, jax.random.key(0), quantized.example_images)["params"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeployedModel:
+    """The integer network a device runs: qwix's PTQ model with int8/int4 weights (and static activation scales).
+
+    Attributes:
+      quantized: the ``QuantizedModel`` it was deployed from (its float model, bit widths and ranges).
+      variables: ``{"params": quantized params, "batch_stats": ...}``.
+    """
+
+    quantized: QuantizedModel
+    variables: Variables
+
+    @functools.cached_property
+    def module(self) -> nn.Module:
+        return _ptq_module(self.quantized)
+
+    def apply(self, images: jax.Array) -> jax.Array:
+        """Logits (B,K) of images (B,S,S,3), eval mode, in integer arithmetic."""
+        if self.quantized.quantization.bits == 4 and jax.default_backend() == "cpu":
+            raise NotImplementedError("XLA's CPU backend has no int4 convolution; QuantizedModel.apply computes the "
+                                      "same network in float arithmetic")
+        return self.module.apply(self.variables, images)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the forward pass reads (``attrjax.pruning.storage_bytes``)."""
+        return storage_bytes(self.variables)
+
+    def save(self, path: str) -> None:
+        """Writes ``path`` (.npz: every array, int4 stored as int8) and ``path`` + ``.json`` (bit widths)."""
+        leaves = jax.tree.leaves(jax.device_get(self.variables))
+        arrays = {f"{index:05d}": np.asarray(leaf.astype(jnp.int8) if leaf.dtype == jnp.int4 else leaf)
+                  for index, leaf in enumerate(leaves)}
+        np.savez(path, **arrays)
+        with open(path + ".json", "w") as f:
+            json.dump({"format": "attrjax-deployed-1", **dataclasses.asdict(self.quantized.quantization),
+                       "arrays": len(leaves)}, f)
+
+
+def deploy(quantized: QuantizedModel, variables: Variables) -> DeployedModel:
+    """The integer network of ``quantized`` with float ``variables``: weights quantized once (qwix's
+    ``quantize_params``), activation scales from the calibrated ranges."""
+    variables = _float_variables(variables)
+    params = qwix.quantize_params(variables["params"], _ptq_template(quantized), quantized.quant_stats or None)
+    return DeployedModel(quantized, {**variables, "params": params})
+
+
+def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
+    """A ``DeployedModel`` that ``DeployedModel.save`` wrote, for the architecture and bit widths of ``quantized``.
+
+    Raises ValueError when the file holds another kind of network (a float checkpoint, other bit widths, another
+    architecture)."""
+    meta_path = path + ".json"
+    if not os.path.exists(meta_path):
+        raise ValueError(f"{path} has no {os.path.basename(meta_path)}: it is not a deployed quantized network "
+                         "(DeployedModel.save writes both)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    saved = Quantization(meta["bits"])
+    if saved != quantized.quantization:
+        raise ValueError(f"{path} holds a {saved.name} network, but the model is {quantized.quantization.name}")
+    template = jax.eval_shape(lambda: deploy(quantized, jax.tree.map(
+        jnp.zeros_like, quantized.init(jax.random.key(0), quantized.example_images))).variables)
+    leaves, treedef = jax.tree.flatten(template)
+    with np.load(path) as arrays:
+        if len(arrays.files) != len(leaves):
+            raise ValueError(f"{path} holds {len(arrays.files)} arrays, this architecture's deployed network "
+                             f"{len(leaves)}: it was saved from another architecture")
+        loaded = []
+        for key, spec in zip(sorted(arrays.files), leaves):
+            array = arrays[key]
+            if array.shape != spec.shape:
+                raise ValueError(f"{path}: array {key} has shape {array.shape}, this architecture needs {spec.shape}")
+            loaded.append(jnp.asarray(array).astype(spec.dtype))
+    return DeployedModel(quantized, jax.tree.unflatten(treedef, loaded))
+
+
+def grid_values(quantized: QuantizedModel, variables: Variables) -> dict[str, jax.Array]:
+    """The dequantized weights the quantized network computes with, by parameter path (``conv1_1/kernel``), each
+    ``scale * q`` with integer ``q`` in the bit width's range."""
+    deployed = deploy(quantized, variables).variables["params"]
+    flat = flax_util.flax.traverse_util.flatten_dict(deployed, is_leaf=lambda _, v: isinstance(v, qarray.QArray)
+                                                     or hasattr(v, "array"))
+    out = {}
+    for path, value in flat.items():
+        array = getattr(value, "array", value)
+        if isinstance(array, qarray.QArray):
+            out["/".join(path)] = qarray.dequantize(array)
+    return out
+
+
+__all__: Sequence[str] = ["Quantization", "QuantizedModel", "DeployedModel", "StraightThroughProvider", "calibrate",
+                          "deploy", "load_deployed", "grid_values", "BITS"]
