@@ -29,6 +29,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,14 +159,16 @@ def _quantized_module(model: nn.Module, provider: qwix.QuantizationProvider) -> 
 
 
 def _float_variables(variables: Variables) -> Variables:
+    """``variables`` as JAX arrays: qwix tells weights from activations by finding the very array a layer read
+    among its parameters, which a NumPy parameter (converted inside the layer) would defeat."""
     if QUANT_STATS in variables:
         raise ValueError(f"these variables carry a '{QUANT_STATS}' collection: a QuantizedModel takes the float "
                          "model's variables (params, batch_stats) and holds its calibrated ranges itself")
-    return variables
+    return jax.tree.map(jnp.asarray, variables)
 
 
 def _uncalibrated(quant_stats) -> list[str]:
-    flat = flax_util.flax.traverse_util.flatten_dict(quant_stats) if quant_stats else {}
+    flat = flax.traverse_util.flatten_dict(quant_stats) if quant_stats else {}
     return sorted("/".join(path[:-1]) for path, value in flat.items() if path[-1] == "count" and int(value) == 0)
 
 
@@ -177,8 +180,8 @@ class QuantizedModel(SplitModel):
 
     Attributes:
       model: the float linen module.
-      quantization: bit widths.
-      quant_stats: the calibrated activation ranges (qwix's ``quant_stats`` collection; empty with weights only).
+      quantization: the bit width.
+      quant_stats: the calibrated activation ranges (qwix's ``quant_stats`` collection).
       example_images: images (B,S,S,3) of the size the model takes.
     """
 
@@ -202,10 +205,7 @@ class QuantizedModel(SplitModel):
         return as_split_model(self.module, self.example_images)
 
     def _with_ranges(self, variables: Variables) -> Variables:
-        variables = dict(_float_variables(variables))
-        if self.quant_stats:
-            variables[QUANT_STATS] = self.quant_stats
-        return variables
+        return {**_float_variables(variables), QUANT_STATS: self.quant_stats}
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -233,10 +233,10 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
     model = _check_linen(model)
     variables = _float_variables(variables)
     module = _quantized_module(model, StraightThroughProvider(quantization.rules()))
-    stats, example, count = None, None, 0
+    stats, example = None, None
 
     @jax.jit
-    def update(stats, batch):
+    def update(variables, stats, batch):
         _, updated = module.apply({**variables, QUANT_STATS: stats}, batch, mutable=[QUANT_STATS])
         return updated[QUANT_STATS]
 
@@ -246,11 +246,8 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
             raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
         if stats is None:
             example = batch[:1]
-            stats = module.init(jax.random.key(0), example).get(QUANT_STATS, {})
-            if not stats:
-                break  # weights only: nothing to calibrate
-        stats = update(stats, batch)
-        count += 1
+            stats = module.init(jax.random.key(0), example)[QUANT_STATS]
+        stats = update(variables, stats, batch)
     if example is None:
         raise ValueError("calibration needs at least one batch of images (e.g. a few hundred training images)")
     return QuantizedModel(model, quantization, jax.device_get(stats), example)
@@ -293,7 +290,7 @@ class DeployedModel:
         return storage_bytes(self.variables)
 
     def save(self, path: str) -> None:
-        """Writes ``path`` (.npz: every array, int4 stored as int8) and ``path`` + ``.json`` (bit widths)."""
+        """Writes ``path`` (.npz: every array, int4 stored as int8) and ``path`` + ``.json`` (the bit width)."""
         leaves = jax.tree.leaves(jax.device_get(self.variables))
         arrays = {f"{index:05d}": np.asarray(leaf.astype(jnp.int8) if leaf.dtype == jnp.int4 else leaf)
                   for index, leaf in enumerate(leaves)}
@@ -307,7 +304,8 @@ def deploy(quantized: QuantizedModel, variables: Variables) -> DeployedModel:
     """The integer network of ``quantized`` with float ``variables``: weights quantized once (qwix's
     ``quantize_params``), activation scales from the calibrated ranges."""
     variables = _float_variables(variables)
-    params = qwix.quantize_params(variables["params"], _ptq_template(quantized), quantized.quant_stats or None)
+    params = qwix.quantize_params(variables["params"], _ptq_template(quantized),
+                                  jax.tree.map(jnp.asarray, quantized.quant_stats))
     return DeployedModel(quantized, {**variables, "params": params})
 
 
@@ -325,8 +323,8 @@ def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
     saved = Quantization(meta["bits"])
     if saved != quantized.quantization:
         raise ValueError(f"{path} holds a {saved.name} network, but the model is {quantized.quantization.name}")
-    template = jax.eval_shape(lambda: deploy(quantized, jax.tree.map(
-        jnp.zeros_like, quantized.init(jax.random.key(0), quantized.example_images))).variables)
+    fresh = quantized.init(jax.random.key(0), quantized.example_images)
+    template = deploy(quantized, fresh).variables  # (qwix's PTQ conversion needs concrete ranges)
     leaves, treedef = jax.tree.flatten(template)
     with np.load(path) as arrays:
         if len(arrays.files) != len(leaves):
@@ -335,8 +333,10 @@ def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
         loaded = []
         for key, spec in zip(sorted(arrays.files), leaves):
             array = arrays[key]
-            if array.shape != spec.shape:
-                raise ValueError(f"{path}: array {key} has shape {array.shape}, this architecture needs {spec.shape}")
+            stored = jnp.int8 if spec.dtype == jnp.int4 else spec.dtype
+            if array.shape != spec.shape or array.dtype != stored:
+                raise ValueError(f"{path}: array {key} is {array.dtype}{list(array.shape)}, this architecture's "
+                                 f"deployed network needs {jnp.dtype(stored)}{list(spec.shape)}")
             loaded.append(jnp.asarray(array).astype(spec.dtype))
     return DeployedModel(quantized, jax.tree.unflatten(treedef, loaded))
 
@@ -345,14 +345,9 @@ def grid_values(quantized: QuantizedModel, variables: Variables) -> dict[str, ja
     """The dequantized weights the quantized network computes with, by parameter path (``conv1_1/kernel``), each
     ``scale * q`` with integer ``q`` in the bit width's range."""
     deployed = deploy(quantized, variables).variables["params"]
-    flat = flax_util.flax.traverse_util.flatten_dict(deployed, is_leaf=lambda _, v: isinstance(v, qarray.QArray)
-                                                     or hasattr(v, "array"))
-    out = {}
-    for path, value in flat.items():
-        array = getattr(value, "array", value)
-        if isinstance(array, qarray.QArray):
-            out["/".join(path)] = qarray.dequantize(array)
-    return out
+    leaves = jax.tree_util.tree_flatten_with_path(deployed, is_leaf=lambda v: isinstance(v, qarray.QArray))[0]
+    return {"/".join(str(key.key) for key in path if hasattr(key, "key")): qarray.dequantize(leaf)
+            for path, leaf in leaves if isinstance(leaf, qarray.QArray)}
 
 
 __all__: Sequence[str] = ["Quantization", "QuantizedModel", "DeployedModel", "StraightThroughProvider", "calibrate",

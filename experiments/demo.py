@@ -1,6 +1,6 @@
-"""`make demo`: build the synthetic dataset, train a teacher, compress it three ways (distillation, structured
-filter pruning, iterative unstructured pruning), each naive and with attribution matching, evaluate every model,
-and write results.json, results.md and figure.png into the work directory.
+"""`make demo`: build the synthetic dataset, train a teacher, compress it four ways (distillation, structured
+filter pruning, iterative unstructured pruning, int8 quantization), each naive and with attribution matching,
+evaluate every model, and write results.json, results.md and figure.png into the work directory.
 
     python -m experiments.demo --workdir runs/demo [--config quick] [--set stochastic_drop_rate=0.3]
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import time
 
-from experiments import common, distill, evaluate, prune, train_teacher
+from experiments import common, distill, evaluate, prune, quantize, train_teacher
 
 
 def validate(config) -> None:
     """Checks every run's settings, so a bad setting of a late run fails before the first one trains (the modules'
     ``run`` functions expect a validated config)."""
-    for module in (train_teacher, distill, prune, evaluate):
+    for module in (train_teacher, distill, prune, quantize, evaluate):
         module.validate(config)
 
 
@@ -33,6 +33,7 @@ def run(config, workdir: str) -> dict:
     seconds = {"teacher": train_teacher.run(config, workdir, splits)}
     seconds.update(distill.run(config, workdir, splits))
     seconds.update(prune.run(config, workdir, splits))
+    seconds.update(quantize.run(config, workdir, splits))
     results = evaluate.run(config, workdir, splits)
     print("training seconds: " + ", ".join(f"{name} {s:.0f}" for name, s in seconds.items())
           + f"; demo total {time.perf_counter() - started:.0f} s")

@@ -25,12 +25,14 @@ from attrjax import data as attr_data
 from attrjax.attribution.methods import resolve_methods
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
-from attrjax.pruning import count_params_and_flops, sparsity_summary
-from experiments import common, prune
+from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
+from attrjax.quantization import QuantizedModel, deploy
+from experiments import common, prune, quantize
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid, method_grid
 
-COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("conv_sparsity", "conv sparsity", "{:.3f}"),
+COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("kbytes", "size (KB)", "{:.1f}"),
+           ("conv_sparsity", "conv sparsity", "{:.3f}"),
            ("sample_map", "sample mAP", "{:.3f}"), ("class_map", "class mAP", "{:.3f}"),
            ("f1", "F1", "{:.3f}"), ("pointing_accuracy", "pointing acc.", "{:.3f}"), ("mean_auc", "mask AUC", "{:.3f}"),
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
@@ -53,10 +55,16 @@ def first_images(arrays: dict, count: int) -> dict:
     return arrays if not count else {key: value[:count] for key, value in arrays.items()}
 
 
+def deployed_bytes(model, variables) -> int:
+    """The size a device stores (``attrjax.pruning.storage_bytes``): a quantized network's integer weights and
+    scales, every other network's float arrays (a pruned one's sparse kernels in their sparse format)."""
+    return storage_bytes(deploy(model, variables).variables if isinstance(model, QuantizedModel) else variables)
+
+
 def classification_and_size(model, variables, splits, config) -> dict:
     row = dict(ClassificationEvaluator(model).run(variables, common.eval_batches(splits["val"], config)))
     size = count_params_and_flops(model, variables, common.example_images(config))
-    row.update(params=size["params"], mflops=size["flops"] / 1e6,
+    row.update(params=size["params"], mflops=size["flops"] / 1e6, kbytes=deployed_bytes(model, variables) / 1e3,
                conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
     return row
 
@@ -119,8 +127,8 @@ def write_csv(path: str, results: dict):
                 writer.writerow([name, method, *(row[k] for k in model_keys), *(summary[k] for k in method_keys)])
 
 
-def trained_models(config, workdir: str):
-    """Yields ``(name, model, variables)`` for the teacher, then every student and every pruned network."""
+def trained_models(config, workdir: str, train_split):
+    """Yields ``(name, model, variables)`` for the teacher, then every student, pruned and quantized network."""
     teacher, teacher_variables = common.load_teacher(config, workdir)
     yield "teacher", teacher, teacher_variables
     for name, run_config in student_runs(config).items():
@@ -128,6 +136,11 @@ def trained_models(config, workdir: str):
         yield name, *common.load_trained(name, run_config, objective, config, workdir)
     for name, pruning_run in prune.pruning_runs(config).items():
         yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
+    quantization_runs = quantize.quantization_runs(config)
+    if quantization_runs:
+        quantized = quantize.calibrated(config, train_split, teacher, teacher_variables)
+        for name, quantization_run in quantization_runs.items():
+            yield name, quantized, quantize.load(name, quantization_run, config, workdir, quantized, teacher_variables)
 
 
 def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[str]:
@@ -156,7 +169,8 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
 def validate(config) -> None:
     """Raises for a bad evaluation setting before any model is loaded (or, in the demo, trained)."""
     common.check_config(config)
-    common.check_chosen_runs(config, [*student_runs(config, chosen=False), *prune.pruning_runs(config, chosen=False)])
+    common.check_chosen_runs(config, [*student_runs(config, chosen=False), *prune.pruning_runs(config, chosen=False),
+                                      *quantize.quantization_runs(config, chosen=False)])
     settings = config.eval
     resolve_methods(settings.methods)
     common.check_count("eval.batch_size", settings.batch_size)
@@ -176,7 +190,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     localization = first_images(splits["localization"], config.eval.localization_images)
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
     results, examples, teacher_maps, evaluators = {}, {}, {}, {}
-    for name, model, variables in trained_models(config, workdir):
+    for name, model, variables in trained_models(config, workdir, splits["train"]):
         results[name] = classification_and_size(model, variables, splits, config)
         results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,
                                                                           methods, config, teacher_maps, evaluators)

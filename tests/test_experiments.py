@@ -12,14 +12,16 @@ import pytest
 
 from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
+from attrjax.quantization import load_deployed
 from attrjax.train import RunConfigMismatchError, make_optimizer
-from experiments import common, demo, distill, prune, train_teacher
+from experiments import common, demo, distill, prune, quantize, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
         "pruning.structured.num_steps=2", "pruning.unstructured.rounds=2", "pruning.unstructured.steps_per_round=2",
         "eval.batch_size=8", "eval.figure_images=2", "eval.methods=gradcam,lrp",
-        "eval.faithfulness_steps=2", "checkpoint_every=2", "log_every=2"]
+        "quantization.num_steps=2", "quantization.calibration_images=8", "eval.faithfulness_steps=2",
+        "checkpoint_every=2", "log_every=2"]
 
 
 @pytest.mark.slow
@@ -28,7 +30,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     results = demo.run(config, str(tmp_path))
     compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")
                   for variant in ("", "_match")]
-    assert list(results) == ["teacher"] + compressed
+    assert list(results) == ["teacher"] + compressed + ["quantized", "qat", "qat_match"]
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
         assert list(row["methods"]) == ["gradcam", "lrp"]
@@ -45,6 +47,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     for name in ("unstructured", "unstructured_match"):
         np.testing.assert_allclose(results[name]["conv_sparsity"], sparsity, atol=1e-3)
         assert results[name]["mflops"] < 0.5 * results["teacher"]["mflops"]
+    # int8: a quarter of the float weights' bytes plus scales; the deployed integer network is on disk and loads.
+    assert results["quantized"]["params"] == results["teacher"]["params"]
+    assert results["qat_match"]["kbytes"] < 0.35 * results["teacher"]["kbytes"]
+    assert results["unstructured"]["kbytes"] < 0.5 * results["teacher"]["kbytes"]
+    quantized = quantize.calibrated(config, common.load_splits(config, str(tmp_path))["train"], *teacher)
+    deployed = load_deployed(str(tmp_path / "qat_match" / "deployed.npz"), quantized)
+    np.testing.assert_allclose(deployed.nbytes / 1e3, results["qat_match"]["kbytes"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["kd_match"]["params"] == results["kd_match"]["params"]
     report = (tmp_path / "results.md").read_text()
@@ -53,7 +62,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 7 * 2 and {row["method"] for row in rows} == {"gradcam", "lrp"}
+    assert len(rows) == 10 * 2 and {row["method"] for row in rows} == {"gradcam", "lrp"}
     assert all(0.0 <= float(row["insertion_auc"]) <= 1.0 for row in rows)
     teacher_rows = [row for row in rows if row["model"] == "teacher"]
     assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
@@ -64,7 +73,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     again = demo.run(config, str(tmp_path))
     out = capsys.readouterr().out
     for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3),
-                        ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2)):
+                        ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2),
+                        ("qat_match", 2)):
         assert f"[{name}] resuming from the checkpoint of step {steps}" in out
     assert "] step " not in out
     for name in results:
@@ -132,6 +142,8 @@ def test_an_unknown_eval_method_is_named_in_the_error():
     ("pruning.structured.num_steps=0", "pruning.structured.num_steps must be an integer >= 1"),
     ("teacher.num_steps=0", "'teacher' run: num_steps must be an integer >= 1"),
     ("log_every=0", "log_every must be an integer >= 1, got 0"),
+    ("quantization.bits=3", "quantization settings: quantization bits must be one of \\[4, 8\\], got 3"),
+    ("quantization.calibration_images=0", "quantization.calibration_images must be an integer >= 1"),
     ("eval.localization_images=-1", "eval.localization_images must be an integer >= 0"),
     ("eval.methods='gradcm'", "unknown attribution method 'gradcm'"),
     ("on_config_change='resume'", "on_config_change must be one of"),

@@ -22,7 +22,8 @@ def tiny_paper_overrides(manual_dir) -> list[str]:
             "students.kd_match.layout=vgg11_s3", "students.kd_match.width_divisor=32", "students.kd_match.num_steps=1",
             "matching_layer=pool3", "eval_layer=conv3_2", "pruning.structured.rates=[0.5,0.0,0.0,0.5]",
             "pruning.structured.num_steps=1", "pruning.unstructured.rounds=1", "pruning.unstructured.steps_per_round=1",
-            "stochastic_drop_rate=0.0", "eval.batch_size=2", "eval.methods=gradcam", "eval.figure_images=2",
+            "quantization.num_steps=1", "quantization.calibration_images=2", "stochastic_drop_rate=0.0",
+            "eval.batch_size=2", "eval.methods=gradcam", "eval.figure_images=2",
             "checkpoint_every=1", "log_every=1"]
 
 
@@ -61,7 +62,7 @@ def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys, ever
 
     results = demo.run(config, workdir)
     assert list(results) == ["teacher", "kd", "kd_match", "structured", "structured_match", "unstructured",
-                             "unstructured_match"]
+                             "unstructured_match", "quantized", "qat", "qat_match"]
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0
     out = capsys.readouterr().out

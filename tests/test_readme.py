@@ -4,6 +4,7 @@ import os
 import re
 
 import chex
+import jax
 import jax.numpy as jnp
 
 
@@ -34,6 +35,12 @@ def test_readme_own_model_examples_run():
     logged = namespace["history"][-1].keys()
     assert {"loss", "task_loss", "matching_loss", "matching_loss/bn", "matching_loss/gxa"} <= logged
     assert 0 <= namespace["metrics"]["gradcam/pointing_accuracy"] <= 1
+    exec(blocks[5], namespace)  # noqa: S102 - quantization, reusing the linen example's teacher and data
+    assert float(namespace["gap"]) < 1e-5
+    chex.assert_shape(namespace["qat_lrp"], (16, 32, 32))
+    chex.assert_tree_all_finite(namespace["qat_lrp"])
+    assert int(namespace["qat_state"].step) == 20
+    assert namespace["deployed"].nbytes < 0.4 * 4 * sum(x.size for x in jax.tree.leaves(namespace["teacher_vars"]))
 
 
 def test_readme_propagation_example_runs():

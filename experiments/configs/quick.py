@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
         structured=dict(rates=[0.7, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7], num_steps=150, optimizer=finetune),
         unstructured=dict(rate=0.6, rounds=3, steps_per_round=50, optimizer=finetune),
     )
+    # Quantizing the teacher (docs/method.md#quantization): int8 weights and activations (bits=4 for int4), ranges
+    # calibrated on training images; QAT fine-tunes through straight-through quantizers like pruning does.
+    config.quantization = dict(bits=8, calibration_images=512, num_steps=100, optimizer=finetune, matching_weight=10.0)
     # Stochastic matching (docs/method.md#stochastic-matching) as a switch: adds a third student whose teacher maps
     # drop this fraction of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0

@@ -1,0 +1,120 @@
+"""Quantize the teacher, after training and during fine-tuning, with and without attribution matching
+(docs/method.md#quantization).
+
+    python -m experiments.quantize --config quick --workdir runs/demo [--set quantization.bits=4]
+
+Three runs, at ``config.quantization.bits`` (8 or 4; weights per output channel, every conv and dense layer's input
+per tensor):
+- ``quantized`` (post-training quantization): the teacher's weights, activation ranges calibrated on the first
+  ``calibration_images`` training images; nothing is trained;
+- ``qat`` (quantization-aware training): the quantized network fine-tuned from the teacher's weights for
+  ``num_steps`` with the task loss, through straight-through quantizers (the ranges stay the calibrated ones);
+- ``qat_match``: the same with + lambda * matching to the float teacher (eval mode, at ``config.matching_layer``);
+  ``stochastic_drop_rate`` > 0 adds ``qat_match_stochastic``.
+Each writes ``<run>/deployed.npz``: the integer network (``attrjax.quantization.DeployedModel``). Needs
+``experiments.train_teacher`` to have run in the same work directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import ml_collections
+
+from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
+from attrjax.train import make_optimizer
+from experiments import common
+
+PTQ = "quantized"
+
+
+def quantization_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> ``{trained, objective}``: PTQ, QAT naive and matched (and stochastic when switched on). ``chosen``:
+    only the runs ``config.runs`` names."""
+    matched = dict(matching="weighted", matching_weight=config.quantization.matching_weight)
+    runs = {PTQ: dict(trained=False, objective={}), "qat": dict(trained=True, objective={}),
+            "qat_match": dict(trained=True, objective=matched)}
+    if config.stochastic_drop_rate:
+        runs["qat_match_stochastic"] = dict(trained=True,
+                                            objective=dict(matched, drop_rate=config.stochastic_drop_rate))
+    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
+    return common.chosen_runs(config, runs) if chosen else runs
+
+
+def run_settings(config) -> dict:
+    """The quantization settings a QAT run's directory is bound to (the objective is recorded by the trainer)."""
+    return {"setting": "qat", **config.quantization.to_dict()}
+
+
+def calibrated(config, train_split, teacher, teacher_variables: dict) -> QuantizedModel:
+    """The quantized teacher, its ranges calibrated on the first ``calibration_images`` of the training stream
+    (deterministic: the run's seed fixes the crops)."""
+    settings = config.quantization
+    batches = common.train_batches(train_split, config, start_step=0)
+    count = -(-settings.calibration_images // config.data.batch_size)
+    images = (batch["image"] for batch in itertools.islice(batches, count))
+    return calibrate(teacher, teacher_variables, images, Quantization(settings.bits))
+
+
+def load(name: str, run, config, workdir: str, quantized: QuantizedModel, teacher_variables: dict) -> dict:
+    """The variables of a finished quantization run: the teacher's for PTQ, the fine-tuned ones for QAT (raises if
+    it has not been trained)."""
+    if not run.trained:
+        return teacher_variables
+    settings = config.quantization
+    return common.restore_finished(name, teacher_variables, make_optimizer(settings.optimizer, settings.num_steps),
+                                   common.compression_objective(config, run), settings.num_steps, config, workdir,
+                                   settings=run_settings(config), with_teacher=True)
+
+
+def validate(config) -> None:
+    """Raises for a bad quantization setting before the first run trains."""
+    common.check_config(config)
+    settings = config.quantization
+    try:
+        Quantization(settings.bits)
+        common.check_count("quantization.calibration_images", settings.calibration_images)
+        common.check_count("quantization.num_steps", settings.num_steps)
+        make_optimizer(settings.optimizer, settings.num_steps)
+        for name, quantization_run in quantization_runs(config).items():
+            common.compression_objective(config, quantization_run)
+    except (ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"quantization settings: {error}") from error
+
+
+def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
+    """Calibrates, fine-tunes (or resumes) every quantization run into ``workdir/<name>`` and writes its deployed
+    network; returns the seconds spent per run."""
+    runs = quantization_runs(config)
+    if not runs:
+        return {}
+    splits = common.load_splits(config, workdir) if splits is None else splits
+    teacher, teacher_variables = common.load_teacher(config, workdir)
+    started = time.perf_counter()
+    quantized = calibrated(config, splits["train"], teacher, teacher_variables)
+    print(f"[{PTQ}] {quantized.quantization.name}: activation ranges calibrated on "
+          f"{config.quantization.calibration_images} training images in {time.perf_counter() - started:.1f} s")
+    settings, seconds = config.quantization, {}
+    for name, quantization_run in runs.items():
+        started = time.perf_counter()
+        variables = teacher_variables
+        if quantization_run.trained:
+            variables = common.fit(name, quantized, teacher_variables,
+                                   make_optimizer(settings.optimizer, settings.num_steps),
+                                   common.compression_objective(config, quantization_run), settings.num_steps, config,
+                                   workdir, splits["train"], settings=run_settings(config), teacher=teacher,
+                                   teacher_variables=teacher_variables)
+        os.makedirs(os.path.join(workdir, name), exist_ok=True)
+        deploy(quantized, variables).save(os.path.join(workdir, name, "deployed.npz"))
+        seconds[name] = time.perf_counter() - started
+    return seconds
+
+
+def main():
+    common.main_for(run, __doc__, validate)
+
+
+if __name__ == "__main__":
+    main()
