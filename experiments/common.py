@@ -24,8 +24,9 @@ from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
 from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
                             resnet50, resnet_small, vgg)
-from attrjax.train import (Objective, RunConfigMismatchError, TrainState, check_run_config, checkpoint_manager,
-                           make_optimizer, read_run_config, restore_latest, run_record, train)
+from attrjax.train import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
+                           checkpoint_manager, make_optimizer, optimizer_schedule, read_run_config, restore_latest,
+                           run_record, train)
 from attrjax.train.run_config import ON_CONFIG_CHANGE
 
 
@@ -337,21 +338,29 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
     return record
 
 
+def metrics_dir(name: str, workdir: str) -> str:
+    """Where run ``name``'s curves go (``attrjax.train.MetricWriter``); the rounds of a run (``unstructured/round02``)
+    share their run's."""
+    return os.path.join(workdir, name.split("/")[0], "metrics")
+
+
 def fit(name: str, model, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-        num_steps: int, config, workdir: str, train_split, *, settings: dict, teacher=None,
-        teacher_variables: dict | None = None) -> dict:
+        num_steps: int, config, workdir: str, train_split, *, settings: dict, learning_rate: optax.Schedule,
+        teacher=None, teacher_variables: dict | None = None, step_offset: int = 0) -> dict:
     """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables.
 
     The run's directory is bound to its settings (``run_config``): a rerun with other settings is refused unless
-    ``config.on_config_change`` is ``"restart"``.
+    ``config.on_config_change`` is ``"restart"``. Every logged line also goes to ``metrics_dir(name)`` (TensorBoard
+    events and a CSV), with ``learning_rate`` (the optimizer's schedule) and steps shifted by ``step_offset``.
     """
     _, step_key = run_keys(name, config)
     batches = functools.partial(train_batches, train_split, config)
-    state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
-                     teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
-                     checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
-                     run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
-                     on_config_change=config.on_config_change)
+    with MetricWriter(metrics_dir(name, workdir), step_offset=step_offset) as writer:
+        state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
+                         teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
+                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
+                         run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
+                         on_config_change=config.on_config_change, metric_writer=writer, learning_rate=learning_rate)
     return jax.device_get(state.variables)
 
 
@@ -385,7 +394,8 @@ def train_model(name: str, model_config, objective: Objective, config, workdir: 
         variables = pretrained_variables(name, model_config.pretrained, model, variables)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
     return model, fit(name, model, variables, tx, objective, model_config.num_steps, config, workdir, train_split,
-                      settings=model_config.to_dict(), teacher=teacher, teacher_variables=teacher_variables)
+                      settings=model_config.to_dict(), teacher=teacher, teacher_variables=teacher_variables,
+                      learning_rate=optimizer_schedule(model_config.optimizer, model_config.num_steps))
 
 
 def pretrained_variables(name: str, path: str, model, fresh_variables: dict) -> dict:

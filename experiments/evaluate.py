@@ -27,6 +27,8 @@ from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
+from attrjax.train import MetricWriter
+from attrjax.train.metrics import CSV_NAME
 from experiments import common, prune, quantize
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid, method_grid
@@ -94,6 +96,28 @@ def localization_by_method(name, model, variables, arrays, methods, config, teac
         summaries[method]["eval_s"] = time.perf_counter() - started
         print(f"evaluated {name} / {method} in {summaries[method]['eval_s']:.1f} s")
     return summaries, examples
+
+
+def last_training_step(directory: str) -> int:
+    """The last step a run's ``metrics.csv`` logged (0 for a run that was not trained)."""
+    path = os.path.join(directory, CSV_NAME)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return max((int(row["step"]) for row in csv.DictReader(f) if row["name"].startswith("train/")), default=0)
+
+
+def write_evaluation_metrics(name: str, row: dict, workdir: str) -> None:
+    """A model's evaluation numbers into its run's curves (``eval/<metric>``, ``eval/<method>/<metric>``), at its
+    last training step."""
+    directory = common.metrics_dir(name, workdir)
+    numbers = lambda summary: {key: value for key, value in summary.items()  # noqa: E731
+                               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scalars = {f"eval/{key}": value for key, value in numbers(row).items()}
+    for method, summary in row["methods"].items():
+        scalars.update({f"eval/{method}/{key}": value for key, value in numbers(summary).items()})
+    with MetricWriter(directory) as writer:
+        writer.write(last_training_step(directory), scalars)
 
 
 def markdown_table(results: dict, method: str) -> str:
@@ -194,6 +218,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
         results[name] = classification_and_size(model, variables, splits, config)
         results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,
                                                                           methods, config, teacher_maps, evaluators)
+        write_evaluation_metrics(name, results[name], workdir)
 
     table = markdown_table(results, methods[0])
     print("\n" + table + "\n")
@@ -204,7 +229,10 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
             f"localisation split ({len(localization['image'])} images) whose class is present in the mask and "
             "predicted (logit > 0). Cosine, same peak, Spearman and top-10% IoU compare each model's map with the "
             "teacher's (same method) on every present pair where both maps are defined (pairs with a NaN or constant "
-            "map are left out and counted in results.json as `<metric>_excluded`).\n\n" + table + "\n")
+            "map are left out and counted in results.json as `<metric>_excluded`).\n\n" + table + "\n"
+            "\nTraining curves and these numbers per run: `tensorboard --logdir "
+            f"{os.path.abspath(workdir)}` (event files in `<run>/metrics/`, the same numbers in "
+            "`<run>/metrics/metrics.csv`).\n")
     if config.eval.faithfulness_steps:
         text += ("\nDeletion / insertion AUC: each localisation image's top-scoring class, its map's pixels removed "
                  "from (inserted into) the zero (mean-colour) image in "

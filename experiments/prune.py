@@ -24,7 +24,7 @@ import ml_collections
 from attrjax.models import VGG
 from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
                              prune_resnet_filters)
-from attrjax.train import Objective, make_optimizer
+from attrjax.train import Objective, make_optimizer, optimizer_schedule
 from experiments import common
 
 SETTINGS = ("structured", "unstructured")
@@ -70,7 +70,8 @@ def train_structured(name: str, objective: Objective, config, workdir: str, trai
     tx = make_optimizer(settings.optimizer, settings.num_steps)
     return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_split,
                              settings=run_settings("structured", config), teacher=teacher,
-                             teacher_variables=teacher_variables)
+                             teacher_variables=teacher_variables,
+                             learning_rate=optimizer_schedule(settings.optimizer, settings.num_steps))
 
 
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
@@ -85,7 +86,9 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
         tx = keep_pruned_at_zero(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
         variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
                                config, workdir, train_split, settings=run_settings("unstructured", config, k),
-                               teacher=teacher, teacher_variables=teacher_variables)
+                               teacher=teacher, teacher_variables=teacher_variables,
+                               learning_rate=optimizer_schedule(settings.optimizer, settings.steps_per_round),
+                               step_offset=(k - 1) * settings.steps_per_round)
     return teacher, variables
 
 

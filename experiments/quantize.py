@@ -24,7 +24,7 @@ import time
 import ml_collections
 
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
-from attrjax.train import make_optimizer
+from attrjax.train import make_optimizer, optimizer_schedule
 from experiments import common
 
 PTQ = "quantized"
@@ -105,7 +105,8 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
                                    make_optimizer(settings.optimizer, settings.num_steps),
                                    common.compression_objective(config, quantization_run), settings.num_steps, config,
                                    workdir, splits["train"], settings=run_settings(config), teacher=teacher,
-                                   teacher_variables=teacher_variables)
+                                   teacher_variables=teacher_variables,
+                                   learning_rate=optimizer_schedule(settings.optimizer, settings.num_steps))
         os.makedirs(os.path.join(workdir, name), exist_ok=True)
         deploy(quantized, variables).save(os.path.join(workdir, name, "deployed.npz"))
         seconds[name] = time.perf_counter() - started

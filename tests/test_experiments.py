@@ -13,7 +13,7 @@ import pytest
 from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
 from attrjax.quantization import load_deployed
-from attrjax.train import RunConfigMismatchError, make_optimizer
+from attrjax.train import RunConfigMismatchError, make_optimizer, read_events
 from experiments import common, demo, distill, prune, quantize, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
@@ -54,10 +54,19 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     quantized = quantize.calibrated(config, common.load_splits(config, str(tmp_path))["train"], *teacher)
     deployed = load_deployed(str(tmp_path / "qat_match" / "deployed.npz"), quantized)
     np.testing.assert_allclose(deployed.nbytes / 1e3, results["qat_match"]["kbytes"])
+    # Curves: the rounds of unstructured pruning are one curve; evaluation lands at the run's last step.
+    curves = read_events(str(tmp_path / "unstructured" / "metrics"))
+    assert [step for step, _ in curves["train/loss"]] == [2, 4] and "train/learning_rate" in curves
+    np.testing.assert_allclose(dict(curves["eval/sample_map"])[4], results["unstructured"]["sample_map"], rtol=1e-6)
+    np.testing.assert_allclose(dict(curves["eval/lrp/pointing_accuracy"])[4],
+                               results["unstructured"]["methods"]["lrp"]["pointing_accuracy"], rtol=1e-6)
+    assert dict(read_events(str(tmp_path / "quantized" / "metrics"))["eval/kbytes"]) == {
+        0: pytest.approx(results["quantized"]["kbytes"])}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["results"]["kd_match"]["params"] == results["kd_match"]["params"]
     report = (tmp_path / "results.md").read_text()
     assert "| kd_match |" in report and "| kd_match | lrp |" in report and "deletion AUC" in report
+    assert "tensorboard --logdir" in report
     assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
@@ -69,8 +78,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     out = capsys.readouterr().out
     assert "[kd_match] step 3/3" in out and "matching_loss" in out
 
-    # A second run finds every model finished: it restores them, trains nothing and reproduces the results.
-    again = demo.run(config, str(tmp_path))
+    # A second run finds every model finished: it restores them, trains nothing and reproduces the results
+    # (evaluated with Grad-CAM alone: evaluation settings are not part of a run).
+    again = demo.run(common.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0"]),
+                     str(tmp_path))
     out = capsys.readouterr().out
     for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3),
                         ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2),
@@ -79,9 +90,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     assert "] step " not in out
     for name in results:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
-        for method in ("gradcam", "lrp"):
-            np.testing.assert_allclose(again[name]["methods"][method]["map_cosine"],
-                                       results[name]["methods"][method]["map_cosine"])
+        np.testing.assert_allclose(again[name]["methods"]["gradcam"]["map_cosine"],
+                                   results[name]["methods"]["gradcam"]["map_cosine"])
 
     # An unstructured run missing its last round is never evaluated from an earlier round.
     shutil.rmtree(tmp_path / "unstructured" / "round02")

@@ -1,5 +1,6 @@
 """The train step and loop: one compile, sharded == single device, exact resume, clear errors."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -9,11 +10,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from attrjax.models import init_variables, vgg
-from attrjax.train import (Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd,
-                           shard_batch, train)
+from attrjax.train import (MetricWriter, Objective, TrainState, data_mesh, jit_train_step, learning_rate_schedule,
+                           make_train_step, read_events, replicate, sgd, shard_batch, train)
 
 KWARGS = dict(num_classes=4, image_size=16, attribution_layer="pool2")
 
@@ -179,3 +181,31 @@ def test_a_student_built_from_the_teachers_own_device_arrays_trains_and_leaves_t
                      teacher=teacher, teacher_variables=teacher_variables, log=lambda _: None)
     assert int(state.step) == 3
     chex.assert_trees_all_equal(jax.device_get(teacher_variables), before)  # still readable and unchanged
+
+
+def test_logged_lines_are_tensorboard_events_and_a_csv_that_read_back(tmp_path):
+    _, student = _models()
+    schedule = learning_rate_schedule(0.05, 6, kind="cosine", warmup_steps=2)
+    directory = str(tmp_path / "metrics")
+    with MetricWriter(directory, step_offset=10) as writer:
+        _, history = train(student, init_variables(student, jax.random.key(1)), optax.sgd(schedule), Objective(),
+                           _batches(), 6, rng=jax.random.key(0), log_every=3, log=lambda _: None,
+                           metric_writer=writer, learning_rate=schedule)
+    events = read_events(directory)
+    assert set(events) == {"train/loss", "train/task_loss", "train/images_per_s", "train/learning_rate"}
+    for name in ("loss", "learning_rate"):
+        assert [step for step, _ in events[f"train/{name}"]] == [13, 16]
+        np.testing.assert_allclose([value for _, value in events[f"train/{name}"]], [h[name] for h in history],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(history[0]["learning_rate"], schedule(2))  # the rate step 3 applied
+    with open(os.path.join(directory, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 4 and {row["name"] for row in rows} == set(events)
+    assert [float(row["value"]) for row in rows if row["name"] == "train/loss"] == [h["loss"] for h in history]
+    # A damaged event file is an error, never silently partial data.
+    (path,) = [os.path.join(directory, name) for name in os.listdir(directory) if name.startswith("events")]
+    data = bytearray(open(path, "rb").read())
+    data[-6] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="CRC mismatch"):
+        read_events(directory)

@@ -1,10 +1,11 @@
-"""Train state, objectives as loss terms, the jit step, sharding, checkpoints and the loop."""
+"""Train state, objectives as loss terms, the jit step, sharding, checkpoints, metric files and the loop."""
 
 from attrjax.train.checkpoint import CorruptCheckpointError, NonFiniteStateError, checkpoint_manager, restore_latest
 from attrjax.train.loop import run_record, train
+from attrjax.train.metrics import MetricWriter, read_events
 from attrjax.train.run_config import RunConfigMismatchError, bind_run_config, check_run_config, read_run_config
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
-from attrjax.train.state import TrainState, learning_rate_schedule, make_optimizer, sgd
+from attrjax.train.state import TrainState, learning_rate_schedule, make_optimizer, optimizer_schedule, sgd
 from attrjax.train.objective import (AttributionMatching, DistillationLoss, LossTerm, NetworkOutputs, Objective,
                                      PropagationMatching, TaskLoss, TermInputs, activation_map, gradcam_map)
 from attrjax.train.step import jit_train_step, make_loss_fn, make_train_step
@@ -12,7 +13,9 @@ from attrjax.train.step import jit_train_step, make_loss_fn, make_train_step
 __all__ = ["AttributionMatching", "DistillationLoss", "LossTerm", "NetworkOutputs", "PropagationMatching", "TaskLoss",
            "TermInputs",
            "activation_map", "gradcam_map"]
-__all__ += ["CorruptCheckpointError", "NonFiniteStateError", "Objective", "RunConfigMismatchError", "TrainState",
+__all__ += ["CorruptCheckpointError", "MetricWriter", "NonFiniteStateError", "Objective", "RunConfigMismatchError",
+           "TrainState",
            "bind_run_config", "check_run_config", "checkpoint_manager", "data_mesh", "jit_train_step",
-           "learning_rate_schedule", "make_loss_fn", "make_optimizer", "make_train_step", "read_run_config",
+           "learning_rate_schedule", "make_loss_fn", "make_optimizer", "make_train_step", "optimizer_schedule",
+           "read_events", "read_run_config",
            "replicate", "restore_latest", "run_record", "sgd", "shard_batch", "train"]

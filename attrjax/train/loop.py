@@ -108,7 +108,8 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
           teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
           run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
           log_every: int = 50, name: str = "train", log: Callable[[str], None] = print,
-          mesh: jax.sharding.Mesh | None = None):
+          mesh: jax.sharding.Mesh | None = None, metric_writer=None,
+          learning_rate: Callable[[int], Any] | None = None):
     """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in ``checkpoint_dir``.
 
     Args:
@@ -118,6 +119,9 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
         bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.
         A rerun whose record differs is refused (``attrjax.train.run_config``).
       on_config_change: ``"refuse"`` (default) or ``"restart"`` (set the old directory aside and train afresh).
+      metric_writer: anything with ``write(step, {name: value})`` (``attrjax.train.MetricWriter``: TensorBoard event
+        files and a CSV) receives every logged line as ``train/<loss term>``, ``train/images_per_s`` and, with
+        ``learning_rate`` (the optimizer's schedule, step -> rate), ``train/learning_rate``.
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and a list of logged metric dicts (step, losses, images/s).
@@ -141,14 +145,15 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
         if manager is not None:
             state = checkpoint.restore_latest(manager, state, log=lambda line: log(f"[{name}] {line}"))
         return _run_steps(step_fn, state, teacher_variables, batches, num_steps, rng=rng, manager=manager, mesh=mesh,
-                          terms=as_terms(objective), log_every=log_every, name=name, log=log)
+                          terms=as_terms(objective), log_every=log_every, name=name, log=log,
+                          metric_writer=metric_writer, learning_rate=learning_rate)
     finally:
         if manager is not None:
             manager.close()  # waits for the last save; an unclosed manager floods stderr at exit
 
 
 def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, terms, log_every,
-               name, log):
+               name, log, metric_writer, learning_rate):
     start = int(state.step)
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
@@ -174,7 +179,11 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
             record = {key: float(metrics[key]) for key in _loss_names(terms)}
             now = time.perf_counter()
             record.update(step=step, images_per_s=images_seen / (now - tick))
+            if learning_rate is not None:
+                record["learning_rate"] = float(learning_rate(step - 1))  # the rate the step applied
             history.append(record)
+            if metric_writer is not None:
+                metric_writer.write(step, {f"train/{key}": value for key, value in record.items() if key != "step"})
             # Time left at the latest interval's pace (the first interval also holds the compilation).
             seconds_per_step = (now - tick) / (step - logged_step)
             left = "" if last else f", {format_duration(seconds_per_step * (num_steps - step))} left"

@@ -53,6 +53,13 @@ OPTIMIZER_FIELDS = {"sgd": ("learning_rate", "momentum", "weight_decay", "schedu
                     "adamw": ("learning_rate", "weight_decay", "schedule")}
 
 
+def optimizer_schedule(config, num_steps: int) -> optax.Schedule:
+    """The learning-rate schedule of an optimizer config (see ``make_optimizer``)."""
+    return learning_rate_schedule(config.learning_rate, num_steps, kind=config.schedule,
+                                  warmup_steps=config.get("warmup_steps", 0), boundaries=config.get("boundaries", ()),
+                                  decay_factor=config.get("decay_factor", 0.1))
+
+
 def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
     """Optimizer from a config with ``name`` (sgd|adamw), ``learning_rate``, ``momentum`` (sgd), ``weight_decay`` and
     schedule fields ``schedule``, ``warmup_steps``, ``boundaries`` (steps), ``decay_factor``."""
@@ -67,10 +74,7 @@ def make_optimizer(config, num_steps: int) -> optax.GradientTransformation:
         value = config[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise ValueError(f"optimizer {field} must be a finite number >= 0, got {value!r}")
-    schedule = learning_rate_schedule(config.learning_rate, num_steps, kind=config.schedule,
-                                      warmup_steps=config.get("warmup_steps", 0),
-                                      boundaries=config.get("boundaries", ()),
-                                      decay_factor=config.get("decay_factor", 0.1))
+    schedule = optimizer_schedule(config, num_steps)
     if name == "sgd":
         return sgd(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
     return optax.adamw(schedule, weight_decay=config.weight_decay)

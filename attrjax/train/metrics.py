@@ -1,0 +1,100 @@
+"""Curves people can look at: every logged scalar of a run as TensorBoard event files and as a CSV of the same
+numbers, in one directory per run.
+
+    writer = MetricWriter("runs/demo/kd_match/metrics")   # events.out.tfevents.* and metrics.csv
+    writer.write(100, {"loss": 0.31, "learning_rate": 2e-3})
+    writer.close()
+    read_events("runs/demo/kd_match/metrics")   # {"loss": [(100, 0.31)], "learning_rate": [(100, 0.002)]}
+
+``tensorboard --logdir runs/demo`` shows every run of a work directory side by side. ``metrics.csv`` has one row per
+(step, name, value). A resumed run appends to both (TensorBoard starts a new event file); a step logged again after a
+resume from an earlier checkpoint appears twice, and ``read_events`` keeps the last value.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import struct
+from typing import Mapping
+
+CSV_NAME = "metrics.csv"
+
+
+class MetricWriter:
+    """Writes scalars to TensorBoard event files and ``metrics.csv`` in ``directory``.
+
+    Args:
+      directory: created if needed.
+      step_offset: added to every step (the rounds of iterative pruning write one continuous curve).
+    """
+
+    def __init__(self, directory: str, *, step_offset: int = 0):
+        from tensorboardX import SummaryWriter  # (imported here: a run without curves does not need it)
+
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self.step_offset = directory, step_offset
+        self._events = SummaryWriter(directory, flush_secs=30)
+        path = os.path.join(directory, CSV_NAME)
+        new = not os.path.exists(path)
+        self._csv_file = open(path, "a", newline="")
+        self._csv = csv.writer(self._csv_file)
+        if new:
+            self._csv.writerow(["step", "name", "value"])
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One value per name at ``step`` (+ the offset); names may contain ``/`` (TensorBoard groups by them)."""
+        step = int(step) + self.step_offset
+        for name, value in scalars.items():
+            self._events.add_scalar(name, float(value), step)
+            self._csv.writerow([step, name, repr(float(value))])
+        self._csv_file.flush()
+
+    def close(self) -> None:
+        self._events.close()
+        self._csv_file.close()
+
+    def __enter__(self) -> "MetricWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    from tensorboardX.crc32c import crc32c
+
+    crc = crc32c(data) & 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _records(path: str):
+    """The records of a TFRecord file (length, its CRC, data, its CRC), checking both CRCs."""
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            if len(header) < 12:
+                raise ValueError(f"{path} ends in a truncated record")
+            length, length_crc = struct.unpack("<QI", header)
+            data, (data_crc,) = f.read(length), struct.unpack("<I", f.read(4))
+            if _masked_crc32c(header[:8]) != length_crc or _masked_crc32c(data) != data_crc:
+                raise ValueError(f"{path} holds a corrupt record (CRC mismatch)")
+            yield data
+
+
+def read_events(directory: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of ``directory``: ``{name: [(step, value), ...]}`` by step (the
+    last value written wins for a repeated step). Reads the files directly; TensorBoard is not needed."""
+    from tensorboardX.proto import event_pb2
+
+    paths = sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
+    if not paths:
+        raise FileNotFoundError(f"{directory} holds no TensorBoard event files")
+    scalars: dict[str, dict[int, float]] = {}
+    for path in paths:
+        for record in _records(path):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[int(event.step)] = float(value.simple_value)
+    return {name: sorted(by_step.items()) for name, by_step in scalars.items()}
