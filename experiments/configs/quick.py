@@ -31,6 +31,11 @@ students (900 steps; 1000 before pruning joined the demo; a 1000-step teacher re
 - fine-tuning with AdamW 5e-4, constant (the paper: SGD 1e-3, constant) and lambda = 10. Measured against lambda
   = 100 (one run each, structured at 0.7 and unstructured at 4 x 0.6): sample mAP 0.93 vs 0.92 and 0.66 vs 0.60,
   cosine to the teacher 0.89 vs 0.90 and 0.42 vs 0.45; 100 buys little map agreement for a clear accuracy cost.
+
+Quantization (beyond the paper): int8 post-training quantization calibrated on 512 training images (4 s), and QAT
+fine-tuning of it for 100 steps with the pruning optimizer and lambda = 10, so the rows cost 25 s of the demo. Over
+five seeds int8 PTQ kept the teacher's accuracy and Grad-CAM (cosine 1.000), and QAT's fine-tuning is what moved the
+maps (README, docs/evidence/quantization).
 """
 
 import ml_collections
