@@ -108,6 +108,9 @@ def test_stochastic_matching_adds_a_run_to_every_setting_and_runs_chooses_runs()
                                                                          "unstructured_match_stochastic"]
     assert pruned["structured_match_stochastic"].objective.to_dict() == dict(
         matching="weighted", matching_weight=config.pruning.matching_weight, drop_rate=0.3)
+    quantized = quantize.quantization_runs(config)
+    assert list(quantized) == ["quantized", "qat", "qat_match", "qat_match_stochastic"]
+    assert quantized["qat_match_stochastic"].objective.drop_rate == 0.3 and not quantized["quantized"].trained
     chosen = common.load_config("quick", ["stochastic_drop_rate=0.3", "runs='kd, unstructured_match_stochastic'"])
     assert list(distill.student_runs(chosen)) == ["kd"]
     assert list(prune.pruning_runs(chosen)) == ["unstructured_match_stochastic"]
