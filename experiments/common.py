@@ -24,6 +24,7 @@ from attrjax import data as attr_data
 from attrjax.data import tfds_datasets, voc
 from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
                             resnet50, resnet_small, vgg)
+from attrjax.pruning import keep_pruned_at_zero
 from attrjax.train import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
                            checkpoint_manager, make_optimizer, optimizer_schedule, read_run_config, restore_latest,
                            run_record, train)
@@ -344,15 +345,19 @@ def metrics_dir(name: str, workdir: str) -> str:
     return os.path.join(workdir, name.split("/")[0], "metrics")
 
 
-def fit(name: str, model, variables: dict, tx: optax.GradientTransformation, objective: Objective,
-        num_steps: int, config, workdir: str, train_split, *, settings: dict, learning_rate: optax.Schedule,
-        teacher=None, teacher_variables: dict | None = None, step_offset: int = 0) -> dict:
-    """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name``; returns the final variables.
+def fit(name: str, model, variables: dict, optimizer, objective: Objective, num_steps: int, config, workdir: str,
+        train_split, *, settings: dict, teacher=None, teacher_variables: dict | None = None, masks=None,
+        step_offset: int = 0) -> dict:
+    """Trains (or resumes) ``model`` from ``variables`` into ``workdir/name`` with the ``optimizer`` config (and, with
+    ``masks``, pruned weights kept at zero); returns the final variables.
 
     The run's directory is bound to its settings (``run_config``): a rerun with other settings is refused unless
     ``config.on_config_change`` is ``"restart"``. Every logged line also goes to ``metrics_dir(name)`` (TensorBoard
-    events and a CSV), with ``learning_rate`` (the optimizer's schedule) and steps shifted by ``step_offset``.
+    events and a CSV), with the optimizer's learning rate and steps shifted by ``step_offset``.
     """
+    tx = make_optimizer(optimizer, num_steps)
+    if masks is not None:
+        tx = keep_pruned_at_zero(tx, masks)
     _, step_key = run_keys(name, config)
     batches = functools.partial(train_batches, train_split, config)
     with MetricWriter(metrics_dir(name, workdir), step_offset=step_offset) as writer:
@@ -360,7 +365,8 @@ def fit(name: str, model, variables: dict, tx: optax.GradientTransformation, obj
                          teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
                          checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
                          run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
-                         on_config_change=config.on_config_change, metric_writer=writer, learning_rate=learning_rate)
+                         on_config_change=config.on_config_change, metric_writer=writer,
+                         learning_rate=optimizer_schedule(optimizer, num_steps))
     return jax.device_get(state.variables)
 
 
@@ -392,10 +398,9 @@ def train_model(name: str, model_config, objective: Objective, config, workdir: 
     variables = init_model(model, init_key, config)
     if model_config.get("pretrained"):
         variables = pretrained_variables(name, model_config.pretrained, model, variables)
-    tx = make_optimizer(model_config.optimizer, model_config.num_steps)
-    return model, fit(name, model, variables, tx, objective, model_config.num_steps, config, workdir, train_split,
-                      settings=model_config.to_dict(), teacher=teacher, teacher_variables=teacher_variables,
-                      learning_rate=optimizer_schedule(model_config.optimizer, model_config.num_steps))
+    return model, fit(name, model, variables, model_config.optimizer, objective, model_config.num_steps, config,
+                      workdir, train_split, settings=model_config.to_dict(), teacher=teacher,
+                      teacher_variables=teacher_variables)
 
 
 def pretrained_variables(name: str, path: str, model, fresh_variables: dict) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from attrjax.models import VGG
 from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
                              prune_resnet_filters)
-from attrjax.train import Objective, make_optimizer, optimizer_schedule
+from attrjax.train import Objective, make_optimizer
 from experiments import common
 
 SETTINGS = ("structured", "unstructured")
@@ -68,11 +68,9 @@ def train_structured(name: str, objective: Objective, config, workdir: str, trai
                      teacher_variables: dict) -> tuple:
     settings = config.pruning.structured
     model, variables = structured_prune(teacher, teacher_variables, settings)
-    tx = make_optimizer(settings.optimizer, settings.num_steps)
-    return model, common.fit(name, model, variables, tx, objective, settings.num_steps, config, workdir, train_split,
-                             settings=run_settings("structured", config), teacher=teacher,
-                             teacher_variables=teacher_variables,
-                             learning_rate=optimizer_schedule(settings.optimizer, settings.num_steps))
+    return model, common.fit(name, model, variables, settings.optimizer, objective, settings.num_steps, config,
+                             workdir, train_split, settings=run_settings("structured", config), teacher=teacher,
+                             teacher_variables=teacher_variables)
 
 
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
@@ -84,11 +82,10 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
         masks = magnitude_masks(variables["params"], sparsity)
         variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
         print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
-        tx = keep_pruned_at_zero(make_optimizer(settings.optimizer, settings.steps_per_round), masks)
-        variables = common.fit(round_name(name, k), teacher, variables, tx, objective, settings.steps_per_round,
-                               config, workdir, train_split, settings=run_settings("unstructured", config, k),
-                               teacher=teacher, teacher_variables=teacher_variables,
-                               learning_rate=optimizer_schedule(settings.optimizer, settings.steps_per_round),
+        variables = common.fit(round_name(name, k), teacher, variables, settings.optimizer, objective,
+                               settings.steps_per_round, config, workdir, train_split,
+                               settings=run_settings("unstructured", config, k), teacher=teacher,
+                               teacher_variables=teacher_variables, masks=masks,
                                step_offset=(k - 1) * settings.steps_per_round)
     return teacher, variables
 

@@ -24,7 +24,7 @@ import time
 import ml_collections
 
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
-from attrjax.train import make_optimizer, optimizer_schedule
+from attrjax.train import make_optimizer
 from experiments import common
 
 PTQ = "quantized"
@@ -101,12 +101,10 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
         started = time.perf_counter()
         variables = teacher_variables
         if quantization_run.trained:
-            variables = common.fit(name, quantized, teacher_variables,
-                                   make_optimizer(settings.optimizer, settings.num_steps),
+            variables = common.fit(name, quantized, teacher_variables, settings.optimizer,
                                    common.compression_objective(config, quantization_run), settings.num_steps, config,
                                    workdir, splits["train"], settings=run_settings(config), teacher=teacher,
-                                   teacher_variables=teacher_variables,
-                                   learning_rate=optimizer_schedule(settings.optimizer, settings.num_steps))
+                                   teacher_variables=teacher_variables)
         os.makedirs(os.path.join(workdir, name), exist_ok=True)
         deploy(quantized, variables).save(os.path.join(workdir, name, "deployed.npz"))
         seconds[name] = time.perf_counter() - started
