@@ -4,7 +4,7 @@ from attrjax.train.checkpoint import CorruptCheckpointError, NonFiniteStateError
 from attrjax.train.loop import run_record, train
 from attrjax.train.metrics import MetricWriter, read_events
 from attrjax.train.run_config import RunConfigMismatchError, bind_run_config, check_run_config, read_run_config
-from attrjax.train.sharding import data_mesh, replicate, shard_batch
+from attrjax.train.sharding import data_mesh, process_rows, replicate, shard_batch
 from attrjax.train.state import TrainState, learning_rate_schedule, make_optimizer, optimizer_schedule, sgd
 from attrjax.train.objective import (AttributionMatching, DistillationLoss, LossTerm, NetworkOutputs, Objective,
                                      PropagationMatching, TaskLoss, TermInputs, activation_map, gradcam_map)
@@ -17,5 +17,5 @@ __all__ += ["CorruptCheckpointError", "MetricWriter", "NonFiniteStateError", "Ob
            "TrainState",
            "bind_run_config", "check_run_config", "checkpoint_manager", "data_mesh", "jit_train_step",
            "learning_rate_schedule", "make_loss_fn", "make_optimizer", "make_train_step", "optimizer_schedule",
-           "read_events", "read_run_config",
+           "process_rows", "read_events", "read_run_config",
            "replicate", "restore_latest", "run_record", "sgd", "shard_batch", "train"]

@@ -19,6 +19,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from attrjax.distributed import is_primary, primary_first
+from attrjax.train.sharding import host_value
+
 STATE, MANIFEST = "state", "manifest"
 
 
@@ -46,15 +49,6 @@ def checkpoint_manager(directory: str, *, save_every: int, max_to_keep: int = 2)
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep)
     handlers = {STATE: ocp.StandardCheckpointHandler(), MANIFEST: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
-
-
-def _host_array(leaf) -> np.ndarray:
-    """A leaf's value on this host: a replicated global array is read from its local copy."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        if not leaf.is_fully_replicated:
-            raise ValueError("checkpoint manifests need replicated (or fully addressable) state arrays")
-        leaf = leaf.addressable_data(0)
-    return np.asarray(leaf)
 
 
 def _paths_and_leaves(tree) -> list[tuple[str, Any]]:
@@ -93,7 +87,7 @@ def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, forc
     step = int(state.step) if step is None else step
     if not (force or manager.should_save(step)):
         return False
-    host_state = jax.tree.map(_host_array, state)
+    host_state = jax.tree.map(host_value, state)
     bad = non_finite_leaves(host_state)
     if bad:
         raise NonFiniteStateError(f"refusing to checkpoint step {step}: {len(bad)} state arrays hold NaN or inf "
@@ -150,7 +144,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state):
         restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)}))[STATE]
     except Exception as error:  # tensorstore/orbax raise bare Exception for truncated or missing data files
         raise CorruptCheckpointError(f"its arrays cannot be read ({_summary(error)})") from error
-    changed = [path for path, entry in manifest(jax.tree.map(_host_array, restored)).items()
+    changed = [path for path, entry in manifest(jax.tree.map(host_value, restored)).items()
                if entry["crc32"] != found[path].get("crc32")]
     if changed:
         raise CorruptCheckpointError(f"{len(changed)} arrays differ from what was saved (checksum mismatch: "
@@ -159,11 +153,14 @@ def restore_step(manager: ocp.CheckpointManager, step: int, state):
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    """Moves a damaged step out of the manager's directory (kept for inspection, never resumed from)."""
+    """Moves a damaged step out of the manager's directory (kept for inspection, never resumed from); process 0
+    moves it in a multi-process run."""
     directory = os.fspath(manager.directory)
     target = os.path.join(f"{directory}.corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(directory, str(step)), target)
+    with primary_first(f"setting aside checkpoint {step}"):
+        if is_primary():
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(directory, str(step)), target)
     manager.reload()
     return target
 

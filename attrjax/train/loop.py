@@ -15,15 +15,17 @@ import jax
 import numpy as np
 import optax
 
+from attrjax.distributed import check_same_everywhere, is_primary, primary_first
 from attrjax.train import checkpoint
 from attrjax.train.run_config import bind_run_config
-from attrjax.train.sharding import data_mesh, replicate, shard_batch
+from attrjax.train.sharding import data_mesh, host_value, replicate, shard_batch
 from attrjax.train.state import TrainState
 from attrjax.train.objective import LossTerm, Objective, as_terms, objective_record
 from attrjax.train.step import jit_train_step, make_train_step
 
 # ``batches(start_step)`` yields the batches of steps start_step, start_step + 1, ...: a pure function of the step,
-# so that a resumed run sees exactly the batches an uninterrupted one would.
+# so that a resumed run sees exactly the batches an uninterrupted one would. In a multi-process run each process
+# yields only its rows of every global batch (``attrjax.train.process_rows``).
 BatchesFrom = Callable[[int], Iterator[dict]]
 STEP_INPUTS = ("image", "labels")  # what the step reads; other keys (e.g. masks) stay on the host
 
@@ -65,7 +67,7 @@ def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int,
     """Raises ``FloatingPointError`` for the first of ``pending`` ``(step, metrics)`` whose losses, gradients or
     updated state are non-finite; one device-to-host transfer for all of them."""
     steps, metrics = zip(*pending)
-    for step, record in zip(steps, jax.device_get(list(metrics))):
+    for step, record in zip(steps, jax.tree.map(host_value, list(metrics))):
         record = {key: (bool(value) if key.endswith("_finite") else float(value)) for key, value in record.items()}
         non_finite = _non_finite_terms(record, terms)
         if non_finite:
@@ -122,6 +124,12 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
       metric_writer: anything with ``write(step, {name: value})`` (``attrjax.train.MetricWriter``: TensorBoard event
         files and a CSV) receives every logged line as ``train/<loss term>``, ``train/images_per_s`` and, with
         ``learning_rate`` (the optimizer's schedule, step -> rate), ``train/learning_rate``.
+      mesh: the devices to train on (default ``data_mesh()``: every device of every process).
+
+    In a multi-process run (``attrjax.distributed.initialize``) every process calls ``train`` with the same
+    arguments except ``batches``, which yields that process's rows; the processes' run records must agree, process 0
+    writes the run record, the log and the metrics, and all of them write the checkpoints (as orbax requires; the
+    directory must be on a file system they share).
 
     Returns:
       ``(state, history)``: the final ``TrainState`` and a list of logged metric dicts (step, losses, images/s).
@@ -135,11 +143,17 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
     checkpoint.check_step_count("log_every", log_every)
     mesh = data_mesh() if mesh is None else mesh
     step_fn = jit_train_step(make_train_step(student, tx, objective, teacher), mesh)
-    state = TrainState.create(variables, tx)
+    # Replicated before a restore, so orbax reads the checkpoint straight into the mesh's layout; a copy, since the
+    # step donates it.
+    state = replicate(TrainState.create(variables, tx), mesh)
+    if not is_primary():
+        log, metric_writer = (lambda line: None), None
     manager = None
     if checkpoint_dir:
-        bind_run_config(checkpoint_dir, run_record(num_steps, objective, state.params, run_config),
-                        on_config_change=on_config_change, log=log)
+        record = run_record(num_steps, objective, state.params, run_config)
+        check_same_everywhere("run record", record)
+        with primary_first(f"binding {checkpoint_dir} to its run record"):
+            bind_run_config(checkpoint_dir, record, on_config_change=on_config_change, log=log)
         manager = checkpoint.checkpoint_manager(checkpoint_dir, save_every=checkpoint_every)
     try:
         if manager is not None:
@@ -154,19 +168,20 @@ def train(student, variables: dict, tx: optax.GradientTransformation, objective:
 
 def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, terms, log_every,
                name, log, metric_writer, learning_rate):
-    start = int(state.step)
+    start = int(host_value(state.step))
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
-    state = replicate(state, mesh)  # a copy: the step donates it
     teacher_variables = replicate(teacher_variables or {}, mesh)
+    rng = replicate(rng, mesh)
 
     history, tick, images_seen, pending, logged_step = [], time.perf_counter(), 0, [], start
     batch_iter = batches(start)
     for step in range(start + 1, num_steps + 1):
         batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
         check_batch(batch, step)
-        state, metrics = step_fn(state, teacher_variables, shard_batch(batch, mesh), rng)
-        images_seen += len(batch["image"])
+        global_batch = shard_batch(batch, mesh)
+        state, metrics = step_fn(state, teacher_variables, global_batch, rng)
+        images_seen += global_batch["image"].shape[0]
         pending.append((step, metrics))
         last = step == num_steps
         saving = manager is not None and (last or manager.should_save(step))
@@ -176,7 +191,7 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
         if saving:
             checkpoint.save(manager, state, step=step, force=last)
         if last or step % log_every == 0:
-            record = {key: float(metrics[key]) for key in _loss_names(terms)}
+            record = {key: float(host_value(metrics[key])) for key in _loss_names(terms)}
             now = time.perf_counter()
             record.update(step=step, images_per_s=images_seen / (now - tick))
             if learning_rate is not None:

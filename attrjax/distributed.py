@@ -1,0 +1,175 @@
+"""Multi-process runs on JAX's multi-controller runtime: one process per host, all running the same program.
+
+Every process calls ``initialize`` first (before any other JAX call), then builds the same mesh over all devices
+(``attrjax.train.data_mesh``). Each process feeds only its rows of every global batch (``process_rows``), reads only
+its share of an evaluation split (``attrjax.data.eval_batches(..., shard=...)``) and gathers per-example results
+with ``gather_rows``. Files shared by all processes (datasets, run records, tables, figures) are written by process
+0 (``is_primary``), before the others read them (``primary_first``). In a single-process run every function here is
+the identity or a no-op, so the same code serves a laptop and a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+# Environment variables that describe a multi-process run by hand (e.g. several GPU hosts without a cluster manager);
+# the first is JAX's own.
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+MODES = ("auto", "on", "off")
+
+
+def detected_cluster() -> str | None:
+    """The cluster manager that launched this process as one of several, from its environment, or None.
+
+    SLURM (``srun`` with more than one task), Open MPI (``mpirun -n`` > 1) and multi-host Cloud TPU (GKE or a TPU
+    VM that lists its workers) are recognised; JAX's ``jax.distributed.initialize`` then finds the coordinator,
+    the process count and this process's id itself.
+    """
+    def count(name: str) -> int:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() else 0
+
+    if count("SLURM_NTASKS") > 1 and "SLURM_PROCID" in os.environ:
+        return "slurm"
+    if count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "ompi"
+    workers = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([worker for worker in workers.split(",") if worker]) > 1:
+        return "tpu"
+    return None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, mode: str = "auto", timeout_s: int = 300) -> bool:
+    """Joins this process to a multi-process run when there is one; returns whether there is.
+
+    Call it before any other JAX call. ``mode``:
+      ``"auto"`` (default): multi-process when a coordinator is given (here or in ``JAX_COORDINATOR_ADDRESS``) or
+        a cluster manager launched several processes (``detected_cluster``); otherwise single-process, nothing done.
+      ``"on"``: always ``jax.distributed.initialize``, with JAX's own detection of what is not given (e.g. a Cloud
+        TPU VM's workers from its metadata server).
+      ``"off"``: never.
+
+    By hand (several GPU hosts, or CPU processes on one machine): give all three of ``coordinator_address``
+    (``host:port`` of process 0, which listens there), ``num_processes`` and ``process_id``, as arguments or as
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. CPU processes exchange data through
+    gloo collectives, which this selects.
+
+    Raises:
+      ValueError: an unknown ``mode``, or a coordinator without the process count and id (no cluster detected).
+      RuntimeError: the processes did not all meet within ``timeout_s`` (a wrong address or port, a process that
+        did not start, or mismatched process counts).
+    """
+    if mode not in MODES:
+        raise ValueError(f"distributed mode must be one of {MODES}, got {mode!r}")
+    coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV) or None
+    num_processes = num_processes if num_processes is not None else _env_int(NUM_PROCESSES_ENV)
+    process_id = process_id if process_id is not None else _env_int(PROCESS_ID_ENV)
+    cluster = detected_cluster()
+    if mode == "off" or (mode == "auto" and coordinator_address is None and cluster is None):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if cluster is None and coordinator_address is not None and None in (num_processes, process_id):
+        raise ValueError(f"a multi-process run with coordinator {coordinator_address} needs the process count and "
+                         f"this process's id too (--num_processes/--process_id, or {NUM_PROCESSES_ENV} and "
+                         f"{PROCESS_ID_ENV}); no cluster manager (SLURM, Open MPI, Cloud TPU) was detected to "
+                         "supply them")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backends only; GPUs and TPUs ignore it
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=timeout_s)
+    except Exception as error:  # the runtime raises XlaRuntimeError / JaxRuntimeError with a gRPC status
+        where = coordinator_address or f"the coordinator of the {cluster or 'detected'} cluster"
+        raise RuntimeError(
+            f"process {process_id} of {num_processes} could not join the run at {where} within {timeout_s} s "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check that process 0 runs and listens "
+            "on that host:port, that every process got the same address and process count, and that the port is "
+            "free and reachable") from error
+    return True
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, which writes the files all processes share and prints the progress."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (a no-op in a single-process run); ``name`` must be the same on all."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str) -> Iterator[None]:
+    """Runs the block on process 0 first and on the others after it has finished, e.g. building a dataset that the
+    others then only read, or writing a record that the others then check. Every process must enter it.
+
+    Raises (on the other processes): ``RuntimeError`` if the block raised on process 0, which raises its own error.
+    """
+    if jax.process_count() == 1:
+        yield
+        return
+    if is_primary():
+        try:
+            yield
+        except BaseException:
+            _tell_others(False)
+            raise
+        _tell_others(True)
+    else:
+        if not _tell_others(None):
+            raise RuntimeError(f"process 0 failed while {name}; its error says why")
+        yield
+
+
+def _tell_others(succeeded: bool | None) -> bool:
+    """Process 0's ``succeeded``, on every process (a collective that every process must reach)."""
+    flag = np.asarray(bool(succeeded))
+    return bool(multihost_utils.broadcast_one_to_all(flag, is_source=is_primary()))
+
+
+def digest(value: Any) -> str:
+    """A short hash of a JSON-compatible value (keys sorted), for comparing settings across processes."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_same_everywhere(what: str, value: Any) -> None:
+    """Raises ``ValueError`` on every process unless all processes hold the same JSON-compatible ``value`` (a
+    config, a run record): processes that disagree would train different models into one checkpoint."""
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(bytes.fromhex(digest(value)), dtype=np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 8)
+    differing = [index for index, theirs in enumerate(everyone) if not np.array_equal(theirs, everyone[0])]
+    if differing:
+        raise ValueError(f"the processes disagree on the {what}: processes {differing} differ from process 0 "
+                         f"(this is process {jax.process_index()}, {what} digest {digest(value)}). Start every process "
+                         "with the same command line, config and code version")
+
+
+def gather_rows(tree):
+    """Every process's arrays (a pytree of host arrays with a leading row axis, the same shapes on every process)
+    concatenated along that axis in process order: the whole split's rows from each process's share. The identity
+    in a single-process run."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

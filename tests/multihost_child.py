@@ -1,0 +1,76 @@
+"""One process of a multi-process training run on 127.0.0.1, started by tests/test_multihost.py.
+
+    python tests/multihost_child.py WORKDIR NUM_PROCESSES PROCESS_ID PORT DEVICES_PER_PROCESS NUM_STEPS [KILL_STEP]
+
+Trains the KD + attribution-matching pair of tests/test_train.py on a mesh of NUM_PROCESSES x DEVICES_PER_PROCESS
+CPU devices, each process feeding its rows of every global batch, checkpointing every 2 steps. With KILL_STEP the
+process SIGKILLs itself before that step runs. Process 0 of a finished run writes WORKDIR/final.npz.
+"""
+
+import os
+import signal
+import sys
+
+workdir, num_processes, process_id, port, devices, num_steps, *kill = sys.argv[1:]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from attrjax import distributed  # noqa: E402
+
+if int(num_processes) > 1:
+    distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
+
+from attrjax.models import init_variables  # noqa: E402
+from attrjax.train import data_mesh, process_rows, sgd, train  # noqa: E402
+from attrjax.train.sharding import host_value  # noqa: E402
+from tests.test_train import MATCHED, _batches, _models  # noqa: E402
+
+BATCH_SIZE = 8
+
+
+def probe_collectives():
+    """The cross-process checks, each with a real disagreement or failure: every process prints what it saw."""
+    try:
+        distributed.check_same_everywhere("probe value", jax.process_index())
+    except ValueError as error:
+        print(f"check: {error}")
+    try:
+        with distributed.primary_first("probing"):
+            if distributed.is_primary():
+                raise KeyError("probe")
+    except KeyError:
+        print("primary_first: process 0 raised its own error")
+    except RuntimeError as error:
+        print(f"primary_first: {error}")
+    print(f"gathered {distributed.gather_rows(np.full(2, jax.process_index())).tolist()}")
+
+
+def main():
+    mesh = data_mesh()
+    rows = process_rows(BATCH_SIZE, mesh)
+    kill_step = int(kill[0]) if kill else -1
+    if jax.process_count() > 1:
+        probe_collectives()
+
+    def batches(start_step):
+        for step, batch in enumerate(_batches(BATCH_SIZE)(start_step), start_step + 1):
+            if step == kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield {key: value[rows] for key, value in batch.items()}
+
+    teacher, student = _models()
+    state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, batches,
+                           int(num_steps), rng=jax.random.key(5), teacher=teacher,
+                           teacher_variables=init_variables(teacher, jax.random.key(0)), mesh=mesh,
+                           checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log_every=1)
+    print(f"process {jax.process_index()}: rows {rows.start}:{rows.stop} of {BATCH_SIZE}, {len(history)} log lines")
+    if distributed.is_primary():
+        leaves = jax.tree_util.tree_flatten_with_path(jax.tree.map(host_value, (state.params, state.batch_stats)))[0]
+        np.savez(os.path.join(workdir, "final.npz"), **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})
+
+
+if __name__ == "__main__":
+    main()
