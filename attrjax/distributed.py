@@ -1,11 +1,11 @@
 """Multi-process runs on JAX's multi-controller runtime: one process per host, all running the same program.
 
 Every process calls ``initialize`` first (before any other JAX call), then builds the same mesh over all devices
-(``attrjax.train.data_mesh``). Each process feeds only its rows of every global batch (``process_rows``), reads only
-its share of an evaluation split (``attrjax.data.eval_batches(..., shard=...)``) and gathers per-example results
-with ``gather_rows``. Files shared by all processes (datasets, run records, tables, figures) are written by process
-0 (``is_primary``), before the others read them (``primary_first``). In a single-process run every function here is
-the identity or a no-op, so the same code serves a laptop and a TPU pod slice.
+(``attrjax.train.data_mesh``). Each process feeds only its rows of every global batch (``process_rows``), reads
+only its share of an evaluation split (``attrjax.data.eval_batches(..., shard=process_shard())``) and gathers
+per-example results with ``gather_rows``. Files shared by all processes (datasets, run records, tables, figures)
+are written by process 0 (``is_primary``), before the others read them (``primary_first``). In a single-process
+run every function here is the identity or a no-op, so the same code serves a laptop and a TPU pod slice.
 """
 
 from __future__ import annotations
@@ -164,6 +164,12 @@ def check_same_everywhere(what: str, value: Any) -> None:
         raise ValueError(f"the processes disagree on the {what}: processes {differing} differ from process 0 "
                          f"(this is process {jax.process_index()}, {what} digest {digest(value)}). Start every process "
                          "with the same command line, config and code version")
+
+
+def process_shard() -> tuple[int, int]:
+    """``(this process's index, the process count)``: the share of an evaluation split this process reads
+    (``attrjax.data.eval_batches(..., shard=process_shard())``)."""
+    return jax.process_index(), jax.process_count()
 
 
 def gather_rows(tree):

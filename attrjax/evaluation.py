@@ -20,6 +20,7 @@ import numpy as np
 
 from attrjax.attribution import minmax_normalize, resize_maps
 from attrjax.attribution.methods import check_method, class_maps
+from attrjax.distributed import gather_rows
 from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve, f1_samples, insertion_curve,
                              localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
                              summarize_localization, top_k_iou)
@@ -121,13 +122,14 @@ class ClassificationEvaluator:
         self.f1_threshold = f1_threshold
 
     def predictions(self, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N,K) and labels (N,K) of the batches' ``valid`` rows."""
-        logits, labels = [], []
-        for batch in batches:
-            valid = np.asarray(batch["valid"])
-            logits.append(np.asarray(self.predict_fn(variables, batch["image"]))[valid])
-            labels.append(np.asarray(batch["labels"])[valid])
-        return np.concatenate(logits), np.concatenate(labels)
+        """Logits (N,K) and labels (N,K) of the batches' ``valid`` rows; in a multi-process run, of every process's
+        batches (its share of the split, ``eval_batches(..., shard=process_shard())``), in process order."""
+        rows = [{"logits": np.asarray(self.predict_fn(variables, batch["image"])),
+                 "labels": np.asarray(batch["labels"]), "valid": np.asarray(batch["valid"])} for batch in batches]
+        if not rows:
+            raise ValueError("no batches to evaluate: pass at least one eval batch")
+        rows = gather_rows(_concatenated(rows))
+        return rows["logits"][rows["valid"]], rows["labels"][rows["valid"]]
 
     def run(self, variables: dict, batches: Iterable[dict]) -> Iterator[tuple[str, float]]:
         yield from classification_report(*self.predictions(variables, batches),
@@ -208,26 +210,29 @@ class AttributionEvaluator:
           their ``*_excluded`` counts and the faithfulness AUCs) and the kept examples.
         """
         reference_maps_of = self._reference_maps_fn(reference)
-        per_batch, per_image, kept, raw_per_batch = [], [], [], []
+        per_batch, per_image, valid_rows, kept, raw_per_batch = [], [], [], [], []
         for index, batch in enumerate(batches):
             raw_maps, logits = self.attribute(variables, batch["image"])
             maps, scores = self.score_batch(raw_maps, logits, batch["mask"], reference_maps_of(index, batch, raw_maps))
             if keep_raw_maps:
                 raw_per_batch.append(np.asarray(raw_maps))
             valid = np.asarray(batch["valid"])
-            per_batch.append({key: np.asarray(value)[valid] for key, value in scores.items()})
+            valid_rows.append(valid)
+            per_batch.append(jax.tree.map(np.asarray, scores))
             if self.faithfulness_steps:
                 curves = _top_class_faithfulness(self.model, self.faithfulness_steps, variables, batch["image"], maps,
                                                  logits)
-                per_image.append({key: np.asarray(value)[valid] for key, value in curves.items()})
+                per_image.append(jax.tree.map(np.asarray, curves))
             if sum(len(k["maps"]) for k in kept) < keep_maps:
                 kept.append({key: np.asarray(value)[valid] for key, value in
                              {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
         if not per_batch:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
-        summary = summarize_scores({key: np.concatenate([s[key] for s in per_batch]) for key in per_batch[0]})
-        if per_image:
-            summary.update({key: float(np.mean(np.concatenate([p[key] for p in per_image]))) for key in per_image[0]})
+        per_batch, per_image, valid = gather_rows(
+            (_concatenated(per_batch), _concatenated(per_image), np.concatenate(valid_rows)))
+        summary = summarize_scores({key: value[valid] for key, value in per_batch.items()})
+        if self.faithfulness_steps:
+            summary.update({key: float(np.mean(value[valid])) for key, value in per_image.items()})
         examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
         if keep_raw_maps:
             examples["raw_maps"] = raw_per_batch
@@ -255,6 +260,11 @@ class AttributionEvaluator:
             maps_fn = jax.jit(_all_class_maps(model, self.layer, self.method, self.method_options))
             self._reference_attributions[id(model)] = (model, maps_fn)
         return self._reference_attributions[id(model)][1]
+
+
+def _concatenated(batches: list):
+    """Per-batch pytrees of arrays -> one pytree of them concatenated along the row axis (``{}`` for none)."""
+    return jax.tree.map(lambda *rows: np.concatenate(rows), *batches) if batches else {}
 
 
 def batch_scores(raw_maps: jax.Array, logits: jax.Array, segmentation: jax.Array, reference_maps: jax.Array | None,

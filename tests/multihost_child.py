@@ -23,6 +23,9 @@ from attrjax import distributed  # noqa: E402
 if int(num_processes) > 1:
     distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
 
+from attrjax.data import SHAPES_NORMALIZATION, eval_batches  # noqa: E402
+from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
+from attrjax.files import write_json  # noqa: E402
 from attrjax.models import init_variables  # noqa: E402
 from attrjax.train import data_mesh, process_rows, sgd, train  # noqa: E402
 from attrjax.train.sharding import host_value  # noqa: E402
@@ -48,6 +51,21 @@ def probe_collectives():
     print(f"gathered {distributed.gather_rows(np.full(2, jax.process_index())).tolist()}")
 
 
+def evaluate(model, variables) -> dict:
+    """mAP and Grad-CAM localisation on 11 masked images, each process evaluating its share."""
+    rng = np.random.default_rng(7)
+    split = {"image": rng.integers(0, 256, (11, 16, 16, 3), dtype=np.uint8),
+             "labels": rng.random((11, 4)) > 0.5, "mask": rng.integers(0, 5, (11, 16, 16), dtype=np.uint8)}
+
+    def batches():
+        return eval_batches(split, 4, normalization=SHAPES_NORMALIZATION, shard=distributed.process_shard())
+
+    report = dict(ClassificationEvaluator(model).run(variables, batches()))
+    evaluator = AttributionEvaluator(model, layer="pool2", prediction_rule="positive_logit", faithfulness_steps=2)
+    report.update(evaluator.evaluate(variables, batches(), reference="self")[0])
+    return report
+
+
 def main():
     mesh = data_mesh()
     rows = process_rows(BATCH_SIZE, mesh)
@@ -67,7 +85,10 @@ def main():
                            teacher_variables=init_variables(teacher, jax.random.key(0)), mesh=mesh,
                            checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log_every=1)
     print(f"process {jax.process_index()}: rows {rows.start}:{rows.stop} of {BATCH_SIZE}, {len(history)} log lines")
+    teacher_variables = init_variables(teacher, jax.random.key(0))
+    report = evaluate(teacher, teacher_variables)
     if distributed.is_primary():
+        write_json(os.path.join(workdir, "eval.json"), report)
         leaves = jax.tree_util.tree_flatten_with_path(jax.tree.map(host_value, (state.params, state.batch_stats)))[0]
         np.savez(os.path.join(workdir, "final.npz"), **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})
 

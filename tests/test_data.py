@@ -370,6 +370,11 @@ def test_resumed_train_batches_equal_the_uninterrupted_run():
         chex.assert_trees_all_equal(actual, expected)
     other_seed = next(pipeline.train_batches(arrays, 3, seed=10, normalization=pipeline.SHAPES_NORMALIZATION))
     assert not np.array_equal(other_seed["image"], uninterrupted[0]["image"])
+    # Processes that each build their rows of a batch build the same global batch together.
+    parts = [list(pipeline.train_batches(arrays, 3, num_steps=12, rows=rows, **kwargs))
+             for rows in (slice(0, 1), slice(1, 3))]
+    for expected, *rows in zip(uninterrupted, *parts, strict=True):
+        chex.assert_trees_all_equal(jax.tree.map(lambda *part: np.concatenate(part), *rows), expected)
 
 
 def test_eval_batches_pad_the_last_batch_and_mark_it():
@@ -395,6 +400,13 @@ def test_eval_batches_pad_the_last_batch_and_mark_it():
     np.testing.assert_array_equal(valid["labels"], arrays["labels"].astype(np.float32))
     with pytest.raises(ValueError, match="batch_size"):
         pipeline.eval_batches(arrays, 0, normalization=IDENTITY)
+    # Three processes' shares: contiguous blocks of 4, 4, 2 examples, one batch each, in order when gathered.
+    shares = [list(pipeline.eval_batches(arrays, 4, normalization=IDENTITY, shard=(index, 3))) for index in range(3)]
+    assert [len(share) for share in shares] == [1, 1, 1]
+    gathered = jax.tree.map(lambda *part: np.concatenate(part), *[share[0] for share in shares])
+    np.testing.assert_array_equal(_pixels(gathered["image"][gathered["valid"]]), arrays["image"])
+    with pytest.raises(ValueError, match="shard must be"):
+        pipeline.eval_batches(arrays, 4, normalization=IDENTITY, shard=(3, 3))
 
 
 @pytest.mark.parametrize(

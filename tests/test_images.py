@@ -4,6 +4,7 @@ import io
 import math
 
 import chex
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -68,6 +69,10 @@ def test_crop_batches_are_reproducible_and_resume_exactly():
     full = list(random_resized_crop_batches(split, 4, num_steps=4, **options))
     resumed = list(random_resized_crop_batches(split, 4, start_step=2, num_steps=2, **options))
     chex.assert_trees_all_equal(full[2:], resumed)
+    halves = [list(random_resized_crop_batches(split, 4, num_steps=4, rows=rows, **options))
+              for rows in (slice(0, 2), slice(2, 4))]
+    for expected, first, second in zip(full, *halves, strict=True):  # each process decodes only its rows
+        chex.assert_trees_all_equal(jax.tree.map(lambda *part: np.concatenate(part), first, second), expected)
     chex.assert_shape(full[0]["image"], (4, 16, 16, 3))
     assert full[0]["image"].dtype == np.float32
     other_seed = next(random_resized_crop_batches(split, 4, num_steps=1, **(options | {"seed": 4})))

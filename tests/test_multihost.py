@@ -2,6 +2,7 @@
 process x 4 devices does and resume after both are killed; the cross-process checks see real disagreements."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -64,6 +65,10 @@ def test_two_processes_train_as_one_and_resume_after_both_are_killed(tmp_path):
     # Each device sees the same rows in both layouts; only the order of the cross-device gradient sums differs
     # (in-process vs gloo), so the weights agree to float32 rounding, not bit for bit.
     chex.assert_trees_all_close(_final(tmp_path / "multi"), _final(tmp_path / "single"), atol=1e-5, rtol=1e-5)
+    # The evaluation, split over the processes and gathered, scores every image once: the same as one process.
+    single_eval, multi_eval = (json.loads((tmp_path / run / "eval.json").read_text()) for run in ("single", "multi"))
+    assert single_eval["num_images"] == 11 and single_eval["num_counted"] > 0
+    chex.assert_trees_all_close(multi_eval, single_eval, rtol=1e-6)
 
 
 def test_a_coordinator_without_the_process_count_and_id_is_refused(monkeypatch):

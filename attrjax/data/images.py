@@ -154,15 +154,17 @@ def random_resized_crop_batches(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     workers: int | None = None,
+    rows: slice = slice(None),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields training batches for steps start_step, start_step + 1, ... (forever when num_steps is None).
 
     Each epoch visits a fresh permutation of the images in full batches (the last N mod B sit that epoch out).
     Every image is cropped to a RandomResizedCrop box, resized to `image_size` (bilinear, antialiased as PIL
-    resizes) and flipped horizontally with probability 1/2; images decode on `workers` threads.
+    resizes) and flipped horizontally with probability 1/2; images decode on `workers` threads. `rows`: the rows
+    of every batch to decode (a process's, as in `train_batches`); the others' boxes are drawn and skipped.
 
     Yields:
-      dict with `image` float32 (B, S, S, 3) normalised and `labels` float32 (B, K).
+      dict with `image` float32 (R, S, S, 3) normalised and `labels` float32 (R, K), R the number of `rows`.
     """
     if batch_size < 1 or batch_size > len(split):
         raise ValueError(f"batch_size must be in [1, {len(split)}] for {len(split)} images, got {batch_size}")
@@ -173,11 +175,11 @@ def random_resized_crop_batches(
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     stop_step = None if num_steps is None else start_step + num_steps
     return _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale,
-                              ratio, workers or default_workers())
+                              ratio, workers or default_workers(), rows)
 
 
 def _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale, ratio,
-                       workers) -> Iterator[dict[str, np.ndarray]]:
+                       workers, rows) -> Iterator[dict[str, np.ndarray]]:
     steps_per_epoch = len(split) // batch_size
     epoch, order = None, None
     step = start_step
@@ -191,8 +193,9 @@ def _crop_batch_stream(split, batch_size, image_size, seed, normalization, start
             rng = np.random.default_rng([seed, _CROP_STREAM, step])
             boxes = [random_resized_crop_box(rng, *split.sizes[i], scale=scale, ratio=ratio) for i in indices]
             flips = rng.random(batch_size) < 0.5
+            indices, boxes, flips = indices[rows], boxes[rows], flips[rows]
             pixels = pool.map(_crop_resize_flip, [split.images[i] for i in indices],
-                              [split.names[i] for i in indices], boxes, flips, [image_size] * batch_size)
+                              [split.names[i] for i in indices], boxes, flips, [image_size] * len(indices))
             yield {"image": normalize(np.stack(list(pixels)), normalization),
                    "labels": split.labels[indices].astype(np.float32)}
             step += 1

@@ -100,6 +100,7 @@ def train_batches(
     num_steps: int | None = None,
     augment: bool = True,
     crop_padding: int = 4,
+    rows: slice = slice(None),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields training batches for steps start_step, start_step + 1, ... (forever when num_steps is None).
 
@@ -107,8 +108,13 @@ def train_batches(
     of that epoch). Augmentation crops an H x W window from the image reflect-padded by `crop_padding` and
     flips it horizontally with probability 1/2; the mask gets the same crop and flip.
 
+    `rows`: the rows of every batch to produce, e.g. this process's (`attrjax.train.process_rows`) in a
+    multi-process run. Every process draws the same order and augmentation, so the global batch is the same
+    however many processes share it, and each builds only its rows.
+
     Yields:
-      dict with `image` float32 (B, H, W, 3) normalised, `labels` float32 (B, K), `mask` uint8 (B, H, W).
+      dict with `image` float32 (R, H, W, 3) normalised, `labels` float32 (R, K), `mask` uint8 (R, H, W), R the
+      number of `rows` (B by default).
     """
     num_examples = _num_examples(arrays)
     # Contiguous, so that the flat views below are views and not copies of the whole split every step.
@@ -124,7 +130,7 @@ def train_batches(
     stop_step = None if num_steps is None else start_step + num_steps
     # Arguments are checked above, when train_batches is called; the generator below runs on iteration.
     return _train_batch_stream(
-        images, masks, labels, batch_size, seed, normalization, start_step, stop_step, augment, crop_padding
+        images, masks, labels, batch_size, seed, normalization, start_step, stop_step, augment, crop_padding, rows
     )
 
 
@@ -139,6 +145,7 @@ def _train_batch_stream(
     stop_step: int | None,
     augment: bool,
     crop_padding: int,
+    rows: slice,
 ) -> Iterator[dict[str, np.ndarray]]:
     num_examples, height, width = images.shape[:3]
     steps_per_epoch = num_examples // batch_size
@@ -152,13 +159,17 @@ def _train_batch_stream(
         indices = order[position * batch_size:(position + 1) * batch_size]
         if augment:
             rng = np.random.default_rng([seed, _AUGMENT_STREAM, step])
-            rows, cols = _augmented_indices(rng, batch_size, height, width, crop_padding)
-            # Flat pixel index (B, H, W) of each output pixel's source; np.take on it is ~5x faster than
+            source_rows, source_cols = (pixels[rows] for pixels in
+                                        _augmented_indices(rng, batch_size, height, width, crop_padding))
+            indices = indices[rows]
+            # Flat pixel index (R, H, W) of each output pixel's source; np.take on it is ~5x faster than
             # indexing with three broadcast index arrays.
-            source_pixels = (indices[:, None] * height + rows)[:, :, None] * width + cols[:, None, :]
+            source_pixels = ((indices[:, None] * height + source_rows)[:, :, None] * width
+                             + source_cols[:, None, :])
             batch_images = np.take(images.reshape(-1, 3), source_pixels, axis=0)
             batch_masks = np.take(masks.reshape(-1), source_pixels)
         else:
+            indices = indices[rows]
             batch_images, batch_masks = images[indices], masks[indices]
         yield {
             "image": normalize(batch_images, normalization),
@@ -169,12 +180,18 @@ def _train_batch_stream(
 
 
 def eval_batches(
-    arrays: Mapping[str, np.ndarray], batch_size: int, *, normalization: Normalization
+    arrays: Mapping[str, np.ndarray], batch_size: int, *, normalization: Normalization,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields the examples in order, unaugmented, in batches of exactly `batch_size`.
 
     The last batch is padded with copies of example 0; `valid` marks the real examples, so a jitted
     evaluation sees one shape throughout and never retraces. `mask` is optional (classification-only splits).
+
+    `shard=(index, count)`: only the index-th of `count` contiguous blocks of ceil(N / count) examples, e.g. this
+    process's share in a multi-process run (`attrjax.distributed.process_shard()`); every block yields the same
+    number of batches, so the processes run the same number of evaluation steps, and their rows gathered in
+    process order (`attrjax.distributed.gather_rows`) are the split in order.
 
     Yields:
       dict with `image` float32 (B, H, W, 3) normalised, `labels` float32 (B, K), `valid` bool (B,), and
@@ -182,15 +199,21 @@ def eval_batches(
     """
     num_examples = _num_examples(arrays, required=("image", "labels"))
     _check_batch_size(batch_size)
-    return _eval_batch_stream(arrays, num_examples, batch_size, normalization)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    block = -(-num_examples // count)
+    start, stop = min(index * block, num_examples), min((index + 1) * block, num_examples)
+    return _eval_batch_stream(arrays, start, stop, -(-block // batch_size), batch_size, normalization)
 
 
 def _eval_batch_stream(
-    arrays: Mapping[str, np.ndarray], num_examples: int, batch_size: int, normalization: Normalization
+    arrays: Mapping[str, np.ndarray], start: int, stop: int, num_batches: int, batch_size: int,
+    normalization: Normalization
 ) -> Iterator[dict[str, np.ndarray]]:
-    for start in range(0, num_examples, batch_size):
-        positions = np.arange(start, start + batch_size)
-        valid = positions < num_examples
+    for first in range(start, start + num_batches * batch_size, batch_size):
+        positions = np.arange(first, first + batch_size)
+        valid = positions < stop
         indices = np.where(valid, positions, 0)
         batch = {
             "image": normalize(arrays["image"][indices], normalization),
