@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -21,13 +22,15 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
 from attrjax import data as attr_data
+from attrjax import distributed
 from attrjax.data import tfds_datasets, voc
 from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
                             resnet50, resnet_small, vgg)
 from attrjax.pruning import keep_pruned_at_zero
 from attrjax.train import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
-                           checkpoint_manager, make_optimizer, optimizer_schedule, read_run_config, restore_latest,
-                           run_record, train)
+                           checkpoint_manager, data_mesh, make_optimizer, optimizer_schedule, process_rows,
+                           read_run_config, replicate, restore_latest, run_record, train)
+from attrjax.train.sharding import host_value
 from attrjax.train.run_config import ON_CONFIG_CHANGE
 
 
@@ -85,17 +88,45 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and results go")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. "
                         "teacher.num_steps=100")
+    group = parser.add_argument_group("multi-process runs (one process per host; see docs/multihost.md)")
+    group.add_argument("--distributed", choices=distributed.MODES, default="auto",
+                       help="auto: join a multi-process run when a coordinator is given or a cluster manager (SLURM, "
+                       "Open MPI, Cloud TPU) started several processes; on: always (JAX detects the rest); off")
+    group.add_argument("--coordinator_address", default=None,
+                       help=f"host:port of process 0 (or {distributed.COORDINATOR_ENV})")
+    group.add_argument("--num_processes", type=int, default=None, help=f"(or {distributed.NUM_PROCESSES_ENV})")
+    group.add_argument("--process_id", type=int, default=None, help=f"(or {distributed.PROCESS_ID_ENV})")
     return parser
+
+
+def join_processes(args) -> None:
+    """Joins a multi-process run when the command line or environment describes one; the processes other than 0
+    write their output to ``<workdir>/logs/process_<i>.log`` (errors still reach stderr)."""
+    if not distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                  mode=args.distributed):
+        return
+    if not distributed.is_primary():
+        path = os.path.join(args.workdir, "logs", f"process_{jax.process_index()}.log")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sys.stdout = open(path, "a", buffering=1)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
+          f"{jax.device_count()} devices")
 
 
 def main_for(run: Callable, doc: str, validate: Callable | None = None):
     """The command line of an experiment module: ``validate(config)`` (when given: a module's ``run`` expects a
-    validated config), then ``run(config, workdir)``, with --config, --workdir and --set."""
+    validated config), then ``run(config, workdir)``, with --config, --workdir, --set and the multi-process flags.
+    Every process of a multi-process run must get the same config (checked)."""
     args = arg_parser(doc.splitlines()[0]).parse_args()
+    try:
+        join_processes(args)
+    except (ValueError, RuntimeError) as error:
+        sys.exit(f"error: {error}")
     # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
     try:
         config = load_config(args.config, args.set)
+        distributed.check_same_everywhere("config", config.to_dict())
         if validate is not None:
             validate(config)
         run(config, args.workdir)
@@ -226,7 +257,8 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray] | attr_
     quiet_tfds()
     normalization(config)  # an unknown dataset name fails here
     loaders = {"shapes": _shapes_splits, "voc2012": _voc_splits}
-    splits = loaders.get(config.data.name, _tfds_splits)(config, data_dir(config, workdir))
+    with distributed.primary_first("building the dataset"):  # the others find it built
+        splits = loaders.get(config.data.name, _tfds_splits)(config, data_dir(config, workdir))
     num_classes = splits["localization"]["labels"].shape[1]
     if num_classes != config.data.num_classes:
         raise ValueError(f"{config.data.name} has {num_classes} classes but config.data.num_classes is "
@@ -284,18 +316,22 @@ def init_model(model, rng: jax.Array, config) -> dict:
 
 
 def eval_batches(arrays: dict, config):
-    return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=normalization(config))
+    """This process's share of an evaluation split (all of it in a single-process run)."""
+    return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=normalization(config),
+                                  shard=distributed.process_shard())
 
 
 def train_batches(train_split, config, start_step: int):
-    """The training stream from ``start_step``: random crops of in-memory arrays (shapes) or RandomResizedCrop of
-    encoded images (the real datasets)."""
+    """The training stream from ``start_step``, this process's rows of every global batch: random crops of
+    in-memory arrays (shapes) or RandomResizedCrop of encoded images (the real datasets)."""
+    rows = process_rows(config.data.batch_size, data_mesh())
     if isinstance(train_split, attr_data.LabeledImages):
         return attr_data.random_resized_crop_batches(
             train_split, config.data.batch_size, image_size=config.data.image_size, seed=config.seed,
-            start_step=start_step, normalization=normalization(config))
+            start_step=start_step, normalization=normalization(config), rows=rows)
     return attr_data.train_batches(train_split, config.data.batch_size, seed=config.seed, start_step=start_step,
-                                   crop_padding=config.data.crop_padding, normalization=normalization(config))
+                                   crop_padding=config.data.crop_padding, normalization=normalization(config),
+                                   rows=rows)
 
 
 def make_objective(config, **options) -> Objective:
@@ -345,6 +381,13 @@ def metrics_dir(name: str, workdir: str) -> str:
     return os.path.join(workdir, name.split("/")[0], "metrics")
 
 
+def metric_writer(directory: str, step_offset: int = 0):
+    """A ``MetricWriter`` on process 0; nothing (None) on the others."""
+    if distributed.is_primary():
+        return MetricWriter(directory, step_offset=step_offset)
+    return contextlib.nullcontext()
+
+
 def fit(name: str, model, variables: dict, optimizer, objective: Objective, num_steps: int, config, workdir: str,
         train_split, *, settings: dict, teacher=None, teacher_variables: dict | None = None, masks=None,
         step_offset: int = 0) -> dict:
@@ -360,14 +403,14 @@ def fit(name: str, model, variables: dict, optimizer, objective: Objective, num_
         tx = keep_pruned_at_zero(tx, masks)
     _, step_key = run_keys(name, config)
     batches = functools.partial(train_batches, train_split, config)
-    with MetricWriter(metrics_dir(name, workdir), step_offset=step_offset) as writer:
+    with metric_writer(metrics_dir(name, workdir), step_offset=step_offset) as writer:
         state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
                          teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
                          checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
                          run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
                          on_config_change=config.on_config_change, metric_writer=writer,
                          learning_rate=optimizer_schedule(optimizer, num_steps))
-    return jax.device_get(state.variables)
+    return jax.tree.map(host_value, state.variables)
 
 
 def restore_finished(name: str, template: dict, tx: optax.GradientTransformation, objective: Objective,
@@ -381,13 +424,15 @@ def restore_finished(name: str, template: dict, tx: optax.GradientTransformation
                                            run_config(name, settings, config, workdir, with_teacher=with_teacher)))
     manager = checkpoint_manager(directory, save_every=config.checkpoint_every)
     try:
-        state = restore_latest(manager, TrainState.create(template, tx), log=lambda line: print(f"[{name}] {line}"))
+        state = restore_latest(manager, replicate(TrainState.create(template, tx), data_mesh()),
+                               log=lambda line: print(f"[{name}] {line}"))
     finally:
         manager.close()
+    state = jax.tree.map(host_value, state)
     if int(state.step) != num_steps:
         raise FileNotFoundError(f"{directory} holds no finished run of {name!r} (newest intact step "
                                 f"{int(state.step)}, expected {num_steps}); rerun its training command to finish it")
-    return jax.device_get(state.variables)
+    return state.variables
 
 
 def train_model(name: str, model_config, objective: Objective, config, workdir: str, train_split, *,

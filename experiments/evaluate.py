@@ -22,12 +22,12 @@ import time
 import numpy as np
 
 from attrjax import data as attr_data
+from attrjax import distributed
 from attrjax.attribution.methods import resolve_methods
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
-from attrjax.train import MetricWriter
 from attrjax.train.loop import format_duration
 from attrjax.train.metrics import CSV_NAME
 from experiments import common, prune, quantize
@@ -131,8 +131,9 @@ def write_evaluation_metrics(name: str, row: dict, workdir: str) -> None:
     scalars = {f"eval/{key}": value for key, value in numbers(row).items()}
     for method, summary in row["methods"].items():
         scalars.update({f"eval/{method}/{key}": value for key, value in numbers(summary).items()})
-    with MetricWriter(directory) as writer:
-        writer.write(last_training_step(directory), scalars)
+    with common.metric_writer(directory) as writer:
+        if writer is not None:  # process 0
+            writer.write(last_training_step(directory), scalars)
 
 
 def markdown_table(results: dict, method: str) -> str:
@@ -238,6 +239,13 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
                                                                           progress)
         write_evaluation_metrics(name, results[name], workdir)
 
+    if distributed.is_primary():
+        write_results(results, examples, methods, localization, config, workdir)
+    return results
+
+
+def write_results(results: dict, examples: dict, methods: tuple, localization: dict, config, workdir: str) -> None:
+    """results.json, results.csv, results.md and the figures, with the main table printed."""
     table = markdown_table(results, methods[0])
     print("\n" + table + "\n")
     write_json(os.path.join(workdir, "results.json"), {"config": config.to_dict(), "results": results})
@@ -264,7 +272,6 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     figures = write_figures(workdir, examples, methods, config)
     print(f"wrote {os.path.join(workdir, 'results.json')}, results.csv, results.md and "
           + (", ".join(figures) if figures else "no figures (eval.figure_images=0)"))
-    return results
 
 
 def main():

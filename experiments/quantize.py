@@ -23,6 +23,7 @@ import time
 
 import ml_collections
 
+from attrjax import distributed
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
 from attrjax.train import make_optimizer
 from experiments import common
@@ -105,8 +106,10 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
                                    common.compression_objective(config, quantization_run), settings.num_steps, config,
                                    workdir, splits["train"], settings=run_settings(config), teacher=teacher,
                                    teacher_variables=teacher_variables)
-        os.makedirs(os.path.join(workdir, name), exist_ok=True)
-        deploy(quantized, variables).save(os.path.join(workdir, name, "deployed.npz"))
+        deployed = deploy(quantized, variables)
+        if distributed.is_primary():
+            os.makedirs(os.path.join(workdir, name), exist_ok=True)
+            deployed.save(os.path.join(workdir, name, "deployed.npz"))
         seconds[name] = time.perf_counter() - started
     return seconds
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrjax import distributed
 from attrjax.attribution import input_x_gradient, lrp, propagation_maps, rap, rap_composite
 from attrjax.attribution.rap import RapHidden
 from attrjax.data.pipeline import normalize
@@ -100,6 +101,8 @@ def run(config, workdir: str) -> dict:
         print(name, {key: None if value is None else round(value, 3) for key, value in rows[name].items()}, flush=True)
     text = markdown(rows, float(border.mean()), len(images))
     print("\n" + text)
+    if not distributed.is_primary():
+        return rows
     with open(os.path.join(workdir, "rap_border.json"), "w") as f:
         json.dump({"border_area": float(border.mean()), "images": len(images), "models": rows}, f, indent=2)
     with open(os.path.join(workdir, "rap_border.md"), "w") as f:
