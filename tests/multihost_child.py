@@ -27,7 +27,7 @@ from attrjax.data import SHAPES_NORMALIZATION, eval_batches  # noqa: E402
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
 from attrjax.files import write_json  # noqa: E402
 from attrjax.models import init_variables  # noqa: E402
-from attrjax.train import data_mesh, process_rows, sgd, train  # noqa: E402
+from attrjax.train import data_mesh, process_rows, sgd, shard_batch, train  # noqa: E402
 from attrjax.train.sharding import host_value  # noqa: E402
 from tests.test_train import MATCHED, _batches, _models  # noqa: E402
 
@@ -72,6 +72,10 @@ def main():
     kill_step = int(kill[0]) if kill else -1
     if jax.process_count() > 1:
         probe_collectives()
+    try:
+        shard_batch({"image": np.zeros((3, 16, 16, 3), np.float32)}, mesh)
+    except ValueError as error:
+        print(f"indivisible batch: {error}")
 
     def batches(start_step):
         for step, batch in enumerate(_batches(BATCH_SIZE)(start_step), start_step + 1):

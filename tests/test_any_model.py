@@ -78,9 +78,9 @@ def test_any_model_on_four_devices_equals_one_device():
     script = textwrap.dedent("""
         import chex, jax, numpy as np
         from attrjax.train import TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
-        from tests.test_any_model import KINDS, batches, objective, pair
+        from tests.test_any_model import batches, objective, pair
         assert jax.device_count() == 4, jax.devices()
-        for kind in KINDS:
+        for kind in ("nnx",):  # VGG and ResNet-like linen models: tests/test_multihost.py
             teacher, teacher_variables, student, student_variables, layer = pair(kind)
             results = []
             for devices in (jax.devices()[:1], jax.devices()):
@@ -103,4 +103,4 @@ def test_any_model_on_four_devices_equals_one_device():
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["resnet", "OK", "nnx", "OK"]
+    assert result.stdout.split() == ["nnx", "OK"]
