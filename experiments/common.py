@@ -157,6 +157,7 @@ def check_config(config) -> None:
     check_count("data.image_size", config.data.image_size)
     check_count("data.num_classes", config.data.num_classes, minimum=2)
     check_fraction("stochastic_drop_rate", config.stochastic_drop_rate)
+    compute_dtype(config)
     if config.data.name == "shapes":
         check_count("data.seed", config.data.seed, minimum=0)
     if not isinstance(config.runs, str):
@@ -281,22 +282,32 @@ def num_images(split: dict[str, np.ndarray] | attr_data.LabeledImages) -> int:
 
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small}
 ARCHITECTURES = ("vgg",) + tuple(RESNETS)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(model_config, config):
+def compute_dtype(config):
+    """What teachers and students train in (``config.compute_dtype``); parameters, optimizer state, losses and maps
+    stay float32, and evaluation runs in float32."""
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
+    return COMPUTE_DTYPES[config.compute_dtype]
+
+
+def build_model(model_config, config, *, dtype=None):
     """The model of a teacher/student config by ``arch``: ``vgg`` (``layout``, ``width_divisor``, ``dropout_rate``,
     ``head_pooling``) or a ResNet (``resnet18/34/50`` with ``width_divisor`` and ``stem``; ``resnet_small`` with
-    ``width_divisor`` and ``stage_sizes``)."""
+    ``width_divisor`` and ``stage_sizes``), computing in ``dtype`` (default: ``compute_dtype(config)``)."""
     arch = model_config.arch
+    dtype = compute_dtype(config) if dtype is None else dtype
     if arch == "vgg":
         return vgg(model_config.layout, num_classes=config.data.num_classes, image_size=config.data.image_size,
                    width_divisor=model_config.width_divisor, attribution_layer=config.matching_layer,
-                   dropout_rate=model_config.dropout_rate, head_pooling=model_config.head_pooling)
+                   dropout_rate=model_config.dropout_rate, head_pooling=model_config.head_pooling, dtype=dtype)
     if arch not in RESNETS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     options = ({"stage_sizes": tuple(model_config.stage_sizes)} if arch == "resnet_small"
                else {"stem": model_config.stem})
-    return RESNETS[arch](config.data.num_classes, width_divisor=model_config.width_divisor, **options)
+    return RESNETS[arch](config.data.num_classes, width_divisor=model_config.width_divisor, dtype=dtype, **options)
 
 
 def example_images(config) -> jax.Array:
@@ -366,6 +377,8 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
     for runs trained against the teacher, the digest of the teacher run they learnt from."""
     data = {key: value for key, value in config.data.to_dict().items() if key not in DATA_LOCATIONS}
     record = {"run": name, "seed": config.seed, "data": data, "settings": settings}
+    if config.compute_dtype != "float32":  # recorded only when not the default: earlier float32 runs stay valid
+        record["compute_dtype"] = config.compute_dtype
     if with_teacher:
         teacher_record = read_run_config(checkpoint_dir(TEACHER, workdir))
         if teacher_record is None:
@@ -457,15 +470,16 @@ def pretrained_variables(name: str, path: str, model, fresh_variables: dict) -> 
     return variables
 
 
-def load_trained(name: str, model_config, objective: Objective, config, workdir: str) -> tuple:
-    """The final variables of a model that ``train_model`` trained into ``workdir/name`` with ``objective``."""
-    model = build_model(model_config, config)
+def load_trained(name: str, model_config, objective: Objective, config, workdir: str, *, dtype=None) -> tuple:
+    """The final variables of a model that ``train_model`` trained into ``workdir/name`` with ``objective``, and
+    the model computing in ``dtype`` (default: the one it trained in; evaluation passes float32)."""
+    model = build_model(model_config, config, dtype=dtype)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
     template = init_model(model, jax.random.key(0), config)
     return model, restore_finished(name, template, tx, objective, model_config.num_steps, config, workdir,
                                    settings=model_config.to_dict(), with_teacher=name != TEACHER)
 
 
-def load_teacher(config, workdir: str) -> tuple:
-    """The trained teacher of ``workdir``."""
-    return load_trained(TEACHER, config.teacher, make_objective(config), config, workdir)
+def load_teacher(config, workdir: str, *, dtype=None) -> tuple:
+    """The trained teacher of ``workdir`` (computing in ``dtype``, as ``load_trained``)."""
+    return load_trained(TEACHER, config.teacher, make_objective(config), config, workdir, dtype=dtype)

@@ -19,6 +19,7 @@ import csv
 import os
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from attrjax import data as attr_data
@@ -168,12 +169,13 @@ def write_csv(path: str, results: dict):
 
 
 def trained_models(config, workdir: str, train_split):
-    """Yields ``(name, model, variables)`` for the teacher, then every student, pruned and quantized network."""
-    teacher, teacher_variables = common.load_teacher(config, workdir)
+    """Yields ``(name, model, variables)`` for the teacher, then every student, pruned and quantized network, each
+    computing in float32 whatever it trained in."""
+    teacher, teacher_variables = common.load_teacher(config, workdir, dtype=jnp.float32)
     yield "teacher", teacher, teacher_variables
     for name, run_config in student_runs(config).items():
         objective = common.compression_objective(config, run_config)
-        yield name, *common.load_trained(name, run_config, objective, config, workdir)
+        yield name, *common.load_trained(name, run_config, objective, config, workdir, dtype=jnp.float32)
     for name, pruning_run in prune.pruning_runs(config).items():
         yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
     quantization_runs = quantize.quantization_runs(config)

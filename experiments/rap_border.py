@@ -91,10 +91,10 @@ def run(config, workdir: str) -> dict:
     localization = evaluate.first_images(splits["localization"], config.eval.localization_images)
     images = jnp.asarray(normalize(localization["image"], common.normalization(config)))
     border = border_rings(images.shape[1])
-    models = {"teacher": common.load_teacher(config, workdir)}
+    models = {"teacher": common.load_teacher(config, workdir, dtype=jnp.float32)}
     for name, run_config in student_runs(config).items():
         models[name] = common.load_trained(name, run_config, common.compression_objective(config, run_config), config,
-                                           workdir)
+                                           workdir, dtype=jnp.float32)
     rows = {}
     for name, (model, variables) in models.items():
         rows[name] = measure(model, variables, images, border)

@@ -82,16 +82,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached
     assert [int(done) for done in re.findall(r"s \((\d+)/20[,)]", out)] == list(range(1, 21))
 
     # A second run finds every model finished: it restores them, trains nothing and reproduces the results
-    # (evaluated with Grad-CAM alone: evaluation settings are not part of a run).
-    again = demo.run(common.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0"]),
+    # (evaluated with Grad-CAM alone: evaluation settings are not part of a run; one run of each kind).
+    again = demo.run(common.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
+                                                         "runs='kd_match,structured_match,unstructured,qat_match'"]),
                      str(tmp_path))
     out = capsys.readouterr().out
-    for name, steps in (("teacher", 4), ("kd", 3), ("kd_match", 3),
-                        ("structured_match", 2), ("unstructured_match/round01", 2), ("unstructured/round02", 2),
-                        ("qat_match", 2)):
+    for name, steps in (("teacher", 4), ("kd_match", 3), ("structured_match", 2), ("unstructured/round01", 2),
+                        ("unstructured/round02", 2), ("qat_match", 2)):
         assert f"[{name}] resuming from the checkpoint of step {steps}" in out
     assert "] step " not in out
-    for name in results:
+    assert list(again) == ["teacher", "kd_match", "structured_match", "unstructured", "qat_match"]
+    for name in again:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
         np.testing.assert_allclose(again[name]["methods"]["gradcam"]["map_cosine"],
                                    results[name]["methods"]["gradcam"]["map_cosine"])

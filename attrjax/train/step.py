@@ -23,16 +23,30 @@ from attrjax.train.sharding import batch_sharding, replicated
 from attrjax.train.state import TrainState
 
 
+def _float32(tree):
+    """Floating leaves as float32: a bfloat16 network's outputs before any loss, map or normalisation."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...], target_fn, *, train: bool,
                     rng=None) -> tuple[NetworkOutputs, dict]:
     """``(NetworkOutputs, updated state)`` of one forward pass, linearised at ``layers`` (none: a plain forward
-    pass); the gradients are those of ``target_fn(logits) -> (B,K)`` weights."""
+    pass); the gradients are those of ``target_fn(logits) -> (B,K)`` weights.
+
+    Logits, activations and gradients come out as float32 whatever the network computes in (a model built with
+    ``dtype=jnp.bfloat16``), so every loss term, map and normalisation runs in float32.
+    """
     if not layers:
         logits, state = model.apply(variables, images, train=train, rng=rng)
-        return NetworkOutputs(logits, {}, {}, None, model, variables), state
+        return NetworkOutputs(_float32(logits), {}, {}, None, model, variables), state
     lin = model.linearize_layers(variables, images, layers, train=train, rng=rng)
-    gradients = lin.vjp(jax.lax.stop_gradient(target_fn(lin.logits)))
-    return NetworkOutputs(lin.logits, lin.activations, gradients, lin.vjp, model, variables), lin.state
+
+    def vjp(cotangent):  # float32 in and out; the network's backward pass runs in its own dtype
+        return _float32(lin.vjp(cotangent.astype(lin.logits.dtype)))
+
+    logits = _float32(lin.logits)
+    gradients = vjp(jax.lax.stop_gradient(target_fn(logits)))
+    return NetworkOutputs(logits, _float32(lin.activations), gradients, vjp, model, variables), lin.state
 
 
 def _top1_weights(logits):

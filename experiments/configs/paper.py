@@ -43,6 +43,9 @@ def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.Confi
     config = ml_collections.ConfigDict()
     config.seed = 42
     config.data = data
+    # What teacher and students compute in: float32, or bfloat16 (parameters, optimizer state, losses, maps and
+    # evaluation stay float32; docs/mixed_precision.md).
+    config.compute_dtype = "float32"
     config.matching_layer = "pool5"  # 7x7 at 227 px
     config.eval_layer = "conv5_3"  # 14x14, the paper's Grad-CAM evaluation layer
     config.teacher = dict(

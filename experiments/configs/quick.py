@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_objects=2, min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
         num_train=6000, num_val=1000, num_localization=500, batch_size=32, crop_padding=4,
     )
+    # What teacher and students compute in: float32, or bfloat16 (parameters, optimizer state, losses, maps and
+    # evaluation stay float32; docs/mixed_precision.md).
+    config.compute_dtype = "float32"
     config.matching_layer = "pool3"
     config.eval_layer = "conv3_3"
     optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
