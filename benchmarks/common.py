@@ -75,11 +75,11 @@ def median_time(call: Callable[[], Any], *, repeats: int, warmup: int = 1) -> di
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def matmul_call(size: int = 2048) -> tuple[Callable[[], jax.Array], float]:
-    """A compiled, warmed-up fp32 (size x size) @ (size x size) ``jnp.dot`` as a thunk, and its FLOPs."""
+def matmul_call(size: int = 2048, dtype=jnp.float32) -> tuple[Callable[[], jax.Array], float]:
+    """A compiled, warmed-up (size x size) @ (size x size) ``jnp.dot`` in ``dtype`` as a thunk, and its FLOPs."""
     key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.float32)
-    b = jax.random.normal(key_b, (size, size), jnp.float32)
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
     return (lambda: dot(a, b)), 2.0 * size**3

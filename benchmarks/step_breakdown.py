@@ -58,7 +58,7 @@ def run(args) -> dict:
         flops[name] = common.xla_flops(compiled)
         calls[name] = lambda fn=fn: fn(teacher_variables, batch["image"])
 
-    matmul, matmul_flops = common.matmul_call(args.peak_size)
+    matmul, matmul_flops = common.matmul_call(args.peak_size, getattr(jax.numpy, args.dtype))
     with common.count_compiles() as compiles:
         times = common.interleaved_times({**calls, "matmul": matmul}, rounds=args.steps, warmup=2)
 

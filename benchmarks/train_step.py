@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps (after 2 warm-up), each followed by one timed matmul")
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="what teacher and student compute in (parameters stay float32); the peak matmul too")
     common.add_output_flag(parser)
     return parser.parse_args(argv)
 
@@ -77,15 +79,16 @@ def pair_config(args: argparse.Namespace) -> dict:
     """The teacher/student/input part of a benchmark's JSON ``config``."""
     return {"teacher": args.teacher, "teacher_divisor": args.teacher_divisor, "student": args.student,
             "student_divisor": args.student_divisor, "batch": args.batch, "image_size": args.image_size,
-            "num_classes": args.num_classes}
+            "num_classes": args.num_classes, "dtype": args.dtype}
 
 
 def build_models(args: argparse.Namespace) -> tuple[VGG, VGG]:
     """(teacher, student) from the command line."""
+    dtype = getattr(jnp, args.dtype)
     teacher = vgg(args.teacher, num_classes=args.num_classes, image_size=args.image_size,
-                  width_divisor=args.teacher_divisor)
+                  width_divisor=args.teacher_divisor, dtype=dtype)
     student = vgg(args.student, num_classes=args.num_classes, image_size=args.image_size,
-                  width_divisor=args.student_divisor)
+                  width_divisor=args.student_divisor, dtype=dtype)
     return teacher, student
 
 
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         carry["state"], metrics = step(carry["state"], teacher_variables, batch, rng)
         return metrics
 
-    matmul, matmul_flops = common.matmul_call(args.peak_size)
+    matmul, matmul_flops = common.matmul_call(args.peak_size, getattr(jnp, args.dtype))
     with common.count_compiles() as compiles_running:
         times = common.interleaved_times({"step": one_step, "matmul": matmul}, rounds=args.steps, warmup=2)
     metrics = jax.device_get(one_step())
