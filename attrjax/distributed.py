@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import time
 from typing import Any, Iterator
 
 import jax
@@ -75,8 +77,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Raises:
       ValueError: an unknown ``mode``, or a coordinator without the process count and id (no cluster detected).
-      RuntimeError: the processes did not all meet within ``timeout_s`` (a wrong address or port, a process that
-        did not start, or mismatched process counts).
+      RuntimeError: process 0 cannot listen on the coordinator's port, or another process cannot reach it within
+        ``timeout_s`` (a wrong address or port, or process 0 not started). Processes that reach it but never all
+        meet (mismatched process counts) are stopped by JAX's runtime after ``timeout_s``.
     """
     if mode not in MODES:
         raise ValueError(f"distributed mode must be one of {MODES}, got {mode!r}")
@@ -93,18 +96,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          f"this process's id too (--num_processes/--process_id, or {NUM_PROCESSES_ENV} and "
                          f"{PROCESS_ID_ENV}); no cluster manager (SLURM, Open MPI, Cloud TPU) was detected to "
                          "supply them")
+    if coordinator_address is not None and process_id is not None:
+        # JAX's runtime aborts the whole process when it cannot reach the coordinator: check first, and say why.
+        _check_coordinator(coordinator_address, process_id, num_processes, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backends only; GPUs and TPUs ignore it
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   initialization_timeout=timeout_s)
-    except Exception as error:  # the runtime raises XlaRuntimeError / JaxRuntimeError with a gRPC status
-        where = coordinator_address or f"the coordinator of the {cluster or 'detected'} cluster"
-        raise RuntimeError(
-            f"process {process_id} of {num_processes} could not join the run at {where} within {timeout_s} s "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check that process 0 runs and listens "
-            "on that host:port, that every process got the same address and process count, and that the port is "
-            "free and reachable") from error
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s)
     return True
+
+
+def _check_coordinator(address: str, process_id: int, num_processes: int | None, timeout_s: float) -> None:
+    """Raises ``RuntimeError`` if process 0 cannot listen on ``address``'s port, or another process cannot reach
+    it within ``timeout_s``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator address {address!r} is not host:port (e.g. 10.0.0.2:12345)")
+    host = host.strip("[]")
+    if process_id == 0:
+        with contextlib.closing(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)) as probe:
+            try:
+                probe.bind(("", int(port)))
+            except OSError as error:
+                raise RuntimeError(f"process 0 cannot listen on port {port} of the coordinator address {address} "
+                                   f"({error.strerror}); choose a free port") from error
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"process {process_id} of {num_processes} could not reach the coordinator at {address} within "
+                    f"{timeout_s} s ({error.strerror or error}). Check that process 0 runs with the same address and "
+                    "process count, and that the host and port are right and reachable from here") from error
+            time.sleep(0.2)
 
 
 def is_primary() -> bool:

@@ -72,7 +72,7 @@ def test_two_processes_train_as_one_and_resume_after_both_are_killed(tmp_path):
     chex.assert_trees_all_close(multi_eval, single_eval, rtol=1e-6)
 
 
-def test_a_coordinator_without_the_process_count_and_id_is_refused(monkeypatch):
+def test_a_coordinator_that_is_incomplete_unreachable_or_taken_is_refused(monkeypatch):
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES",
                  distributed.NUM_PROCESSES_ENV, distributed.PROCESS_ID_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -81,6 +81,14 @@ def test_a_coordinator_without_the_process_count_and_id_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="mode must be one of"):
         distributed.initialize(mode="always")
     assert distributed.initialize() is False  # nothing configured: a single-process run
+    with pytest.raises(RuntimeError, match=r"process 1 of 2 could not reach the coordinator at 127\.0\.0\.1:\d+ "
+                                           "within 1 s"):
+        distributed.initialize(f"127.0.0.1:{_free_port()}", 2, 1, timeout_s=1)  # process 0 never started
+    with contextlib.closing(socket.socket()) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="process 0 cannot listen on port"):
+            distributed.initialize(f"127.0.0.1:{taken.getsockname()[1]}", 2, 0, timeout_s=1)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert distributed.detected_cluster() == "slurm"
