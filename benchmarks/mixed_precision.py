@@ -11,12 +11,19 @@ computing in bfloat16 with the same variables, and prints one JSON object:
     bfloat16 vs float32, for each loss term alone and for the whole loss (teacher and student both in the dtype, as
     ``compute_dtype`` trains them);
   passes: each measurement against its threshold (``THRESHOLDS``).
-Whole training runs in both dtypes: ``experiments.sweep --grid compute_dtype=float32,bfloat16``.
+
+    python -m benchmarks.mixed_precision --sweep runs/bf16
+
+compares whole training runs instead: a sweep with the grid axis ``compute_dtype=float32,bfloat16``
+(``experiments.sweep``), bfloat16 minus float32 paired by seed for every model and metric (mean, 95% t interval,
+seeds with a positive / negative difference), as JSON and a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 from typing import Sequence
 
 import jax
@@ -26,6 +33,7 @@ import numpy as np
 from attrjax import data as attr_data
 from attrjax.attribution.methods import class_maps
 from attrjax.metrics import map_cosine
+from attrjax.metrics.statistics import paired_difference
 from attrjax.train import LossTerm, make_loss_fn
 from benchmarks import common as bench_common
 from experiments import common
@@ -35,6 +43,36 @@ from experiments.distill import student_runs
 # each other (the demo's students: cosine ~0.9 to the teacher), predictions that do not change, and matching
 # gradients that point the same way.
 THRESHOLDS = {"map_cosine_p5": 0.98, "top1_agreement": 0.99, "gradient_cosine": 0.95}
+SWEEP_METRICS = ("sample_map", "f1", "pointing_accuracy", "mean_auc", "map_cosine", "same_peak")
+POINTS = ("compute_dtype=float32", "compute_dtype=bfloat16")
+
+
+def compare_sweep(sweep_dir: str, method: str = "gradcam") -> dict:
+    """bfloat16 minus float32, paired by seed, for every model and ``SWEEP_METRICS`` of a sweep over
+    ``compute_dtype`` (its ``sweep.csv``)."""
+    with open(os.path.join(sweep_dir, "sweep.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["method"] == method and row["status"] != "failed"]
+    points = {row["point"] for row in rows}
+    if not set(POINTS) <= points:
+        raise ValueError(f"{sweep_dir} is no sweep over compute_dtype=float32,bfloat16 (its points: {sorted(points)})")
+    value = {(row["point"], row["model"], int(row["seed"])): row for row in rows}
+    seeds = sorted({seed for point, _, seed in value if point == POINTS[0]}
+                   & {seed for point, _, seed in value if point == POINTS[1]})
+    table = {}
+    for model in dict.fromkeys(row["model"] for row in rows):
+        table[model] = {metric: paired_difference(
+            [float(value[POINTS[1], model, seed][metric]) for seed in seeds],
+            [float(value[POINTS[0], model, seed][metric]) for seed in seeds]) for metric in SWEEP_METRICS}
+    return {"sweep": sweep_dir, "method": method, "seeds": seeds, "bfloat16_minus_float32": table}
+
+
+def sweep_markdown(comparison: dict) -> str:
+    lines = ["| model | " + " | ".join(SWEEP_METRICS) + " |", "|---" * (len(SWEEP_METRICS) + 1) + "|"]
+    for model, metrics in comparison["bfloat16_minus_float32"].items():
+        cells = [f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['positive']}/{d['negative']}"
+                 for d in metrics.values()]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _float32(tree):
@@ -85,8 +123,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--images", type=int, default=200, help="localisation images for the maps")
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--sweep", default=None, help="compare a sweep over compute_dtype instead (see above)")
     bench_common.add_output_flag(parser)
     args = parser.parse_args(argv)
+    if args.sweep:
+        comparison = compare_sweep(args.sweep)
+        print(sweep_markdown(comparison))
+        bench_common.emit(bench_common.round_floats(comparison), args.out)
+        return comparison
     config = common.load_config(args.config, args.set)
     splits = common.load_splits(config, args.workdir)
     localization = splits["localization"]

@@ -283,14 +283,24 @@ def num_images(split: dict[str, np.ndarray] | attr_data.LabeledImages) -> int:
 RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small}
 ARCHITECTURES = ("vgg",) + tuple(RESNETS)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACCELERATORS = ("gpu", "tpu")
+
+
+def compute_dtype_name(config) -> str:
+    """What teachers and students train in: ``config.compute_dtype``, with ``"auto"`` resolved to bfloat16 on a
+    GPU or TPU and float32 elsewhere. Parameters, optimizer state, losses and maps stay float32, and evaluation
+    runs in float32."""
+    if config.compute_dtype == "auto":
+        return "bfloat16" if jax.default_backend() in ACCELERATORS else "float32"
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be 'auto' or one of {', '.join(COMPUTE_DTYPES)}, got "
+                         f"{config.compute_dtype!r}")
+    return config.compute_dtype
 
 
 def compute_dtype(config):
-    """What teachers and students train in (``config.compute_dtype``); parameters, optimizer state, losses and maps
-    stay float32, and evaluation runs in float32."""
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
-    return COMPUTE_DTYPES[config.compute_dtype]
+    """``compute_dtype_name(config)`` as a dtype."""
+    return COMPUTE_DTYPES[compute_dtype_name(config)]
 
 
 def build_model(model_config, config, *, dtype=None):
@@ -377,8 +387,8 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
     for runs trained against the teacher, the digest of the teacher run they learnt from."""
     data = {key: value for key, value in config.data.to_dict().items() if key not in DATA_LOCATIONS}
     record = {"run": name, "seed": config.seed, "data": data, "settings": settings}
-    if config.compute_dtype != "float32":  # recorded only when not the default: earlier float32 runs stay valid
-        record["compute_dtype"] = config.compute_dtype
+    if compute_dtype_name(config) != "float32":  # recorded only when not float32: earlier runs stay valid
+        record["compute_dtype"] = compute_dtype_name(config)
     if with_teacher:
         teacher_record = read_run_config(checkpoint_dir(TEACHER, workdir))
         if teacher_record is None:

@@ -74,10 +74,11 @@ def validate(config) -> None:
     """Raises for a bad quantization setting before the first run trains."""
     common.check_config(config)
     settings = config.quantization
-    if quantization_runs(config) and config.compute_dtype != "float32":
+    if quantization_runs(config) and common.compute_dtype_name(config) != "float32":
         raise ValueError(f"quantization runs compute in float32 (calibration and fake quantization), but "
-                         f"compute_dtype is {config.compute_dtype!r}; set compute_dtype='float32', or leave them out "
-                         f"with runs= (they are {', '.join(quantization_runs(config))})")
+                         f"compute_dtype is {config.compute_dtype!r} (here {common.compute_dtype_name(config)}); set "
+                         f"compute_dtype='float32', or leave them out with runs= (they are "
+                         f"{', '.join(quantization_runs(config))})")
     try:
         Quantization(settings.bits)
         common.check_count("quantization.calibration_images", settings.calibration_images)

@@ -8,6 +8,7 @@ import re
 import shutil
 
 import ml_collections
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -131,6 +132,15 @@ def test_config_overrides_and_errors():
     assert common.load_config("paper").matching_layer == "pool5"
 
 
+def test_the_compute_dtype_is_recorded_when_it_is_not_float32():
+    float32, bfloat16, auto = (common.load_config("quick", TINY + [f"compute_dtype='{name}'"])
+                               for name in ("float32", "bfloat16", "auto"))
+    assert common.compute_dtype_name(auto) == "float32"  # on a CPU
+    records = [common.run_config("teacher", {}, config, "unused", with_teacher=False) for config in (float32, bfloat16)]
+    assert "compute_dtype" not in records[0] and records[1]["compute_dtype"] == "bfloat16"
+    assert common.build_model(bfloat16.teacher, bfloat16).dtype == jnp.bfloat16
+
+
 def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
     config = common.load_config("quick", TINY)
     with pytest.raises(FileNotFoundError, match="train it first"):
@@ -165,6 +175,8 @@ def test_an_unknown_eval_method_is_named_in_the_error():
     ("eval.methods='gradcm'", "unknown attribution method 'gradcm'"),
     ("on_config_change='resume'", "on_config_change must be one of"),
     ("data.labels='binary'", "data.labels must be 'multilabel' or 'single'"),
+    ("compute_dtype='float16'", "compute_dtype must be 'auto' or one of float32, bfloat16"),
+    ("compute_dtype='bfloat16'", "quantization runs compute in float32"),
 ])
 def test_every_run_of_the_demo_is_validated_before_the_first_step(tmp_path, override, message):
     config = common.load_config("quick", TINY + [override])
