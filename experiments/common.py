@@ -156,6 +156,8 @@ def check_config(config) -> None:
     check_count("data.batch_size", config.data.batch_size)
     check_count("data.image_size", config.data.image_size)
     check_count("data.num_classes", config.data.num_classes, minimum=2)
+    check_count("data.workers", config.data.workers, minimum=0)
+    check_count("data.threads", config.data.threads, minimum=0)
     check_fraction("stochastic_drop_rate", config.stochastic_drop_rate)
     compute_dtype(config)
     if config.data.name == "shapes":
@@ -345,14 +347,15 @@ def eval_batches(arrays: dict, config):
 def train_batches(train_split, config, start_step: int):
     """The training stream from ``start_step``, this process's rows of every global batch: random crops of
     in-memory arrays (shapes) or RandomResizedCrop of encoded images (the real datasets)."""
-    rows = process_rows(config.data.batch_size, data_mesh())
+    loading = dict(rows=process_rows(config.data.batch_size, data_mesh()), workers=config.data.workers,
+                   threads=config.data.threads or None)
     if isinstance(train_split, attr_data.LabeledImages):
         return attr_data.random_resized_crop_batches(
             train_split, config.data.batch_size, image_size=config.data.image_size, seed=config.seed,
-            start_step=start_step, normalization=normalization(config), rows=rows)
+            start_step=start_step, normalization=normalization(config), **loading)
     return attr_data.train_batches(train_split, config.data.batch_size, seed=config.seed, start_step=start_step,
                                    crop_padding=config.data.crop_padding, normalization=normalization(config),
-                                   rows=rows)
+                                   **loading)
 
 
 def make_objective(config, **options) -> Objective:
@@ -373,8 +376,9 @@ def run_keys(name: str, config) -> tuple[jax.Array, jax.Array]:
 
 
 TEACHER = "teacher"
-# Where the data lives is not what it is: moving a dataset does not make its runs stale.
-DATA_LOCATIONS = ("data_dir", "manual_dir")
+# Where the data lives and how its batches are built are not what it is: moving a dataset or loading it with more
+# workers does not make its runs stale.
+NOT_PART_OF_A_RUN = ("data_dir", "manual_dir", "workers", "threads")
 
 
 def checkpoint_dir(name: str, workdir: str) -> str:
@@ -385,7 +389,7 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
     """The settings that decide run ``name``'s result besides its steps, objective and parameter shapes (which
     ``attrjax.train.train`` records itself): seed, data, the run's own ``settings`` (model or pruning config) and,
     for runs trained against the teacher, the digest of the teacher run they learnt from."""
-    data = {key: value for key, value in config.data.to_dict().items() if key not in DATA_LOCATIONS}
+    data = {key: value for key, value in config.data.to_dict().items() if key not in NOT_PART_OF_A_RUN}
     record = {"run": name, "seed": config.seed, "data": data, "settings": settings}
     if compute_dtype_name(config) != "float32":  # recorded only when not float32: earlier runs stay valid
         record["compute_dtype"] = compute_dtype_name(config)

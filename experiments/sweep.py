@@ -75,7 +75,7 @@ def teacher_key(config) -> str:
     """What decides the teacher's run, as a short digest: configs with the same key share a teacher."""
     settings = {key: config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
                 for key in TEACHER_KEYS}
-    settings["data"] = {k: v for k, v in settings["data"].items() if k not in common.DATA_LOCATIONS}
+    settings["data"] = {k: v for k, v in settings["data"].items() if k not in common.NOT_PART_OF_A_RUN}
     if common.compute_dtype_name(config) != "float32":  # as in the run records: float32 keys stay what they were
         settings["compute_dtype"] = common.compute_dtype_name(config)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

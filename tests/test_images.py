@@ -69,6 +69,8 @@ def test_crop_batches_are_reproducible_and_resume_exactly():
     full = list(random_resized_crop_batches(split, 4, num_steps=4, **options))
     resumed = list(random_resized_crop_batches(split, 4, start_step=2, num_steps=2, **options))
     chex.assert_trees_all_equal(full[2:], resumed)
+    # Two grain worker processes build the same batches, in order.
+    chex.assert_trees_all_equal(list(random_resized_crop_batches(split, 4, num_steps=4, workers=2, **options)), full)
     halves = [list(random_resized_crop_batches(split, 4, num_steps=4, rows=rows, **options))
               for rows in (slice(0, 2), slice(2, 4))]
     for expected, first, second in zip(full, *halves, strict=True):  # each process decodes only its rows

@@ -18,13 +18,13 @@ import concurrent.futures
 import dataclasses
 import io
 import math
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from attrjax.data.pipeline import Normalization, normalize
+from attrjax.data.loader import default_threads, step_stream
+from attrjax.data.pipeline import Normalization, epoch_indices, normalize
 
 VOID = 255
 # Entropy words of the crop streams; distinct from pipeline.py's so the two pipelines never share draws.
@@ -137,11 +137,6 @@ def _crop_resize_flip(encoded: bytes, name: str, box: tuple[int, int, int, int],
     return pixels[:, ::-1] if flip else pixels
 
 
-def default_workers() -> int:
-    """Threads for decoding: one per core, at most 16 (PIL releases the GIL while it decodes and resizes)."""
-    return min(16, os.cpu_count() or 1)
-
-
 def random_resized_crop_batches(
     split: LabeledImages,
     batch_size: int,
@@ -153,15 +148,18 @@ def random_resized_crop_batches(
     num_steps: int | None = None,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    workers: int | None = None,
     rows: slice = slice(None),
+    workers: int = 0,
+    threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields training batches for steps start_step, start_step + 1, ... (forever when num_steps is None).
 
     Each epoch visits a fresh permutation of the images in full batches (the last N mod B sit that epoch out).
     Every image is cropped to a RandomResizedCrop box, resized to `image_size` (bilinear, antialiased as PIL
-    resizes) and flipped horizontally with probability 1/2; images decode on `workers` threads. `rows`: the rows
-    of every batch to decode (a process's, as in `train_batches`); the others' boxes are drawn and skipped.
+    resizes) and flipped horizontally with probability 1/2. `rows`: the rows of every batch to decode (a
+    process's, as in `train_batches`); the others' boxes are drawn and skipped. `workers` (processes) and
+    `threads` (batches decoded at once per process): how grain builds the batches ahead
+    (`attrjax.data.loader.step_stream`).
 
     Yields:
       dict with `image` float32 (R, S, S, 3) normalised and `labels` float32 (R, K), R the number of `rows`.
@@ -171,34 +169,35 @@ def random_resized_crop_batches(
     if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
         raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got scale={scale}, "
                          f"ratio={ratio}")
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
-    stop_step = None if num_steps is None else start_step + num_steps
-    return _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale,
-                              ratio, workers or default_workers(), rows)
+    batch_fn = ResizedCrops(split, batch_size, image_size, seed, normalization, scale, ratio, rows)
+    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads)
 
 
-def _crop_batch_stream(split, batch_size, image_size, seed, normalization, start_step, stop_step, scale, ratio,
-                       workers, rows) -> Iterator[dict[str, np.ndarray]]:
-    steps_per_epoch = len(split) // batch_size
-    epoch, order = None, None
-    step = start_step
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        while stop_step is None or step < stop_step:
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                order = np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(len(split))
-            position = step % steps_per_epoch
-            indices = order[position * batch_size:(position + 1) * batch_size]
-            rng = np.random.default_rng([seed, _CROP_STREAM, step])
-            boxes = [random_resized_crop_box(rng, *split.sizes[i], scale=scale, ratio=ratio) for i in indices]
-            flips = rng.random(batch_size) < 0.5
-            indices, boxes, flips = indices[rows], boxes[rows], flips[rows]
-            pixels = pool.map(_crop_resize_flip, [split.images[i] for i in indices],
-                              [split.names[i] for i in indices], boxes, flips, [image_size] * len(indices))
-            yield {"image": normalize(np.stack(list(pixels)), normalization),
-                   "labels": split.labels[indices].astype(np.float32)}
-            step += 1
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResizedCrops:
+    """Training batch ``step`` of encoded images (see ``random_resized_crop_batches``): a pure function of the
+    step."""
+
+    split: LabeledImages
+    batch_size: int
+    image_size: int
+    seed: int
+    normalization: Normalization
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    rows: slice
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        indices = epoch_indices(len(self.split), self.batch_size, self.seed, step, _ORDER_STREAM)
+        rng = np.random.default_rng([self.seed, _CROP_STREAM, step])
+        boxes = [random_resized_crop_box(rng, *self.split.sizes[i], scale=self.scale, ratio=self.ratio)
+                 for i in indices]
+        flips = rng.random(self.batch_size) < 0.5
+        indices, boxes, flips = indices[self.rows], boxes[self.rows], flips[self.rows]
+        pixels = [_crop_resize_flip(self.split.images[i], self.split.names[i], box, flip, self.image_size)
+                  for i, box, flip in zip(indices, boxes, flips)]
+        return {"image": normalize(np.stack(pixels), self.normalization),
+                "labels": self.split.labels[indices].astype(np.float32)}
 
 
 def _resize_image(encoded: bytes, name: str, image_size: int) -> np.ndarray:
@@ -233,7 +232,7 @@ def resize_split(split: LabeledImages, image_size: int, *, labels_from_masks: bo
       dict with `image` uint8 (N, S, S, 3) and `labels` bool (N, K), plus `mask` uint8 (N, S, S) when the split
       has masks.
     """
-    with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or default_threads()) as pool:
         images = np.stack(list(pool.map(_resize_image, split.images, split.names, [image_size] * len(split))))
         arrays = {"image": images, "labels": split.labels}
         if split.masks is not None:

@@ -11,6 +11,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from attrjax.data.loader import step_stream
+
 # Entropy words that keep the pipeline's random streams apart from each other and from the renderer's
 # (seed, index) streams, which use small second words.
 _ORDER_STREAM = 0x0D0E0F10
@@ -101,6 +103,8 @@ def train_batches(
     augment: bool = True,
     crop_padding: int = 4,
     rows: slice = slice(None),
+    workers: int = 0,
+    threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields training batches for steps start_step, start_step + 1, ... (forever when num_steps is None).
 
@@ -110,73 +114,72 @@ def train_batches(
 
     `rows`: the rows of every batch to produce, e.g. this process's (`attrjax.train.process_rows`) in a
     multi-process run. Every process draws the same order and augmentation, so the global batch is the same
-    however many processes share it, and each builds only its rows.
+    however many processes share it, and each builds only its rows. `workers`, `threads`: how grain builds the
+    batches ahead (`attrjax.data.loader.step_stream`).
 
     Yields:
       dict with `image` float32 (R, H, W, 3) normalised, `labels` float32 (R, K), `mask` uint8 (R, H, W), R the
       number of `rows` (B by default).
     """
     num_examples = _num_examples(arrays)
-    # Contiguous, so that the flat views below are views and not copies of the whole split every step.
-    images, masks, labels = (np.ascontiguousarray(arrays[key]) for key in _SPLIT_KEYS)
     _check_batch_size(batch_size)
     if batch_size > num_examples:
         raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples; no full batch exists")
-    height, width = images.shape[1:3]
+    height, width = arrays["image"].shape[1:3]
     if augment and not 0 <= crop_padding < min(height, width):
         raise ValueError(f"crop_padding must be in [0, {min(height, width)}) for {height}x{width} images")
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
-    stop_step = None if num_steps is None else start_step + num_steps
-    # Arguments are checked above, when train_batches is called; the generator below runs on iteration.
-    return _train_batch_stream(
-        images, masks, labels, batch_size, seed, normalization, start_step, stop_step, augment, crop_padding, rows
-    )
+    # Contiguous, so that the flat views of ArrayCrops are views and not copies of the whole split every step.
+    images, masks, labels = (np.ascontiguousarray(arrays[key]) for key in _SPLIT_KEYS)
+    batch_fn = ArrayCrops(images, masks, labels, batch_size, seed, normalization, augment, crop_padding, rows)
+    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads)
 
 
-def _train_batch_stream(
-    images: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    seed: int,
-    normalization: Normalization,
-    start_step: int,
-    stop_step: int | None,
-    augment: bool,
-    crop_padding: int,
-    rows: slice,
-) -> Iterator[dict[str, np.ndarray]]:
-    num_examples, height, width = images.shape[:3]
-    steps_per_epoch = num_examples // batch_size
-    epoch, order = None, None
-    step = start_step
-    while stop_step is None or step < stop_step:
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            order = np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_examples)
-        position = step % steps_per_epoch
-        indices = order[position * batch_size:(position + 1) * batch_size]
-        if augment:
-            rng = np.random.default_rng([seed, _AUGMENT_STREAM, step])
-            source_rows, source_cols = (pixels[rows] for pixels in
-                                        _augmented_indices(rng, batch_size, height, width, crop_padding))
-            indices = indices[rows]
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayCrops:
+    """Training batch ``step`` of in-memory arrays (see ``train_batches``): a pure function of the step."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8, contiguous
+    masks: np.ndarray  # (N, H, W) uint8
+    labels: np.ndarray  # (N, K)
+    batch_size: int
+    seed: int
+    normalization: Normalization
+    augment: bool
+    crop_padding: int
+    rows: slice
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        num_examples, height, width = self.images.shape[:3]
+        indices = epoch_indices(num_examples, self.batch_size, self.seed, step)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
+            source_rows, source_cols = (pixels[self.rows] for pixels in
+                                        _augmented_indices(rng, self.batch_size, height, width, self.crop_padding))
+            indices = indices[self.rows]
             # Flat pixel index (R, H, W) of each output pixel's source; np.take on it is ~5x faster than
             # indexing with three broadcast index arrays.
             source_pixels = ((indices[:, None] * height + source_rows)[:, :, None] * width
                              + source_cols[:, None, :])
-            batch_images = np.take(images.reshape(-1, 3), source_pixels, axis=0)
-            batch_masks = np.take(masks.reshape(-1), source_pixels)
+            batch_images = np.take(self.images.reshape(-1, 3), source_pixels, axis=0)
+            batch_masks = np.take(self.masks.reshape(-1), source_pixels)
         else:
-            indices = indices[rows]
-            batch_images, batch_masks = images[indices], masks[indices]
-        yield {
-            "image": normalize(batch_images, normalization),
-            "labels": labels[indices].astype(np.float32),
+            indices = indices[self.rows]
+            batch_images, batch_masks = self.images[indices], self.masks[indices]
+        return {
+            "image": normalize(batch_images, self.normalization),
+            "labels": self.labels[indices].astype(np.float32),
             "mask": batch_masks,
         }
-        step += 1
+
+
+def epoch_indices(num_examples: int, batch_size: int, seed: int, step: int, stream: int = _ORDER_STREAM
+                  ) -> np.ndarray:
+    """The (B,) example indices of batch ``step``: the step's slice of its epoch's permutation, drawn from (seed,
+    ``stream``, epoch); each epoch has N // B full batches."""
+    steps_per_epoch = num_examples // batch_size
+    order = np.random.default_rng([seed, stream, step // steps_per_epoch]).permutation(num_examples)
+    position = step % steps_per_epoch
+    return order[position * batch_size:(position + 1) * batch_size]
 
 
 def eval_batches(

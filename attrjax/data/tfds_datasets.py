@@ -30,7 +30,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from attrjax.data import prepared
-from attrjax.data.images import VOID, LabeledImages, default_workers, decode_mask, encode_png
+from attrjax.data.images import VOID, LabeledImages, decode_mask, encode_png
+from attrjax.data.loader import default_threads
 
 PET_TRIMAP_PET, PET_TRIMAP_BACKGROUND, PET_TRIMAP_BORDER = 1, 2, 3
 CUB_BIRD_THRESHOLD = 128
@@ -181,7 +182,7 @@ def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike, *,
     remedy = (f"delete {builder.data_path} and prepare it again: `{prepare_command(name, data_dir)}` (or copy it "
               "again from where it was prepared)")
     records = prepared.read_records(builder, split, remedy, decoders=skip)
-    with concurrent.futures.ThreadPoolExecutor(workers or default_workers()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers or default_threads()) as pool:
         converted = list(pool.map(_convert_example, records, [dataset] * len(records),
                                   [num_classes] * len(records)))
     labels = np.zeros((len(records), num_classes), dtype=bool)

@@ -24,8 +24,12 @@ from attrjax.train.state import TrainState
 
 
 def _float32(tree):
-    """Floating leaves as float32: a bfloat16 network's outputs before any loss, map or normalisation."""
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    """Floating leaves narrower than float32 (a bfloat16 network's outputs) as float32, before any loss, map or
+    normalisation; float32 and float64 stay as they are."""
+    def widen(x):
+        narrow = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+        return x.astype(jnp.float32) if narrow else x
+    return jax.tree.map(widen, tree)
 
 
 def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...], target_fn, *, train: bool,
@@ -33,8 +37,8 @@ def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...
     """``(NetworkOutputs, updated state)`` of one forward pass, linearised at ``layers`` (none: a plain forward
     pass); the gradients are those of ``target_fn(logits) -> (B,K)`` weights.
 
-    Logits, activations and gradients come out as float32 whatever the network computes in (a model built with
-    ``dtype=jnp.bfloat16``), so every loss term, map and normalisation runs in float32.
+    Logits, activations and gradients come out as at least float32 whatever the network computes in (a model built
+    with ``dtype=jnp.bfloat16``), so every loss term, map and normalisation runs in float32 (float64 stays float64).
     """
     if not layers:
         logits, state = model.apply(variables, images, train=train, rng=rng)

@@ -42,7 +42,9 @@ def recipe(data: dict, *, steps_per_epoch: int, kd: str) -> ml_collections.Confi
 
     config = ml_collections.ConfigDict()
     config.seed = 42
-    config.data = data
+    # How the training batches are built (not part of a run: the batches are the same): grain worker processes
+    # (0: in the training process) and batches built at once per process (0: one per core, at most 16).
+    config.data = dict(data, workers=0, threads=0)
     # What teacher and students compute in: float32, or bfloat16 (parameters, optimizer state, losses, maps and
     # evaluation stay float32; docs/mixed_precision.md).
     config.compute_dtype = "float32"

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
         name="shapes", seed=0, data_dir="", image_size=64, num_classes=6, labels="multilabel", min_objects=1,
         max_objects=2, min_object_size=0.35, max_object_size=0.55, context_cue=0.0,
         num_train=6000, num_val=1000, num_localization=500, batch_size=32, crop_padding=4,
+        # How the training batches are built (not part of a run: the batches are the same): grain worker processes
+        # (0: in the training process) and batches built at once per process (0: one per core, at most 16).
+        workers=0, threads=0,
     )
     # What teacher and students compute in: float32, or bfloat16 (parameters, optimizer state, losses, maps and
     # evaluation stay float32; docs/mixed_precision.md).
