@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import math
 from typing import Iterator, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from attrjax.data.loader import default_threads, step_stream
-from attrjax.data.pipeline import Normalization, epoch_indices, normalize
+from attrjax.data.pipeline import Normalization, epoch_indices, normalized
 
 VOID = 255
 # Entropy words of the crop streams; distinct from pipeline.py's so the two pipelines never share draws.
@@ -169,20 +170,20 @@ def random_resized_crop_batches(
     if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
         raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], got scale={scale}, "
                          f"ratio={ratio}")
-    batch_fn = ResizedCrops(split, batch_size, image_size, seed, normalization, scale, ratio, rows)
-    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads)
+    batch_fn = ResizedCrops(split, batch_size, image_size, seed, scale, ratio, rows)
+    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads,
+                       finish=functools.partial(normalized, normalization=normalization))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ResizedCrops:
-    """Training batch ``step`` of encoded images (see ``random_resized_crop_batches``): a pure function of the
-    step."""
+    """Training batch ``step`` of encoded images (see ``random_resized_crop_batches``), images still uint8: a pure
+    function of the step."""
 
     split: LabeledImages
     batch_size: int
     image_size: int
     seed: int
-    normalization: Normalization
     scale: tuple[float, float]
     ratio: tuple[float, float]
     rows: slice
@@ -196,7 +197,7 @@ class ResizedCrops:
         indices, boxes, flips = indices[self.rows], boxes[self.rows], flips[self.rows]
         pixels = [_crop_resize_flip(self.split.images[i], self.split.names[i], box, flip, self.image_size)
                   for i, box, flip in zip(indices, boxes, flips)]
-        return {"image": normalize(np.stack(pixels), self.normalization),
+        return {"image": np.stack(pixels),
                 "labels": self.split.labels[indices].astype(np.float32)}
 
 

@@ -7,6 +7,7 @@ the same batches as one that never stopped.
 """
 
 import dataclasses
+import functools
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -130,20 +131,26 @@ def train_batches(
         raise ValueError(f"crop_padding must be in [0, {min(height, width)}) for {height}x{width} images")
     # Contiguous, so that the flat views of ArrayCrops are views and not copies of the whole split every step.
     images, masks, labels = (np.ascontiguousarray(arrays[key]) for key in _SPLIT_KEYS)
-    batch_fn = ArrayCrops(images, masks, labels, batch_size, seed, normalization, augment, crop_padding, rows)
-    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads)
+    batch_fn = ArrayCrops(images, masks, labels, batch_size, seed, augment, crop_padding, rows)
+    return step_stream(batch_fn, start_step, num_steps, workers=workers, threads=threads,
+                       finish=functools.partial(normalized, normalization=normalization))
+
+
+def normalized(batch: dict[str, np.ndarray], normalization: Normalization) -> dict[str, np.ndarray]:
+    """``batch`` with its uint8 ``image`` normalised (``normalize``)."""
+    return {**batch, "image": normalize(batch["image"], normalization)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayCrops:
-    """Training batch ``step`` of in-memory arrays (see ``train_batches``): a pure function of the step."""
+    """Training batch ``step`` of in-memory arrays (see ``train_batches``), images still uint8: a pure function of
+    the step."""
 
     images: np.ndarray  # (N, H, W, 3) uint8, contiguous
     masks: np.ndarray  # (N, H, W) uint8
     labels: np.ndarray  # (N, K)
     batch_size: int
     seed: int
-    normalization: Normalization
     augment: bool
     crop_padding: int
     rows: slice
@@ -166,7 +173,7 @@ class ArrayCrops:
             indices = indices[self.rows]
             batch_images, batch_masks = self.images[indices], self.masks[indices]
         return {
-            "image": normalize(batch_images, self.normalization),
+            "image": batch_images,
             "labels": self.labels[indices].astype(np.float32),
             "mask": batch_masks,
         }
