@@ -11,8 +11,6 @@ run every function here is the identity or a no-op, so the same code serves a la
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import socket
 import time
@@ -21,6 +19,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from attrjax.files import json_digest
 
 # Environment variables that describe a multi-process run by hand (e.g. several GPU hosts without a cluster manager);
 # the first is JAX's own.
@@ -173,22 +173,18 @@ def _tell_others(succeeded: bool | None) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(flag, is_source=is_primary()))
 
 
-def digest(value: Any) -> str:
-    """A short hash of a JSON-compatible value (keys sorted), for comparing settings across processes."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def check_same_everywhere(what: str, value: Any) -> None:
     """Raises ``ValueError`` on every process unless all processes hold the same JSON-compatible ``value`` (a
     config, a run record): processes that disagree would train different models into one checkpoint."""
     if jax.process_count() == 1:
         return
-    mine = np.frombuffer(bytes.fromhex(digest(value)), dtype=np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 8)
+    digest = json_digest(value)
+    mine = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 32)
     differing = [index for index, theirs in enumerate(everyone) if not np.array_equal(theirs, everyone[0])]
     if differing:
         raise ValueError(f"the processes disagree on the {what}: processes {differing} differ from process 0 "
-                         f"(this is process {jax.process_index()}, {what} digest {digest(value)}). Start every process "
+                         f"(this is process {jax.process_index()}, {what} digest {digest[:16]}). Start every process "
                          "with the same command line, config and code version")
 
 

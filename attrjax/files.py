@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,13 @@ def json_compatible(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
+
+
+def json_digest(value: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``value`` (``json_compatible``, keys sorted): equal values, equal
+    digests."""
+    text = json.dumps(json_compatible(value), sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -9,13 +9,12 @@ the run starts afresh.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from typing import Any, Callable, Mapping
 
-from attrjax.files import json_compatible, write_json
+from attrjax.files import json_compatible, json_digest, write_json
 
 RUN_CONFIG_FILE = "run_config.json"
 ON_CONFIG_CHANGE = ("refuse", "restart")
@@ -27,8 +26,7 @@ class RunConfigMismatchError(ValueError):
 
 def config_digest(run_config: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of ``run_config``: equal settings give equal digests."""
-    text = json.dumps(json_compatible(dict(run_config)), sort_keys=True, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_digest(dict(run_config))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
