@@ -76,7 +76,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     gloo collectives, which this selects.
 
     Raises:
-      ValueError: an unknown ``mode``, or a coordinator without the process count and id (no cluster detected).
+      ValueError: an unknown ``mode``, a coordinator without the process count and id (no cluster detected), or an
+        id outside 0 .. count - 1.
       RuntimeError: process 0 cannot listen on the coordinator's port, or another process cannot reach it within
         ``timeout_s`` (a wrong address or port, or process 0 not started). Processes that reach it but never all
         meet (mismatched process counts) are stopped by JAX's runtime after ``timeout_s``.
@@ -96,6 +97,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          f"this process's id too (--num_processes/--process_id, or {NUM_PROCESSES_ENV} and "
                          f"{PROCESS_ID_ENV}); no cluster manager (SLURM, Open MPI, Cloud TPU) was detected to "
                          "supply them")
+    if num_processes is not None and (num_processes < 1 or process_id is not None
+                                      and not 0 <= process_id < num_processes):
+        raise ValueError(f"process id {process_id} of {num_processes} processes: the count must be >= 1 and the id "
+                         f"in 0 .. {num_processes - 1}")
     if coordinator_address is not None and process_id is not None:
         # JAX's runtime aborts the whole process when it cannot reach the coordinator: check first, and say why.
         _check_coordinator(coordinator_address, process_id, num_processes, timeout_s)

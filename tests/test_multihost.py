@@ -78,6 +78,8 @@ def test_a_coordinator_that_is_incomplete_unreachable_or_taken_is_refused(monkey
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="needs the process count and this process's id"):
         distributed.initialize("127.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"process id 2 of 2 processes: .* in 0 \.\. 1"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
     with pytest.raises(ValueError, match="mode must be one of"):
         distributed.initialize(mode="always")
     assert distributed.initialize() is False  # nothing configured: a single-process run
