@@ -61,7 +61,7 @@ def evaluate(model, variables) -> dict:
         return eval_batches(split, 4, normalization=SHAPES_NORMALIZATION, shard=distributed.process_shard())
 
     report = dict(ClassificationEvaluator(model).run(variables, batches()))
-    evaluator = AttributionEvaluator(model, layer="pool2", prediction_rule="positive_logit", faithfulness_steps=2)
+    evaluator = AttributionEvaluator(model, layer="pool2", prediction_rule="positive_logit")
     report.update(evaluator.evaluate(variables, batches(), reference="self")[0])
     return report
 
