@@ -63,14 +63,14 @@ from flax import traverse_util
 from attrjax.models.torchvision import (_NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _listing,
                                         _permute, _strip_data_parallel_prefix, check_state_dict_fits,
                                         state_dict_from_variables)
-from attrjax.models.vgg import _torch_bias_init, _torch_kernel_init
+from attrjax.models.vgg import _torch_bias_init, _torch_kernel_init, _variance_scaling
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("imagenet", "small")
 _EXPANSION = {"basic": 1, "bottleneck": 4}  # block output channels / planes
 _INNER_CONVS = {"basic": 1, "bottleneck": 2}  # convs of a block before the one that writes its output
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), a plain (untruncated) normal.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_kaiming_fan_out = _variance_scaling(2.0, "fan_out", "normal")
 
 
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
