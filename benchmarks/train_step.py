@@ -23,7 +23,7 @@ from attrjax.models import VGG, init_variables, layer_spatial_size, vgg
 from attrjax.pruning import count_params_and_flops
 from attrjax.train.sharding import data_mesh, replicate, shard_batch
 from attrjax.train.state import TrainState, sgd
-from attrjax.train import Objective, jit_train_step, make_train_step
+from attrjax.train import Objective, jit_train_step, make_loss_fn, make_train_step
 from benchmarks import common
 
 STOCHASTIC_DROP_RATE = 0.3  # the paper preset's stochastic_drop_rate
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="what teacher and student compute in (parameters stay float32); the peak matmul too")
+    parser.add_argument("--pytorch", action="store_true",
+                        help="also time a PyTorch transcription of the step (benchmarks.torch_step, kd_match only) "
+                             "interleaved with ours, and check that it computes the same loss and gradients")
     common.add_output_flag(parser)
     return parser.parse_args(argv)
 
@@ -109,10 +112,42 @@ def setup(args: argparse.Namespace, objective: Objective):
     return step, jax.block_until_ready((state, teacher_variables, batch, rng))
 
 
+def pytorch_parity(args: argparse.Namespace, teacher_variables, student_variables, batch) -> dict:
+    """Relative differences between attrjax's and the PyTorch transcription's loss and student kernel gradients on
+    the same weights and batch, both networks without dropout (so that neither draws a mask)."""
+    from benchmarks import torch_step
+
+    teacher, student = (model.clone(dropout_rate=0.0) for model in build_models(args))
+    objective = make_objective("kd_match", args.layer)
+    loss_fn = make_loss_fn(student, objective, teacher)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        student_variables["params"], student_variables["batch_stats"], teacher_variables, batch, jax.random.key(0))
+    torch_loss, torch_grads = torch_step.first_step_gradients(
+        teacher, student, teacher_variables, student_variables, batch["image"], batch["labels"], layer=args.layer,
+        matching_weight=objective.matching_weight)
+    relative = {name: float(np.linalg.norm(torch_grads[name] - grads[name]["kernel"])
+                            / np.linalg.norm(grads[name]["kernel"])) for name in torch_grads}
+    return {"loss": float(loss), "pytorch_loss": torch_loss, "loss_relative_difference": abs(torch_loss / float(loss) - 1),
+            "kernel_gradient_relative_difference_max": max(relative.values()),
+            "worst_kernel": max(relative, key=relative.get)}
+
+
 def run(args: argparse.Namespace) -> dict:
     teacher, student = build_models(args)
     objective = make_objective(args.objective, args.layer)
+    if args.pytorch and args.objective != "kd_match":
+        raise ValueError(f"--pytorch transcribes the kd_match step only, not {args.objective!r}")
     step, (state, teacher_variables, batch, rng) = setup(args, objective)
+    calls, extra = {}, {}
+    if args.pytorch:
+        from benchmarks import torch_step
+
+        host = jax.device_get((teacher_variables, state.variables, batch))
+        extra["pytorch_parity"] = pytorch_parity(args, *host)
+        calls["pytorch"], _ = torch_step.make_step(teacher, student, *host[:2], host[2]["image"], host[2]["labels"],
+                                                   layer=args.layer, matching_weight=objective.matching_weight)
+        extra["pytorch_threads"] = torch_step.torch.get_num_threads()
+        extra["pytorch_version"] = torch_step.torch.__version__
     with common.count_compiles() as compiles_ahead:
         compiled, compile_s = common.compile_ahead(step, state, teacher_variables, batch, rng)
     gflop = common.xla_flops(compiled) / 1e9
@@ -125,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
 
     matmul, matmul_flops = common.matmul_call(args.peak_size, getattr(jnp, args.dtype))
     with common.count_compiles() as compiles_running:
-        times = common.interleaved_times({"step": one_step, "matmul": matmul}, rounds=args.steps, warmup=2)
+        times = common.interleaved_times({"step": one_step, **calls, "matmul": matmul}, rounds=args.steps, warmup=2)
     metrics = jax.device_get(one_step())
 
     step_s = statistics.median(times["step"])
@@ -133,6 +168,11 @@ def run(args: argparse.Namespace) -> dict:
     matmul_median = matmul_flops / statistics.median(times["matmul"]) / 1e9
     achieved = gflop / step_s
     layer_size = layer_spatial_size(student, args.layer) if objective.matching else None
+    if args.pytorch:
+        pytorch_s = statistics.median(times["pytorch"])
+        extra.update(pytorch_step_ms=1e3 * pytorch_s, speedup_over_pytorch=pytorch_s / step_s,
+                     speedup_over_pytorch_per_round=statistics.median(
+                         [p / s for p, s in zip(times["pytorch"], times["step"])]))
     return {
         "benchmark": "train_step",
         "config": {
@@ -157,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         "compiles_during_steps": compiles_running[0],
         "jit_cache_size": step._cache_size(),
         "final_loss": float(metrics["loss"]),
+        **extra,
     }
 
 

@@ -209,7 +209,8 @@ def smooth_grad(logit_fn: LogitFn, images: jax.Array, target: Target, *, rng: ja
     sigma = noise_level * value_range
 
     def point(index):
-        noise = jax.random.normal(jax.random.fold_in(rng, index), images.shape, images.dtype)
+        # Drawn flat: the same numbers as a (B, H, W, C) draw, which XLA:CPU compiles about 5x slower.
+        noise = jax.random.normal(jax.random.fold_in(rng, index), (images.size,), images.dtype).reshape(images.shape)
         return images + sigma * noise
 
     return _chunked_mean_gradient(logit_fn, weights, point, samples, chunk_size)
