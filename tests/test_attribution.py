@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution import (activation_collapse, grad_cam, grad_cam_all_classes, minmax_normalize, resize_maps,
                                  sensitivities_and_logits, top1_target)
 
@@ -15,8 +16,8 @@ B, H, W, C, K = 3, 4, 5, 6, 7
 @pytest.fixture()
 def linear_head():
     keys = jax.random.split(jax.random.key(0), 3)
-    weights = jax.random.normal(keys[0], (H, W, C, K))
-    features = jax.random.normal(keys[1], (B, H, W, C))
+    weights = draws.normal(keys[0], (H, W, C, K))
+    features = draws.normal(keys[1], (B, H, W, C))
 
     def head(a):
         return jnp.einsum("bhwc,hwck->bk", a, weights) + 1.0
@@ -45,7 +46,7 @@ def test_grad_cam_matches_closed_form_for_int_targets(linear_head):
 
 def test_grad_cam_with_weight_targets_is_linear_in_the_weights(linear_head):
     head, features, weights, feats_np = linear_head
-    class_weights = jax.random.uniform(jax.random.key(3), (B, K))
+    class_weights = draws.uniform(jax.random.key(3), (B, K))
     np.testing.assert_allclose(grad_cam(head, features, class_weights, relu=False),
                                _closed_form(weights, feats_np, np.asarray(class_weights), relu=False),
                                rtol=1e-4, atol=1e-4)
@@ -89,7 +90,7 @@ def test_bad_targets_are_rejected(linear_head):
 
 
 def test_activation_collapse_minmax_and_resize():
-    features = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    features = draws.normal(jax.random.key(0), (2, 3, 3, 4))
     np.testing.assert_allclose(activation_collapse(features), np.mean(np.asarray(features) ** 2, -1), rtol=1e-6)
     normalized = minmax_normalize(jnp.arange(18.0).reshape(2, 3, 3))
     np.testing.assert_allclose(normalized.min(axis=(1, 2)), 0.0)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.distill import binary_kd_loss, multilabel_soft_margin_loss, softmax_cross_entropy, softmax_kd_loss
 
 
@@ -69,8 +70,8 @@ def test_mismatched_teacher_and_student_logits_are_rejected():
 
 
 def test_single_label_losses_take_one_hot_labels_as_class_indices():
-    logits = jax.random.normal(jax.random.PRNGKey(3), (5, 7))
-    teacher_logits = jax.random.normal(jax.random.PRNGKey(4), (5, 7))
+    logits = draws.normal(jax.random.PRNGKey(3), (5, 7))
+    teacher_logits = draws.normal(jax.random.PRNGKey(4), (5, 7))
     classes = jnp.array([0, 6, 2, 2, 5])
     one_hot = jax.nn.one_hot(classes, 7)
     np.testing.assert_allclose(softmax_cross_entropy(logits, one_hot), softmax_cross_entropy(logits, classes),

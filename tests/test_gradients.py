@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution.gradients import (guided_backprop, guided_logits_fn, guided_relu, input_gradients,
                                            input_x_gradient, integrated_gradients, saliency, smooth_grad,
                                            sum_channels)
@@ -19,8 +20,8 @@ B, S, K = 2, 6, 4
 @pytest.fixture(scope="module")
 def linear_model():
     keys = jax.random.split(jax.random.key(0), 2)
-    weights = jax.random.normal(keys[0], (S * S * 3, K))
-    images = jax.random.normal(keys[1], (B, S, S, 3))
+    weights = draws.normal(keys[0], (S * S * 3, K))
+    images = draws.normal(keys[1], (B, S, S, 3))
 
     def logit_fn(x):
         return x.reshape(x.shape[0], -1) @ weights + 1.0
@@ -32,7 +33,7 @@ def linear_model():
 def tiny_vgg():
     model = vgg(((4,), (8,)), num_classes=3, image_size=8, head_pooling="avg")
     variables = jax.jit(init_variables, static_argnums=0)(model, jax.random.key(1))
-    images = jax.random.uniform(jax.random.key(2), (B, 8, 8, 3))
+    images = draws.uniform(jax.random.key(2), (B, 8, 8, 3))
     return model, variables, images, jax.jit(lambda x: model.apply(variables, x))
 
 
@@ -49,7 +50,7 @@ def test_saliency_and_input_x_gradient_of_a_linear_model_are_closed_forms(linear
 
 def test_weight_and_callable_targets(linear_model):
     logit_fn, images, weights = linear_model
-    class_weights = jax.random.uniform(jax.random.key(3), (B, K))
+    class_weights = draws.uniform(jax.random.key(3), (B, K))
     expected = np.einsum("hwck,bk->bhwc", weights, np.asarray(class_weights))
     np.testing.assert_allclose(input_gradients(logit_fn, images, class_weights), expected, rtol=1e-5, atol=1e-5)
     top1 = jnp.argmax(logit_fn(images), axis=-1)
@@ -68,7 +69,7 @@ def test_integrated_gradients_of_a_linear_model_is_input_x_gradient(linear_model
 
 def test_integrated_gradients_completeness_improves_with_steps(tiny_vgg):
     _, _, _, logit_fn = tiny_vgg
-    images = 3.0 * jax.random.normal(jax.random.key(10), (B, 8, 8, 3))  # far from the baseline: a gap of ~0.5
+    images = 3.0 * draws.normal(jax.random.key(10), (B, 8, 8, 3))  # far from the baseline: a gap of ~0.5
     target = jnp.array([0, 2])
     baseline = jnp.full((8, 8, 3), 0.5)  # one baseline broadcast to every image
     gap = (logit_fn(images) - logit_fn(jnp.broadcast_to(baseline, images.shape)))[jnp.arange(B), target]
@@ -99,7 +100,7 @@ def test_smooth_grad_is_the_mean_gradient_over_its_noisy_copies(tiny_vgg):
     chex.assert_shape(result, (B, 8, 8, 3))
     value_range = images.max(axis=(1, 2, 3), keepdims=True) - images.min(axis=(1, 2, 3), keepdims=True)
     gradient = jax.jit(lambda x, t: input_gradients(logit_fn, x, t))
-    reference = np.mean([gradient(images + 0.2 * value_range * jax.random.normal(jax.random.fold_in(rng, i),
+    reference = np.mean([gradient(images + 0.2 * value_range * draws.normal(jax.random.fold_in(rng, i),
                                                                                   images.shape), target)
                          for i in range(5)], axis=0)
     np.testing.assert_allclose(result, reference, rtol=1e-4, atol=1e-6)
@@ -118,8 +119,8 @@ def test_smooth_grad_without_noise_is_the_plain_gradient(tiny_vgg):
 
 
 def test_guided_relu_matches_numpy():
-    x = jax.random.normal(jax.random.key(6), (5, 7))
-    grad = jax.random.normal(jax.random.key(7), (5, 7))
+    x = draws.normal(jax.random.key(6), (5, 7))
+    grad = draws.normal(jax.random.key(7), (5, 7))
     out, vjp_fn = jax.vjp(guided_relu, x)
     np.testing.assert_array_equal(out, np.maximum(np.asarray(x), 0))
     (x_grad,) = vjp_fn(grad)
@@ -130,9 +131,9 @@ def test_guided_relu_matches_numpy():
 def test_guided_gradient_of_one_conv_layer_matches_numpy():
     """logits = mean_{h,w} act(conv3x3(x)) @ V; the guided gradient written out by hand (im2col and its adjoint)."""
     keys = jax.random.split(jax.random.key(8), 3)
-    kernel = jax.random.normal(keys[0], (3, 3, 3, 5))
-    readout = jax.random.normal(keys[1], (5, K))
-    images = jax.random.normal(keys[2], (B, S, S, 3))
+    kernel = draws.normal(keys[0], (3, 3, 3, 5))
+    readout = draws.normal(keys[1], (5, K))
+    images = draws.normal(keys[2], (B, S, S, 3))
     target = jnp.array([3, 0])
 
     def logit_fn(x):
@@ -229,7 +230,7 @@ class _UserCNN(nn.Module):
 
 
 def test_guided_backprop_of_a_users_linen_model_matches_a_hand_guided_copy():
-    images = jax.random.normal(jax.random.key(1), (B, S, S, 3))
+    images = draws.normal(jax.random.key(1), (B, S, S, 3))
     model = _UserCNN()
     variables = model.init(jax.random.key(0), images)
     params = variables["params"]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.matching import matching_loss, normalize_maps, stochastic_channel_keep
 from attrjax.models import init_variables, vgg
 from attrjax.train import Objective, make_loss_fn
@@ -27,12 +28,12 @@ def test_matching_loss_matches_numpy():
 
 
 def test_matching_loss_is_scale_invariant_and_zero_for_equal_shapes():
-    maps = jax.random.uniform(jax.random.key(0), (2, 7, 7))
+    maps = draws.uniform(jax.random.key(0), (2, 7, 7))
     np.testing.assert_allclose(matching_loss(maps, 5.0 * maps), 0.0, atol=1e-7)
 
 
 def test_zero_maps_stay_finite_with_finite_gradients():
-    teacher = jax.random.uniform(jax.random.key(0), (2, 3, 3))
+    teacher = draws.uniform(jax.random.key(0), (2, 3, 3))
     zeros = jnp.zeros((2, 3, 3))
     loss, grads = jax.value_and_grad(lambda s: matching_loss(teacher, s))(zeros)
     # A zero student map normalises to zero: the loss is the mean of the teacher's squared unit map = 1/(H*W).
@@ -43,7 +44,7 @@ def test_zero_maps_stay_finite_with_finite_gradients():
 
 
 def test_teacher_maps_get_no_gradient():
-    teacher, student = jax.random.uniform(jax.random.key(0), (2, 2, 4, 4))
+    teacher, student = draws.uniform(jax.random.key(0), (2, 2, 4, 4))
     np.testing.assert_array_equal(jax.grad(lambda t: matching_loss(t, student))(teacher), 0.0)
 
 
@@ -86,7 +87,7 @@ def test_double_backprop_gradient_matches_finite_differences():
         to64 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float64), tree)  # noqa: E731
         teacher_vars = to64(init_variables(teacher, jax.random.key(0)))
         student_vars = to64(init_variables(student, jax.random.key(1)))
-        batch = {"image": jax.random.normal(jax.random.key(2), (4, 8, 8, 3), jnp.float64),
+        batch = {"image": draws.normal(jax.random.key(2), (4, 8, 8, 3), jnp.float64),
                  "labels": jnp.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], jnp.float64)}
         objective = Objective(kd="binary", matching="weighted", matching_weight=10.0, matching_layer="pool2")
         loss_fn = make_loss_fn(student, objective, teacher)
@@ -98,7 +99,7 @@ def test_double_backprop_gradient_matches_finite_differences():
         grads = jax.jit(jax.grad(loss))(params)
         loss = jax.jit(loss)  # (compiled once for both shifted evaluations)
         leaves, treedef = jax.tree.flatten(params)
-        direction = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(10 + i), x.shape, x.dtype)
+        direction = jax.tree.unflatten(treedef, [draws.normal(jax.random.key(10 + i), x.shape, x.dtype)
                                                  for i, x in enumerate(leaves)])
         eps = 1e-6
         shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, params, direction)  # noqa: E731

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution import (excitation_backprop, grad_cam, guided_backprop, input_x_gradient,
                                  integrated_gradients, lrp, rap, saliency, smooth_grad)
 from attrjax.attribution.methods import METHODS, class_maps
@@ -18,7 +19,7 @@ LAYER = "conv2_1"
 def tiny():
     model = vgg(((4,), (8,)), num_classes=3, image_size=8, head_pooling="avg")
     variables = init_variables(model, jax.random.key(0))
-    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    images = draws.normal(jax.random.key(1), (2, 8, 8, 3))
     return model, variables, images
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from attrjax.models import VGG, check_compatible, init_variables, last_conv_layer, layer_spatial_size, vgg
 from attrjax.models.vgg import _variance_scaling, max_pool_2x2
+from tests import draws
 
 
 def _param_count(model):
@@ -23,7 +24,7 @@ def test_vgg16_parameter_counts_match_the_paper_table(divisor, expected):
 def test_head_of_features_equals_the_full_network_at_every_layer():
     model = vgg("vgg11", num_classes=5, image_size=32, width_divisor=16)
     variables = init_variables(model, jax.random.key(0))
-    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    images = draws.normal(jax.random.key(1), (2, 32, 32, 3))
     logits = model.apply(variables, images)
     chex.assert_shape(logits, (2, 5))
     for layer in model.layers:
@@ -83,12 +84,12 @@ def test_incompatible_teacher_and_student_are_rejected():
 
 def test_max_pool_matches_flax_max_pool_including_odd_sizes():
     for size in (8, 7):  # 227 -> 113 needs the floor behaviour
-        x = jax.random.normal(jax.random.key(size), (2, size, size + 2, 5))
+        x = draws.normal(jax.random.key(size), (2, size, size + 2, 5))
         chex.assert_trees_all_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
 
 
-@pytest.mark.parametrize("shape,mode,distribution", [((3, 3, 5, 8), "fan_in", "uniform"),
-                                                    ((3, 3, 2, 4), "fan_out", "normal"), ((12, 7), "fan_in", "uniform")])
+@pytest.mark.parametrize("shape,mode,distribution", [
+    ((3, 3, 5, 8), "fan_in", "uniform"), ((3, 3, 2, 4), "fan_out", "normal"), ((12, 7), "fan_in", "uniform")])
 def test_the_flat_drawn_initializer_equals_jax_variance_scaling_bit_for_bit(shape, mode, distribution):
     key = jax.random.key(3)
     expected = jax.nn.initializers.variance_scaling(0.5, mode, distribution)(key, shape)

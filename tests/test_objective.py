@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import draws
 from attrjax.attribution import lrp
 from attrjax.matching import matching_loss
 from attrjax.models import vgg
@@ -36,7 +37,7 @@ def test_linearizing_at_several_layers_equals_linearizing_at_each(which, train):
     variables = split.init(jax.random.key(1), IMAGES)
     rng = jax.random.key(7)
     lin = split.linearize_layers(variables, IMAGES, layers, train=train, rng=rng)
-    cotangent = jax.random.normal(jax.random.key(3), lin.logits.shape)
+    cotangent = draws.normal(jax.random.key(3), lin.logits.shape)
     gradients = lin.vjp(cotangent)
     assert set(lin.activations) == set(gradients) == set(layers)
     for layer in layers:
@@ -123,7 +124,7 @@ def test_lrp_matching_compares_the_eval_mode_lrp_maps_and_its_gradient_is_their_
     params = student_variables["params"]
     np.testing.assert_allclose(float(metrics["matching_loss"]), float(direct(params)), rtol=1e-5)
     assert Objective(kd="binary", matching="lrp", matching_weight=2.0).terms()[1] == PropagationMatching(weight=2.0)
-    direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    direction = jax.tree.map(lambda p: draws.normal(jax.random.key(p.size), p.shape), params)
     step = 1e-3
     moved = [jax.tree.map(lambda p, d, s=sign: p + s * step * d, params, direction) for sign in (1.0, -1.0)]
     numeric = (float(direct(moved[0])) - float(direct(moved[1]))) / (2 * step)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution import (AlphaBeta, Composite, Epsilon, ZBox, excitation_backprop, lrp, propagation_graph,
                                  propagation_maps, rap)
 from attrjax.attribution.graph import Affine
@@ -42,7 +43,7 @@ def _variables(model, seed=0, bias_free=False):
 
 
 def _images(batch=2, seed=1):
-    return jax.random.normal(jax.random.PRNGKey(seed), (batch, 8, 8, 3))
+    return draws.normal(jax.random.PRNGKey(seed), (batch, 8, 8, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_composite_by_name_kind_and_position():
 def test_excitation_backprop_probabilities_and_relation_to_lrp():
     model = _model("flatten")
     variables, target = _variables(model), jnp.array([0, 2])
-    images = jax.random.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3))  # non-negative pixels: MWP at the input too
+    images = draws.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3))  # non-negative pixels: MWP at the input too
     for layer in ("input", "conv1_1", "pool1", "conv2_1"):
         mwp = excitation_backprop(model, variables, images, target, layer=layer)
         assert bool((mwp >= 0).all()), layer

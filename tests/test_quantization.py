@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests import draws
 from attrjax import quantization as quant
 from attrjax.attribution import lrp
 from attrjax.matching import matching_loss
@@ -31,7 +32,7 @@ class TinyCNN(nn.Module):
         return nn.Dense(5, use_bias=self.use_bias, name="fc")(jnp.mean(x, axis=(1, 2)))
 
 
-IMAGES = jax.random.normal(jax.random.key(0), (6, 12, 12, 3))
+IMAGES = draws.normal(jax.random.key(0), (6, 12, 12, 3))
 
 
 def _largest_weights_positive(params):
@@ -136,7 +137,7 @@ def test_ptq_equals_numpy_integer_network(tiny, bits):
 def test_qat_steps_stay_on_the_grid(tiny):
     model, variables = tiny
     quantized = quant.calibrate(model, variables, [IMAGES])
-    labels = (jax.random.uniform(jax.random.key(2), (6, 5)) > 0.5).astype(jnp.float32)
+    labels = (draws.uniform(jax.random.key(2), (6, 5)) > 0.5).astype(jnp.float32)
     tx = optax.adam(1e-2)
     step = jax.jit(make_train_step(quantized, tx, Objective()))
     state = TrainState.create(variables, tx)
@@ -186,7 +187,7 @@ def test_matching_gradient_through_a_quantized_head_is_straight_through(tiny):
     surrogate at every order the matching loss uses (the student's gradient at the layer, then its derivative)."""
     model, variables = tiny
     quantized = quant.calibrate(model, variables, [IMAGES])
-    teacher_maps = jax.random.uniform(jax.random.key(3), (6, 12, 12))
+    teacher_maps = draws.uniform(jax.random.key(3), (6, 12, 12))
     target = jnp.arange(6) % 5
     loss = functools.partial(_matching_loss_at_conv1, quantized, variables, teacher_maps=teacher_maps, target=target)
     grads = jax.grad(loss)(variables["params"])
@@ -203,7 +204,7 @@ def test_matching_gradient_through_a_quantized_head_is_straight_through(tiny):
         return _matching_loss_at_conv1(split, ranges, params, teacher_maps, target)
 
     chex.assert_trees_all_close(surrogate(variables["params"]), loss(variables["params"]), rtol=1e-5)
-    direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(4), p.shape), variables["params"])
+    direction = jax.tree.map(lambda p: draws.normal(jax.random.key(4), p.shape), variables["params"])
     _, expected = jax.jvp(surrogate, (variables["params"],), (direction,))
     actual = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     chex.assert_trees_all_close(actual, expected, rtol=1e-4)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.models import ResNet, export_resnet, import_resnet, resnet_from_state_dict
 from attrjax.pruning.structured_resnet import prune_resnet_filters, resnet_kept_channels, resnet_masked_twin
 
@@ -20,7 +21,7 @@ BASIC_IMAGENET_STEM = BASIC.clone(stem="imagenet")  # the max-pool sees the zero
 
 
 def _images(side, seed=1):
-    return jax.random.normal(jax.random.key(seed), (2, side, side, 3))
+    return draws.normal(jax.random.key(seed), (2, side, side, 3))
 
 
 def _initialised(model, side, seed=0):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution import weighted_collapse
 from attrjax.attribution.methods import class_maps
 from attrjax.evaluation import localization_report, make_predict_fn
@@ -48,7 +49,7 @@ class UserCNN(nn.Module):
         return Head(name="head")(Trunk(name="trunk")(x, train), train)
 
 
-IMAGES = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+IMAGES = draws.normal(jax.random.key(0), (4, 8, 8, 3))
 USER = LinenSplitModel(UserCNN(), IMAGES[:1])
 
 
@@ -91,7 +92,7 @@ def test_linen_linearization_equals_a_hand_written_vjp_of_the_head(train):
         return out[0] if train else out
 
     logits, vjp = jax.vjp(head, activations)
-    cotangent = jax.random.normal(jax.random.key(3), logits.shape)
+    cotangent = draws.normal(jax.random.key(3), logits.shape)
     chex.assert_trees_all_close(lin.activations, activations, atol=1e-6)
     chex.assert_trees_all_close(lin.logits, logits, atol=1e-6)
     chex.assert_trees_all_close(lin.vjp(cotangent), vjp(cotangent)[0], atol=1e-6)
@@ -128,7 +129,7 @@ def test_the_double_backprop_matching_gradient_equals_finite_differences(which):
             split, layer = vgg_split_model(model), "pool1"
         images = IMAGES.astype(jnp.float64)
         variables = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), split.init(jax.random.key(1), images))
-        teacher_maps = jax.nn.relu(jax.random.normal(jax.random.key(5), split.activation_shape(
+        teacher_maps = jax.nn.relu(draws.normal(jax.random.key(5), split.activation_shape(
             variables, images, layer)[:3], jnp.float64))
 
         def loss(params):
@@ -139,7 +140,7 @@ def test_the_double_backprop_matching_gradient_equals_finite_differences(which):
         params = variables["params"]
         grads = jax.jit(jax.grad(loss))(params)
         loss = jax.jit(loss)  # (compiled once for both shifted evaluations)
-        direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(11), p.shape, p.dtype), params)
+        direction = jax.tree.map(lambda p: draws.normal(jax.random.key(11), p.shape, p.dtype), params)
         analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
         eps = 1e-6
         shifted = [loss(jax.tree.map(lambda p, d, s=s: p + s * eps * d, params, direction)) for s in (1, -1)]
@@ -250,7 +251,7 @@ def test_nnx_linearization_equals_a_perturbed_forward_and_finite_differences(tra
     logits, state = split.apply(variables, IMAGES, train=train, rng=rng)
     chex.assert_trees_all_close(lin.logits, logits, atol=1e-6)  # one pass: same dropout mask, same statistics
     chex.assert_trees_all_close(lin.state, state)
-    cotangent = jax.random.normal(jax.random.key(3), logits.shape)
+    cotangent = draws.normal(jax.random.key(3), logits.shape)
     model = split._merged(variables, train, rng)
     if not train:  # eval mode is deterministic: the head after blocks.0, written out by hand
         def head(a):
@@ -260,7 +261,7 @@ def test_nnx_linearization_equals_a_perturbed_forward_and_finite_differences(tra
         expected = jax.vjp(head, lin.activations)[1](cotangent)[0]
         chex.assert_trees_all_close(lin.vjp(cotangent), expected, atol=1e-6)
     else:  # dropout draws from the reseeded streams: central differences along a direction
-        direction = jax.random.normal(jax.random.key(5), lin.activations.shape)
+        direction = draws.normal(jax.random.key(5), lin.activations.shape)
         eps = 1e-4
 
         def perturbed(scale):  # the forward pass with blocks.0's output moved along ``direction``

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import draws
 from attrjax.attribution import grad_cam_all_classes
 from attrjax.models import VGG, init_variables, vgg
 from attrjax.pruning import (count_params_and_flops, l1_kept_filters, prune_filters, vgg16_paper_rates,
@@ -36,7 +37,7 @@ def test_pruned_network_equals_the_masked_original(head_pooling):
     pruned, pruned_variables = prune_filters(model, variables, rates)
     assert pruned.stage_widths == ((4, 6), (9,), (7, 4))
     masked_variables = zero_filters(model, variables, rates)
-    images = jax.random.normal(jax.random.key(1), (3, 24, 24, 3))
+    images = draws.normal(jax.random.key(1), (3, 24, 24, 3))
     chex.assert_trees_all_close(pruned.apply(pruned_variables, images), model.apply(masked_variables, images),
                                 atol=1e-5, rtol=1e-5)
     # Grad-CAM at the last conv: the removed channels are zero in the masked twin and add nothing to the map.

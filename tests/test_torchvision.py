@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from tests import draws
 from attrjax.models import (export_vgg, import_vgg, init_variables, load_state_dict, read_pth_without_torch,
                             save_state_dict, stage_widths_from_state_dict, torchvision, vgg)
 
@@ -151,7 +152,7 @@ def test_imagenet_classifier_is_dropped_and_the_new_head_kept():
 def test_export_save_load_import_round_trips_exactly(tmp_path, suffix):
     model = _model()
     variables = init_variables(model, jax.random.key(0))
-    variables["batch_stats"] = jax.tree.map(lambda x: x + jax.random.uniform(jax.random.key(1), x.shape),
+    variables["batch_stats"] = jax.tree.map(lambda x: x + draws.uniform(jax.random.key(1), x.shape),
                                             variables["batch_stats"])
     exported = export_vgg(variables, model)
     assert list(exported) == list(_random_state_dict(0))  # torchvision's keys, in torchvision's order

@@ -34,7 +34,7 @@ VGG_LAYOUTS: dict[str, StageWidths] = {
 }
 
 def _variance_scaling(scale: float, mode: str, distribution: str) -> nn.initializers.Initializer:
-    """``jax.nn.initializers.variance_scaling`` for kernels shaped (..., in, out), bit for bit, drawn as one flat vector.
+    """``jax.nn.initializers.variance_scaling`` for kernels (..., in, out), bit for bit, drawn as one flat vector.
 
     Threefry's bits depend on an element's flat index only, so a flat draw reshaped is the same array; but XLA:CPU
     compiles the draw of a 4-D conv kernel shape in seconds (3-7 s each here) and a 1-D one in a fraction of that,
