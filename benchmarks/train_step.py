@@ -54,8 +54,9 @@ def conv_forward_gflop(model: VGG, batch: int) -> float:
     return batch * count_params_and_flops(model, variables, images)["flops"] / 1e9
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The flags of this benchmark, which ``benchmarks.step_breakdown`` extends."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="vgg16", help="teacher layout (attrjax.models.VGG_LAYOUTS)")
     parser.add_argument("--teacher-divisor", type=int, default=1)
     parser.add_argument("--student", default="vgg16", help="student layout")
@@ -75,7 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also time a PyTorch transcription of the step (benchmarks.torch_step, kd_match only) "
                              "interleaved with ours, and check that it computes the same loss and gradients")
     common.add_output_flag(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def pair_config(args: argparse.Namespace) -> dict:
@@ -127,7 +132,8 @@ def pytorch_parity(args: argparse.Namespace, teacher_variables, student_variable
         matching_weight=objective.matching_weight)
     relative = {name: float(np.linalg.norm(torch_grads[name] - grads[name]["kernel"])
                             / np.linalg.norm(grads[name]["kernel"])) for name in torch_grads}
-    return {"loss": float(loss), "pytorch_loss": torch_loss, "loss_relative_difference": abs(torch_loss / float(loss) - 1),
+    return {"loss": float(loss), "pytorch_loss": torch_loss,
+            "loss_relative_difference": abs(torch_loss / float(loss) - 1),
             "kernel_gradient_relative_difference_max": max(relative.values()),
             "worst_kernel": max(relative, key=relative.get)}
 

@@ -40,9 +40,11 @@ def test_attribution_benchmark(tmp_path, capsys):
 
 
 def test_step_breakdown_benchmark(tmp_path, capsys):
-    result = _run(step_breakdown.main, TINY_PAIR, tmp_path, capsys)
-    assert set(result["components"]) >= {"task", "kd", "kd_match", "kd_stochastic", "kd_lrp_match", "teacher_forward"}
+    result = _run(step_breakdown.main, TINY_PAIR + ["--objectives", "kd", "kd_match"], tmp_path, capsys)
+    assert set(result["components"]) == {"kd", "kd_match", "teacher_forward", "teacher_targets"}
     assert all(component["ms"] > 0 for component in result["components"].values())
+    assert {"ratio_kd_match_over_kd", "teacher_targets_share_of_kd_match"} <= result.keys()
+    assert "ratio_kd_over_task" not in result  # task was not timed
 
 
 def test_evaluation_benchmark_agrees_with_the_per_pair_loop(tmp_path, capsys):
