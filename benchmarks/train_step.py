@@ -1,13 +1,15 @@
 """Speed of the jitted distillation train step (teacher forward + student forward/backward + matching loss).
 
-    python -m benchmarks.train_step [--objective kd_match] [--steps 10] [--out result.json]
+    python -m benchmarks.train_step [--objective kd_match] [--steps 10] [--pytorch] [--out result.json]
 
 Defaults are the paper's pair (docs/method.md#models-and-layers): full-width VGG16 teacher, VGG16/8 student, batch
 16, 64 px, 20 classes, matched at conv4_3 (8x8 at 64 px; pool5 would be 2x2). Prints one JSON object: the step time,
 XLA's FLOP count of one step, the achieved GFLOP/s and its fraction of this machine's measured fp32 matmul peak, the
 compile time and the number of compilations (1 expected: compiled once, never retraced over the timed steps). The
 2048^3 matmul is timed interleaved with the steps (one of each per round), so a change in machine load hits both
-alike: ``matmul_peak_gflops`` is its best round, ``fraction_of_matmul_median`` compares medians.
+alike: ``matmul_peak_gflops`` is its best round, ``fraction_of_matmul_median`` compares medians. ``--pytorch``
+adds a PyTorch transcription of the kd_match step (``benchmarks.torch_step``) to the same rounds, after checking
+that it computes our loss and gradients (``pytorch_parity``): ``speedup_over_pytorch`` compares medians.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attrjax.data.voc import build_voc
 from benchmarks import attribution, evaluation, input_pipeline, step_breakdown, train_step
@@ -31,6 +33,17 @@ def test_train_step_benchmark(tmp_path, capsys):
     # --dtype reaches both networks (bfloat16 training itself: tests/test_train.py).
     teacher, student = train_step.build_models(train_step.parse_args(TINY_PAIR + ["--dtype", "bfloat16"]))
     assert teacher.dtype == student.dtype == jnp.bfloat16
+
+
+def test_the_pytorch_transcription_computes_our_loss_and_gradients():
+    """Only where PyTorch is installed (an optional benchmark dependency): the baseline --pytorch times must be the
+    same computation as ours, or the speed-up it reports means nothing."""
+    pytest.importorskip("torch")
+    args = train_step.parse_args(TINY_PAIR + ["--pytorch"])
+    _, (state, teacher_variables, batch, _) = train_step.setup(args, train_step.make_objective("kd_match", args.layer))
+    parity = train_step.pytorch_parity(args, *jax.device_get((teacher_variables, state.variables, batch)))
+    assert parity["loss_relative_difference"] < 1e-5, parity
+    assert parity["kernel_gradient_relative_difference_max"] < 1e-3, parity
 
 
 def test_attribution_benchmark(tmp_path, capsys):
