@@ -1,6 +1,6 @@
 """What bfloat16 compute does to trained networks' maps and to the matching gradient, against float32.
 
-    python -m benchmarks.mixed_precision --workdir runs/demo [--config quick] [--set KEY=VALUE ...] [--images 200]
+    python -m benchmarks.mixed_precision --workdir runs/demo [--config quick] [--config.KEY=VALUE ...] [--images 200]
 
 Loads the float32-trained teacher and students of a work directory (``make demo`` writes one), builds each again
 computing in bfloat16 with the same variables, and prints one JSON object:
@@ -120,18 +120,18 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="quick")
     parser.add_argument("--workdir", default="runs/demo", help="a work directory with a trained teacher and students")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     parser.add_argument("--images", type=int, default=200, help="localisation images for the maps")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--sweep", default=None, help="compare a sweep over compute_dtype instead (see above)")
     bench_common.add_output_flag(parser)
-    args = parser.parse_args(argv)
+    args, overrides = common.parse_with_overrides(parser, argv)
     if args.sweep:
         comparison = compare_sweep(args.sweep)
         print(sweep_markdown(comparison))
         bench_common.emit(bench_common.round_floats(comparison), args.out)
         return comparison
-    config = common.load_config(args.config, args.set)
+    config = common.load_config(args.config, overrides)
     splits = common.load_splits(config, args.workdir)
     localization = splits["localization"]
     images = attr_data.normalize(localization["image"][:args.images], common.normalization(config))

@@ -7,7 +7,6 @@ import ast
 import contextlib
 import dataclasses
 import functools
-import importlib
 import os
 import sys
 import zlib
@@ -19,7 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
+from absl import flags as absl_flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from attrjax import data as attr_data
 from attrjax import distributed
@@ -40,54 +41,96 @@ def quiet_tfds():
     absl_logging.set_verbosity(absl_logging.ERROR)
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class _ListParser(absl_flags.ArgumentParser):
+    """``[0.7, 0.5]`` (a Python list literal) for list-valued config fields, such as per-conv pruning rates, which
+    ``config_flags`` has no parser for."""
+
+    def parse(self, argument):
+        if isinstance(argument, list):
+            return argument
+        try:
+            value = ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{argument!r} is not a list literal such as [0.5, 0.7]")
+        return list(value)
+
+    def flag_type(self):
+        return "list"
+
+
+config_flags.register_flag_parser_for_type(list, _ListParser())
+
+
+def config_file(name: str) -> str:
+    """``path/to/config.py[:argument]`` for a preset name (``quick``, ``paper:argument``) or a path as given."""
+    path, colon, argument = name.partition(":")
+    if not path.endswith(".py"):
+        preset = os.path.join(CONFIGS_DIR, f"{path}.py")
+        if not os.path.isfile(preset):
+            available = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and not f.startswith("_"))
+            raise ValueError(f"unknown config {path!r}; available: {available} (or a path to a .py file)")
+        path = preset
+    elif not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    return path + colon + argument
+
+
 def load_config(name: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """``experiments/configs/<name>.py``'s ``get_config()`` with ``key.sub=value`` overrides (Python literals)."""
-    try:
-        module = importlib.import_module(f"experiments.configs.{name}")
-    except ModuleNotFoundError as error:
-        available = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "configs"))
-                           if f.endswith(".py") and not f.startswith("_"))
-        raise ValueError(f"unknown config {name!r}; available: {available}") from error
-    config = module.get_config()
+    """A config file's ``get_config()`` (``name``: see ``config_file``) with ``key.sub=value`` overrides, parsed by
+    ``ml_collections.config_flags`` as ``--config.key.sub=value`` is: typed by the field each one replaces."""
+    path = config_file(name)
+    config = _parse_config(path, [])
+    flags = []
     for override in overrides:
-        key, equals, text = override.partition("=")
+        key, equals, value = override.partition("=")
         if not equals:
             raise ValueError(f"config override {override!r} is not KEY=VALUE (e.g. teacher.num_steps=100)")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare string such as data.data_dir=/tmp/x
-        node, *parents = config, *key.split(".")[:-1]
-        leaf = key.split(".")[-1]
-        for depth, parent in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or parent not in node:
-                raise ValueError(f"unknown config key {key!r}: {_config_path(parents[:depth])} has no section "
-                                 f"{parent!r}" + _known_keys(node))
-            node = node[parent]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f"unknown config key {key!r}" + _known_keys(node))
-        try:
-            node[leaf] = value
-        except TypeError as error:
-            raise ValueError(f"config key {key!r} holds a {type(node[leaf]).__name__}, not "
-                             f"{type(value).__name__} {value!r}") from error
-    return config
+        expected = _check_key(config, key)
+        flags.append((f"--config.{key}={value}", f"config key {key!r} is of type {type(expected).__name__}"))
+    return _parse_config(path, flags) if flags else config
 
 
-def _config_path(parents: list[str]) -> str:
-    return ".".join(parents) or "the config"
+def _parse_config(path: str, flags: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """``config_flags`` on a command line of ``--config=path`` and ``flags`` ((flag, what it overrides) pairs)."""
+    argv = ["attrjax", f"--config={path}", *(flag for flag, _ in flags)]
+    flag_values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    try:
+        flag_values(argv)
+    except absl_flags.IllegalFlagValueError as error:
+        culprit = next((what for flag, what in flags if str(error).startswith(f"flag {flag.partition('=')[0]}=")),
+                       None)
+        if culprit is None:  # the file itself: a syntax error, no get_config, an argument it does not take
+            raise ValueError(f"cannot load config {path}: {str(error).strip().splitlines()[-1]}") from None
+        raise ValueError(f"{culprit}: {error}") from None
+    return holder.value
 
 
-def _known_keys(node) -> str:
-    return f"; it has: {', '.join(sorted(node.keys()))}" if isinstance(node, ml_collections.ConfigDict) else ""
+def _check_key(config: ml_collections.ConfigDict, key: str):
+    """The value at dotted ``key``; raises naming the first part that does not exist and what exists there."""
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:depth]) or "the config"
+            known = f"; it has: {', '.join(sorted(node.keys()))}" if isinstance(node, ml_collections.ConfigDict) else ""
+            raise ValueError(f"unknown config key {key!r}: {where} has no {part!r}{known}")
+        node = node[part]
+    return node
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="quick", help="a module of experiments/configs (quick, paper)")
+    parser = argparse.ArgumentParser(
+        description=description, epilog="Override any config value with --config.KEY=VALUE, e.g. "
+        "--config.teacher.num_steps=100 (typed by the config's own field).")
+    parser.add_argument("--config", default="quick", help="a preset of experiments/configs (quick, paper, ...) or a "
+                        "config file, each optionally with :ARGUMENT for its get_config")
     parser.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and results go")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. "
-                        "teacher.num_steps=100")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     group = parser.add_argument_group("multi-process runs (one process per host; see docs/multihost.md)")
     group.add_argument("--distributed", choices=distributed.MODES, default="auto",
                        help="auto: join a multi-process run when a coordinator is given or a cluster manager (SLURM, "
@@ -97,6 +140,27 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     group.add_argument("--num_processes", type=int, default=None, help=f"(or {distributed.NUM_PROCESSES_ENV})")
     group.add_argument("--process_id", type=int, default=None, help=f"(or {distributed.PROCESS_ID_ENV})")
     return parser
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed flags, and the config overrides (``KEY=VALUE``) of every ``--config.KEY=VALUE`` or
+    ``--config.KEY VALUE`` on the command line, then of the deprecated ``--set`` (which warns)."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith("--config."):
+            parser.error(f"unrecognized argument {flag!r} (config values are set with --config.KEY=VALUE)")
+        key, equals, value = flag[len("--config."):].partition("=")
+        if not equals:
+            if not rest:
+                parser.error(f"{flag} needs a value: {flag}=VALUE")
+            value = rest.pop(0)
+        overrides.append(f"{key}={value}")
+    if args.set:
+        print("warning: --set is deprecated and will be removed; write each KEY=VALUE as --config.KEY=VALUE, e.g. "
+              f"--config.{args.set[0]}", file=sys.stderr)
+    return args, overrides + args.set
 
 
 def join_processes(args) -> None:
@@ -115,9 +179,9 @@ def join_processes(args) -> None:
 
 def main_for(run: Callable, doc: str, validate: Callable | None = None):
     """The command line of an experiment module: ``validate(config)`` (when given: a module's ``run`` expects a
-    validated config), then ``run(config, workdir)``, with --config, --workdir, --set and the multi-process flags.
-    Every process of a multi-process run must get the same config (checked)."""
-    args = arg_parser(doc.splitlines()[0]).parse_args()
+    validated config), then ``run(config, workdir)``, with --config (and its --config.KEY=VALUE overrides),
+    --workdir and the multi-process flags. Every process of a multi-process run must get the same config (checked)."""
+    args, overrides = parse_with_overrides(arg_parser(doc.splitlines()[0]))
     try:
         join_processes(args)
     except (ValueError, RuntimeError) as error:
@@ -125,13 +189,13 @@ def main_for(run: Callable, doc: str, validate: Callable | None = None):
     # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, overrides)
         distributed.check_same_everywhere("config", config.to_dict())
         if validate is not None:
             validate(config)
         run(config, args.workdir)
     except RunConfigMismatchError as error:
-        sys.exit(f"error: {error}\n(on the command line: --set on_config_change=restart)")
+        sys.exit(f"error: {error}\n(on the command line: --config.on_config_change=restart)")
     except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad settings, missing runs, divergence
         sys.exit(f"error: {error}")
 
@@ -274,7 +338,7 @@ def load_splits(config, workdir: str) -> dict[str, dict[str, np.ndarray] | attr_
             if wrong.size:
                 raise ValueError(f"data.labels='single' needs exactly one class per image, but {wrong.size} images of "
                                  f"{config.data.name}'s {name} split have another count (image {wrong[0]} has "
-                                 f"{per_image[wrong[0]]}); set data.labels='multilabel'")
+                                 f"{per_image[wrong[0]]}); --config.data.labels=multilabel")
     return splits
 
 

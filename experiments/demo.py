@@ -2,7 +2,7 @@
 filter pruning, iterative unstructured pruning, int8 quantization), each naive and with attribution matching,
 evaluate every model, and write results.json, results.md and figure.png into the work directory.
 
-    python -m experiments.demo --workdir runs/demo [--config quick] [--set stochastic_drop_rate=0.3]
+    python -m experiments.demo --workdir runs/demo [--config quick] [--config.stochastic_drop_rate=0.3]
 
 Re-running resumes: finished models are restored from their checkpoints, not retrained.
 """

@@ -1,6 +1,6 @@
 """Distil students from a trained teacher, with and without attribution matching (docs/method.md#distilled-students).
 
-    python -m experiments.distill --config quick --workdir runs/demo [--set stochastic_drop_rate=0.3]
+    python -m experiments.distill --config quick --workdir runs/demo [--config.stochastic_drop_rate=0.3]
 
 Needs ``experiments.train_teacher`` to have run in the same work directory.
 """

@@ -4,8 +4,9 @@ method of ``config.eval.methods``; writes results.json, results.csv, results.md 
 several methods are evaluated).
 
     python -m experiments.evaluate --config quick --workdir runs/demo
-    python -m experiments.evaluate --workdir runs/demo --set eval.methods=all eval.localization_images=100
-    python -m experiments.evaluate --workdir runs/demo --set eval.methods=gradcam,lrp eval.faithfulness_steps=16
+    python -m experiments.evaluate --workdir runs/demo --config.eval.methods=all --config.eval.localization_images=100
+    python -m experiments.evaluate --workdir runs/demo --config.eval.methods=gradcam,lrp \\
+        --config.eval.faithfulness_steps=16
 
 ``eval.methods`` is a comma-separated list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM,
 LRP, RAP, EBP) or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all)

@@ -1,7 +1,7 @@
 """Prune the teacher and fine-tune it, with and without attribution matching (docs/method.md#structured-pruning,
 #unstructured-pruning).
 
-    python -m experiments.prune --config quick --workdir runs/demo [--set stochastic_drop_rate=0.3]
+    python -m experiments.prune --config quick --workdir runs/demo [--config.stochastic_drop_rate=0.3]
 
 Two settings, each naive (task loss) and matched (task loss + lambda * matching to the unpruned teacher, which is
 always in eval mode: the reference code's unstructured scripts leave it in train mode,

@@ -1,7 +1,7 @@
 """Quantize the teacher, after training and during fine-tuning, with and without attribution matching
 (docs/method.md#quantization).
 
-    python -m experiments.quantize --config quick --workdir runs/demo [--set quantization.bits=4]
+    python -m experiments.quantize --config quick --workdir runs/demo [--config.quantization.bits=4]
 
 Three runs, at ``config.quantization.bits`` (8 or 4; weights per output channel, every conv and dense layer's input
 per tensor):
@@ -77,7 +77,7 @@ def validate(config) -> None:
     if quantization_runs(config) and common.compute_dtype_name(config) != "float32":
         raise ValueError(f"quantization runs compute in float32 (calibration and fake quantization), but "
                          f"compute_dtype is {config.compute_dtype!r} (here {common.compute_dtype_name(config)}); set "
-                         f"compute_dtype='float32', or leave them out with runs= (they are "
+                         f"--config.compute_dtype=float32, or leave them out with --config.runs= (they are "
                          f"{', '.join(quantization_runs(config))})")
     try:
         Quantization(settings.bits)

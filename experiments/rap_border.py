@@ -1,6 +1,6 @@
 """RAP's border artefact, measured: how much positive RAP relevance lies on the image border, and why.
 
-    python -m experiments.rap_border --workdir runs/demo [--config quick] [--set eval.localization_images=200]
+    python -m experiments.rap_border --workdir runs/demo [--config quick] [--config.eval.localization_images=200]
 
 For the teacher and every student of a finished demo run, on the first ``eval.localization_images`` localisation
 images (all if 0), attributing each image's top-1 class: the share of the positive map mass in the two outermost

@@ -1,7 +1,7 @@
 """Seeds and grids of the demo: every run of the grid over several seeds, one tidy table, statistics and a report.
 
     python -m experiments.sweep --workdir runs/sweep --config quick --seeds 5
-    python -m experiments.sweep --workdir runs/lambda --seeds 3 --set runs=kd,kd_match \\
+    python -m experiments.sweep --workdir runs/lambda --seeds 3 --config.runs=kd,kd_match \\
         --grid students.kd_match.objective.matching_weight=0,1,3,10,30,100
 
 Each (grid point, seed) is one demo run (``experiments.demo``) in its own directory ``<point>/seed<k>``: resumable
@@ -40,7 +40,7 @@ TEACHER_KEYS = ("seed", "data", "teacher")
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
-    """``["key=v1,v2", ...]`` -> ``{key: ["v1", "v2"]}`` (values stay text: they are parsed as ``--set`` values)."""
+    """``["key=v1,v2", ...]`` -> ``{key: ["v1", "v2"]}`` (values stay text, parsed as ``--config.KEY=VALUE``'s)."""
     grid = {}
     for spec in specs:
         key, equals, values = spec.partition("=")
@@ -178,19 +178,20 @@ def main(argv=None):
     parser.add_argument("--config", default="quick", help="a module of experiments/configs (quick, paper, ...)")
     parser.add_argument("--workdir", default="runs/sweep", help="the sweep directory")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 of every grid point")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of every run")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="grid axes (their product)")
     parser.add_argument("--reuse", default=None, help="another sweep directory (same grid) whose trained models "
-                        "this sweep evaluates, e.g. with --set eval.methods=paper")
+                        "this sweep evaluates, e.g. with --config.eval.methods=paper")
     parser.add_argument("--teachers", default=None, help="where the shared teachers live (default WORKDIR/teachers; "
                         "another sweep's teachers directory reuses its teachers)")
-    args = parser.parse_args(argv)
+    parser.epilog = "Override any config value of every run with --config.KEY=VALUE, e.g. --config.runs=kd,kd_match."
+    args, overrides = common.parse_with_overrides(parser, argv)
     try:
         command = "python -m experiments.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
-        run_sweep(args.config, args.set, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True,
+        run_sweep(args.config, overrides, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True,
                   teachers_dir=args.teachers, reuse=args.reuse, command=command)
     except RunConfigMismatchError as error:
-        sys.exit(f"error: {error}\n(to start this sweep afresh: --set on_config_change=restart, or a new --workdir)")
+        sys.exit(f"error: {error}\n(to start this sweep afresh: --config.on_config_change=restart, or a new --workdir)")
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
 

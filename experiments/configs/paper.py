@@ -2,7 +2,7 @@
 published.
 
     python -m experiments.train_teacher --config paper --workdir runs/paper \
-        --set data.manual_dir=/data/voc teacher.pretrained=/weights/vgg16_bn-6c64b313.pth
+        --config.data.manual_dir=/data/voc --config.teacher.pretrained=/weights/vgg16_bn-6c64b313.pth
 
 (README "Reproducing the paper" has every command.) Data: `attrjax.data.voc` builds VOC 2012 from the user's
 trainval tarball into `data.data_dir` (default `<workdir>/data`); training images are RandomResizedCrop(227) + flip,

@@ -2,7 +2,7 @@
 ResNet-50 students, structured pruning of every block's inner convs.
 
     python -m experiments.demo --config paper_resnet --workdir runs/paper_resnet \\
-        --set data.manual_dir=/data/voc teacher.pretrained=/weights/resnet50-0676ba61.pth
+        --config.data.manual_dir=/data/voc --config.teacher.pretrained=/weights/resnet50-0676ba61.pth
 
 Layers: at 227 px the last block (`layer4_2`) outputs 8x8 (the ImageNet stem and three strided stages divide by 32,
 rounding up), the ResNet's counterpart of VGG16's 7x7 pool5; it is both the matching and the Grad-CAM layer.

@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.stochastic_drop_rate = 0.0
     # Which student and pruning runs to train and evaluate: comma-separated names (e.g. "kd,kd_match"), "" for all.
     config.runs = ""
-    # The demo evaluates Grad-CAM (the paper's main method); `--set eval.methods=all` adds LRP, EBP and the gradient
+    # The demo evaluates Grad-CAM (the paper's main method); `--config.eval.methods=all` adds LRP, EBP and the gradient
     # family, whose per-class passes cost far more on CPU (then also bound localization_images).
     config.eval = dict(batch_size=100, tolerance=0, figure_images=6, methods="gradcam", localization_images=0,
                        method_options={"integrated_gradients": {"steps": 16}, "smooth_grad": {"samples": 8}},
