@@ -138,8 +138,11 @@ def test_config_overrides_and_errors():
     assert common.load_config("quick_resnet", ["teacher.stage_sizes=(1,2,1,1)"]).teacher.stage_sizes == (1, 2, 1, 1)
     with pytest.raises(ValueError, match="is not a list literal"):
         common.load_config("quick", ["pruning.structured.rates=0.7"])
+    assert common.load_config("quick:resnet").to_dict() == common.load_config("quick_resnet").to_dict()
+    with pytest.raises(ValueError, match="the quick preset has the variants vgg and resnet, not 'resnet18'"):
+        common.load_config("quick:resnet18")
     with pytest.raises(ValueError, match="takes 0 positional arguments"):
-        common.load_config("quick:resnet")
+        common.load_config("pet:resnet")
     path = common.config_file("quick")
     assert common.load_config(path).to_dict() == common.load_config("quick").to_dict()
 

@@ -26,7 +26,14 @@ VOC_TRAIN_IMAGES = 5717
 BATCH_SIZE = 64
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "vgg") -> ml_collections.ConfigDict:
+    """This preset; ``--config paper:resnet`` is the same with ResNets (``paper_resnet.py``)."""
+    if variant == "resnet":
+        from experiments.configs import paper_resnet  # ResNet edits of this preset's VGG config
+
+        return paper_resnet.get_config()
+    if variant != "vgg":
+        raise ValueError(f"the paper preset has the variants vgg and resnet, not {variant!r}")
     # include_difficult: difficult objects count as positives, as in the paper; False leaves them out.
     data = dict(name="voc2012", data_dir="", manual_dir="", image_size=227, num_classes=20, labels="multilabel",
                 include_difficult=True, batch_size=BATCH_SIZE)

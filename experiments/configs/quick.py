@@ -41,7 +41,14 @@ maps (README, docs/evidence/quantization).
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "vgg") -> ml_collections.ConfigDict:
+    """This preset; ``--config quick:resnet`` is the same with ResNets (``quick_resnet.py``)."""
+    if variant == "resnet":
+        from experiments.configs import quick_resnet  # ResNet edits of this preset's VGG config
+
+        return quick_resnet.get_config()
+    if variant != "vgg":
+        raise ValueError(f"the quick preset has the variants vgg and resnet, not {variant!r}")
     config = ml_collections.ConfigDict()
     config.seed = 0  # initialisation, data order, dropout and stochastic channels
     config.data = dict(
