@@ -30,7 +30,6 @@ from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
-from attrjax.train.loop import format_duration
 from attrjax.train.metrics import CSV_NAME
 from experiments import common, prune, quantize
 from experiments.distill import student_runs
@@ -74,21 +73,8 @@ def classification_and_size(model, variables, splits, config) -> dict:
     return row
 
 
-class Progress:
-    """``done / total`` evaluations with the time left at the mean pace so far (the first ones hold compilation)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.started = total, 0, time.perf_counter()
-
-    def step(self) -> str:
-        self.done += 1
-        elapsed = time.perf_counter() - self.started
-        left = elapsed / self.done * (self.total - self.done)
-        return f"{self.done}/{self.total}" + (f", about {format_duration(left)} left" if self.done < self.total else "")
-
-
 def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict,
-                           evaluators: dict | None = None, progress: Progress | None = None):
+                           evaluators: dict | None = None, progress: common.Progress | None = None):
     """``{method: summary}`` and ``{method: examples}`` of one model. The teacher is scored against its own maps
     (``reference="self"``: 1 where they are comparable, NaN for a broken teacher) and its raw maps are cached in
     ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them.
@@ -234,7 +220,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
     results, examples, teacher_maps, evaluators = {}, {}, {}, {}
     models = 1 + len(student_runs(config)) + len(prune.pruning_runs(config)) + len(quantize.quantization_runs(config))
-    progress = Progress(models * len(methods))
+    progress = common.Progress(models * len(methods))
     for name, model, variables in trained_models(config, workdir, splits["train"]):
         results[name] = classification_and_size(model, variables, splits, config)
         results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,

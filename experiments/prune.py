@@ -76,7 +76,7 @@ def train_structured(name: str, objective: Objective, config, workdir: str, trai
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
                        teacher_variables: dict) -> tuple:
     settings = config.pruning.unstructured
-    variables = teacher_variables
+    variables, progress = teacher_variables, common.Progress(settings.rounds)
     for k in range(1, settings.rounds + 1):
         sparsity = iterative_sparsity(settings.rate, k)
         masks = magnitude_masks(variables["params"], sparsity)
@@ -87,6 +87,7 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
                                settings=run_settings("unstructured", config, k), teacher=teacher,
                                teacher_variables=teacher_variables, masks=masks,
                                step_offset=(k - 1) * settings.steps_per_round)
+        print(f"[{name}] rounds done: {progress.step()}")
     return teacher, variables
 
 

@@ -155,19 +155,17 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
                     log=log)
     if compilation_cache:  # identical programs of all runs compile once; inside the bound directory
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
-    outcomes, spent, total = {}, [], len(configs)
-    for index, ((name, seed), config) in enumerate(configs.items(), 1):
+    outcomes, progress = {}, common.Progress(len(configs))
+    for (name, seed), config in configs.items():
         outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir,
                           teachers_dir=teachers_dir,
                           reuse_dir=None if reuse is None else os.path.join(reuse, name, f"seed{seed}"))
         outcomes[name, seed] = outcome
-        if outcome["status"] != "finished":
-            spent.append(outcome["seconds"])
-        left = (total - index) * (sum(spent) / len(spent)) if spent else 0.0
-        log(f"[sweep] {index}/{total} {name} seed {seed}: {outcome['status']}"
-            + (f" in {outcome['seconds'] / 60:.1f} min" if outcome["status"] != "finished" else "")
+        ran = outcome["status"] != "finished"  # "finished": read back from an earlier sweep, nothing ran
+        log(f"[sweep] {name} seed {seed}: {outcome['status']}"
+            + (f" in {outcome['seconds'] / 60:.1f} min" if ran else "")
             + (f" ({outcome['error']})" if outcome["status"] == "failed" else "")
-            + (f"; about {left / 60:.0f} min left" if index < total and spent else ""))
+            + f" [{progress.step(timed=ran)}]")
     rows = sweep_report.tidy_rows(outcomes, {point_name(point): point for point in points})
     sweep_report.write(sweep_dir, rows, grid=grid, command=command or "experiments.sweep.run_sweep", log=log)
     return rows
