@@ -164,6 +164,18 @@ def test_a_student_built_from_the_teachers_own_device_arrays_trains_and_leaves_t
     chex.assert_trees_all_equal(jax.device_get(teacher_variables), before)  # still readable and unchanged
 
 
+def test_a_metrics_csv_left_empty_by_a_killed_run_gets_its_header_when_the_run_resumes(tmp_path):
+    (tmp_path / "metrics.csv").write_text("")  # created, then killed before the first flush
+    with MetricWriter(str(tmp_path)) as writer:
+        writer.write(5, {"train/loss": 0.5})
+    with open(tmp_path / "metrics.csv") as f:
+        assert list(csv.DictReader(f)) == [{"step": "5", "name": "train/loss", "value": "0.5"}]
+    with MetricWriter(str(tmp_path)) as writer:  # a file with rows is appended to, without a second header
+        writer.write(6, {"train/loss": 0.25})
+    with open(tmp_path / "metrics.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["5", "6"]
+
+
 def test_logged_lines_are_tensorboard_events_and_a_csv_that_read_back(tmp_path):
     _, student = _models()
     schedule = learning_rate_schedule(0.05, 6, kind="cosine", warmup_steps=2)

@@ -37,11 +37,13 @@ class MetricWriter:
         self.directory, self.step_offset = directory, step_offset
         self._events = SummaryWriter(directory, flush_secs=30)
         path = os.path.join(directory, CSV_NAME)
-        new = not os.path.exists(path)
+        # Empty too when a run was killed between creating the file and its first flush: the header goes first.
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
         self._csv_file = open(path, "a", newline="")
         self._csv = csv.writer(self._csv_file)
         if new:
             self._csv.writerow(["step", "name", "value"])
+            self._csv_file.flush()
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """One value per name at ``step`` (+ the offset); names may contain ``/`` (TensorBoard groups by them)."""
