@@ -118,9 +118,8 @@ def gradient_agreement(pairs: dict, variables: dict, teacher_variables: dict, ba
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="quick")
+    common.add_config_arguments(parser)
     parser.add_argument("--workdir", default="runs/demo", help="a work directory with a trained teacher and students")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     parser.add_argument("--images", type=int, default=200, help="localisation images for the maps")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--sweep", default=None, help="compare a sweep over compute_dtype instead (see above)")

@@ -125,14 +125,20 @@ def _check_key(config: ml_collections.ConfigDict, key: str):
     return node
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` (a preset or a config file) and the deprecated ``--set``, which ``parse_with_overrides``
+    reads together with every ``--config.KEY=VALUE``."""
+    parser.add_argument("--config", default="quick", help="a preset of experiments/configs (quick, paper, ...) or a "
+                        "config file, each optionally with :ARGUMENT for its get_config")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
+
+
 def arg_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, epilog="Override any config value with --config.KEY=VALUE, e.g. "
         "--config.teacher.num_steps=100 (typed by the config's own field).")
-    parser.add_argument("--config", default="quick", help="a preset of experiments/configs (quick, paper, ...) or a "
-                        "config file, each optionally with :ARGUMENT for its get_config")
+    add_config_arguments(parser)
     parser.add_argument("--workdir", default="runs/demo", help="where data, checkpoints and results go")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     group = parser.add_argument_group("multi-process runs (one process per host; see docs/multihost.md)")
     group.add_argument("--distributed", choices=distributed.MODES, default="auto",
                        help="auto: join a multi-process run when a coordinator is given or a cluster manager (SLURM, "

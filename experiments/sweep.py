@@ -173,10 +173,9 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="quick", help="a module of experiments/configs (quick, paper, ...)")
+    common.add_config_arguments(parser)
     parser.add_argument("--workdir", default="runs/sweep", help="the sweep directory")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 of every grid point")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="deprecated: use --config.KEY=VALUE")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="grid axes (their product)")
     parser.add_argument("--reuse", default=None, help="another sweep directory (same grid) whose trained models "
                         "this sweep evaluates, e.g. with --config.eval.methods=paper")
