@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check attrjax experiments benchmarks tests
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
+docs: $(VENV)/.installed
+	$(PY) -m mkdocs build --strict
+	@echo "the API reference: site/index.html"
+
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.attribution
@@ -27,4 +31,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.input_pipeline
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

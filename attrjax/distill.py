@@ -37,7 +37,8 @@ def binary_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels:
       loss = alpha * KL + (1 - alpha) * MLSM(s, y)
 
     Args:
-      student_logits, teacher_logits: (B,K).
+      student_logits: (B,K).
+      teacher_logits: (B,K), a constant (its gradient is stopped).
       labels: (B,K) multi-hot.
     """
     _check_pair(student_logits, teacher_logits)
@@ -52,7 +53,8 @@ def softmax_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels
     """Hinton et al.'s KD for single-label data: alpha*T^2*KL(softmax(t/T) || softmax(s/T)) + (1-alpha)*CE(s, y).
 
     Args:
-      student_logits, teacher_logits: (B,K).
+      student_logits: (B,K).
+      teacher_logits: (B,K), a constant (its gradient is stopped).
       labels: (B,) int classes or (B,K) one-hot.
     """
     _check_pair(student_logits, teacher_logits)

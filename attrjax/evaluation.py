@@ -25,7 +25,7 @@ from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve,
                              localization_scores, map_cosine, same_peak, sample_average_precision, spearman_rank,
                              summarize_localization, top_k_iou)
 from attrjax.metrics.localization import mean_or_nan
-from attrjax.models import logits_fn
+from attrjax.models import ModelLike, logits_fn
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 
@@ -132,6 +132,7 @@ class ClassificationEvaluator:
         return rows["logits"][rows["valid"]], rows["labels"][rows["valid"]]
 
     def run(self, variables: dict, batches: Iterable[dict]) -> Iterator[tuple[str, float]]:
+        """``(name, value)`` pairs of ``classification_report`` over the valid rows of ``batches``."""
         yield from classification_report(*self.predictions(variables, batches),
                                          f1_threshold=self.f1_threshold).items()
 
@@ -160,7 +161,8 @@ class AttributionEvaluator:
     Args:
       model: anything ``attrjax.models.as_split_model`` takes.
       layer: the layer Grad-CAM (and any layer-based method) attributes at.
-      method, method_options: the attribution method and its keyword arguments (``attribution.methods.class_maps``).
+      method: the attribution method's name (``attribution.methods.class_maps``).
+      method_options: its keyword arguments.
       tolerance: the pointing game's tolerance in pixels.
       faithfulness_steps: when > 0, also the deletion and insertion AUC (``metrics.faithfulness``, that many
         increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
@@ -168,7 +170,7 @@ class AttributionEvaluator:
         as one image's map or logits hold a NaN. Costs 2 x (steps + 1) forward passes per image.
     """
 
-    def __init__(self, model, *, layer: str, prediction_rule: str, method: str = "gradcam",
+    def __init__(self, model: ModelLike, *, layer: str, prediction_rule: str, method: str = "gradcam",
                  method_options: dict | None = None, tolerance: float = 0, faithfulness_steps: int = 0):
         if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
             raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
@@ -181,6 +183,7 @@ class AttributionEvaluator:
 
     def run(self, variables: dict, batches: Iterable[dict], *, reference: Reference = None
             ) -> Iterator[tuple[str, float]]:
+        """``(name, value)`` pairs of ``evaluate``'s summary."""
         yield from self.evaluate(variables, batches, reference=reference)[0].items()
 
     def evaluate(self, variables: dict, batches: Iterable[dict], *, reference: Reference = None, keep_maps: int = 0,

@@ -46,6 +46,7 @@ from attrjax.models.split import Linearization, SplitModel, Variables
 from attrjax.pruning.counting import storage_bytes
 
 BITS = {8: jnp.int8, 4: jnp.int4}
+"""The supported bit widths and the integer type each stores its weights as."""
 QUANT_STATS = "quant_stats"  # the collection of the calibrated activation ranges
 # The methods of a linen module that run layers (attrjax's VGG splits through features/head).
 _METHODS = ("__call__", "features", "head")
@@ -63,6 +64,7 @@ class Quantization:
             raise ValueError(f"quantization bits must be one of {sorted(BITS)}, got {self.bits!r}")
 
     def rules(self) -> list[qwix.QuantizationRule]:
+        """qwix's rules: every conv and dense layer, weights and inputs at ``bits``, inputs with static scales."""
         qtype = BITS[self.bits]
         return [qwix.QuantizationRule(module_path=".*", weight_qtype=qtype, act_qtype=qtype, act_static_scale=True)]
 

@@ -19,7 +19,7 @@ def _abstract(model, image_size):
 
 
 @pytest.mark.parametrize("layout, kwargs, params, flops", [
-    # VGG16 at 227 px, 20 classes: 15.2 M parameters, 30.9 GFLOP (the README's numbers).
+    # VGG16 at 227 px, 20 classes: 15.2 M parameters, 30.9 GFLOP (the numbers docs/reproduction.md quotes).
     ("vgg16", dict(num_classes=20, image_size=227), 15_224_916, 30_898_227_584),
     ("vgg16", dict(num_classes=20, image_size=64), 14_764_116, 2_505_654_272),
     ("vgg11", dict(num_classes=5, image_size=32, head_pooling="avg"), 9_228_549, 305_533_952),

@@ -295,3 +295,33 @@ def test_an_nnx_pair_trains_with_kd_and_matching_and_evaluates():
     guided, _ = class_maps(student, state.variables, IMAGES, "guided_backprop")  # ReLUs found in the jaxpr
     chex.assert_shape(guided, (4, 3, 8, 8))
     assert float(jnp.sum(guided)) > 0
+
+
+class ModeFreeCNN(nn.Module):
+    """A linen classifier without a training mode: ``__call__`` takes only the images."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.mean(jax.nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), axis=(1, 2)))
+
+
+class TrainingKeywordCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, training: bool = False):
+        x = nn.BatchNorm(use_running_average=not training)(nn.Conv(4, (3, 3), name="conv")(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_a_linen_model_without_a_training_mode_trains_and_a_differently_named_one_is_named():
+    model = LinenSplitModel(ModeFreeCNN(), IMAGES[:1])
+    assert model.train_argument is None and model.layers == ("conv",)
+    variables = model.init(jax.random.key(1), IMAGES)
+    logits, state = model.apply(variables, IMAGES, train=True, rng=jax.random.key(2))
+    chex.assert_trees_all_close(logits, ModeFreeCNN().apply(variables, IMAGES))
+    assert state == {}
+    with pytest.raises(ValueError, match=r"no 'train' argument \(its arguments: x, training\); pass "
+                                         r"train_argument='training'"):
+        LinenSplitModel(TrainingKeywordCNN(), IMAGES[:1])
+    named = LinenSplitModel(TrainingKeywordCNN(), IMAGES[:1], train_argument="training")
+    _, state = named.apply(named.init(jax.random.key(1), IMAGES), IMAGES, train=True)
+    assert "batch_stats" in state

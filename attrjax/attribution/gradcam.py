@@ -50,7 +50,8 @@ def target_weights(target: Target, logits: jax.Array) -> jax.Array:
     return target.astype(logits.dtype)
 
 
-def sensitivities_and_logits(head_fn: HeadFn, features: jax.Array, target: Target, *, has_aux: bool = False):
+def sensitivities_and_logits(head_fn: HeadFn, features: jax.Array, target: Target, *,
+                             has_aux: bool = False) -> tuple:
     """Channel sensitivities alpha (B,C) = spatial sum of d(target . logits)/dA, and the logits (B,K).
 
     Args:
@@ -99,7 +100,8 @@ def grad_cam(head_fn: HeadFn, features: jax.Array, target: Target, *, relu: bool
     return weighted_collapse(features, alpha, relu=relu)
 
 
-def grad_cam_all_classes(head_fn: HeadFn, features: jax.Array, *, relu: bool = True):
+def grad_cam_all_classes(head_fn: HeadFn, features: jax.Array, *,
+                         relu: bool = True) -> tuple[jax.Array, jax.Array]:
     """Grad-CAM for every class at once: one forward pass, ``jax.vmap`` over the K one-hot cotangents.
 
     Returns:

@@ -23,7 +23,7 @@ from jax.extend import core as jax_core
 
 from attrjax import chunking
 from attrjax.attribution.gradcam import Target, target_weights
-from attrjax.models.adapters import logits_fn
+from attrjax.models.adapters import ModelLike, logits_fn
 
 LogitFn = Callable[[jax.Array], jax.Array]
 
@@ -269,7 +269,7 @@ def guided_logits_fn(forward: Callable[[jax.Array], jax.Array],
     return lambda x: _eval_guided(closed.jaxpr, closed.consts, [x])[0]
 
 
-def guided_backprop(model, variables, images: jax.Array, target: Target) -> jax.Array:
+def guided_backprop(model: ModelLike, variables: dict, images: jax.Array, target: Target) -> jax.Array:
     """Guided backprop (Springenberg et al., 2015): the input gradient of the network with every ReLU's backward
     pass guided (``guided_relu``), for any model.
 

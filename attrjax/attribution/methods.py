@@ -25,7 +25,7 @@ pass, which does not depend on the class, is shared within a group.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from attrjax.attribution.gradients import (guided_backprop, input_x_gradient, in
 from attrjax.attribution.propagation import excitation_backprop, lrp
 from attrjax.attribution.rap import rap
 from attrjax.chunking import chunked_map
-from attrjax.models import as_split_model, logits_fn
+from attrjax.models import ModelLike, as_split_model, logits_fn
 
 # (model, variables, images (B,S,S,3), classes (B,) int, layer, **options) -> maps (B,h,w), one class per image.
 ClassMapFn = Callable[..., jax.Array]
@@ -94,7 +94,8 @@ METHODS = ("gradcam",) + tuple(PER_CLASS_METHODS)
 PAPER_METHODS = ("gradcam", "lrp", "rap", "ebp")
 
 
-def check_method(method: str):
+def check_method(method: str) -> None:
+    """Raises, naming the available methods, unless ``method`` is one of ``METHODS``."""
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; available: {', '.join(METHODS)}")
 
@@ -111,13 +112,14 @@ def resolve_methods(spec: str) -> tuple[str, ...]:
     return methods
 
 
-def class_maps(model, variables: dict, images: jax.Array, method: str = "gradcam", *, layer: str | None = None,
-               class_chunk: int = 8, **options) -> tuple[jax.Array, jax.Array]:
+def class_maps(model: ModelLike, variables: dict, images: jax.Array, method: str = "gradcam", *,
+               layer: str | None = None, class_chunk: int = 8, **options: Any) -> tuple[jax.Array, jax.Array]:
     """Raw maps of every class for a batch: ``(maps (B,K,h,w), logits (B,K))``.
 
     Args:
-      model, variables: a model and its variables (eval mode): anything ``attrjax.models.as_split_model`` takes
-        (attrjax's VGG and ResNets, a Flax linen or NNX classifier, a split model).
+      model: anything ``attrjax.models.as_split_model`` takes (attrjax's VGG and ResNets, a Flax linen or NNX
+        classifier, a split model), applied in eval mode.
+      variables: its variables.
       images: (B,S,S,3) normalised images.
       method: one of ``METHODS`` (see the module docstring).
       layer: where ``gradcam`` and ``ebp`` read their maps (required for them; the other methods attribute the

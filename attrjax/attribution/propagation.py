@@ -19,10 +19,10 @@ import jax.numpy as jnp
 from attrjax.attribution.gradcam import Target, target_weights
 from attrjax.attribution.graph import Activation, Affine, Graph, Sum, Transport, trace_graph
 from attrjax.attribution.rules import Composite, resolve_composite
-from attrjax.models import as_split_model
+from attrjax.models import ModelLike, as_split_model
 
 
-def propagation_graph(model, variables: Mapping, images: jax.Array, *, layer: str = "input",
+def propagation_graph(model: ModelLike, variables: Mapping, images: jax.Array, *, layer: str = "input",
                       passthrough: Sequence[str] = ()) -> Graph:
     """The canonical graph of ``model``'s eval-mode forward pass for images shaped like ``images``.
 
@@ -80,8 +80,9 @@ def propagate(graph: Graph, values: dict[int, jax.Array], relevance: jax.Array, 
     return incoming.get(stop, jnp.zeros_like(values[stop]))
 
 
-def propagation_maps(model, variables: Mapping, images: jax.Array, target: Target, composite: str | Composite, *,
-                     start: str, layer: str = "input", passthrough: Sequence[str] = ()) -> jax.Array:
+def propagation_maps(model: ModelLike, variables: Mapping, images: jax.Array, target: Target,
+                     composite: str | Composite, *, start: str, layer: str = "input",
+                     passthrough: Sequence[str] = ()) -> jax.Array:
     """Relevance (B,H,W) at ``layer`` (summed over channels) under any composite: what ``lrp``,
     ``excitation_backprop`` and ``rap`` compute with theirs. The relevance of the logits starts as
     ``weights * logits`` (``start="logit"``, LRP) or as the target weights themselves (``start="weight"``)."""
@@ -100,12 +101,13 @@ def propagation_maps(model, variables: Mapping, images: jax.Array, target: Targe
     return jnp.sum(relevance, axis=-1)
 
 
-def lrp(model, variables: Mapping, images: jax.Array, target: Target, *, composite: str | Composite = "paper",
-        layer: str = "input", passthrough: Sequence[str] = ()) -> jax.Array:
+def lrp(model: ModelLike, variables: Mapping, images: jax.Array, target: Target, *,
+        composite: str | Composite = "paper", layer: str = "input", passthrough: Sequence[str] = ()) -> jax.Array:
     """Layer-wise relevance propagation maps (B,H,W) of any model in eval mode.
 
     Args:
-      model: anything ``as_split_model`` takes; variables: its variables.
+      model: anything ``as_split_model`` takes.
+      variables: its variables.
       images: (B,S,S,3) float, normalised as the model expects.
       target: (B,) int classes, (B,K) weights or a callable of the logits (``gradcam.target_weights``). The initial
         relevance is ``weights * logits``: the target logit at the target class.
@@ -124,7 +126,8 @@ def lrp(model, variables: Mapping, images: jax.Array, target: Target, *, composi
                             passthrough=passthrough)
 
 
-def excitation_backprop(model, variables: Mapping, images: jax.Array, target: Target, *, layer: str = "input",
+def excitation_backprop(model: ModelLike, variables: Mapping, images: jax.Array, target: Target, *,
+                        layer: str = "input",
                         composite: str | Composite = "excitation_backprop",
                         passthrough: Sequence[str] = ()) -> jax.Array:
     """Excitation Backprop (Zhang et al. 2016): the marginal winning probability (B,H,W) at ``layer``.

@@ -67,6 +67,7 @@ import jax.numpy as jnp
 from attrjax.attribution.gradcam import Target
 from attrjax.attribution.graph import Affine
 from attrjax.attribution.propagation import propagation_maps
+from attrjax.models import ModelLike
 from attrjax.attribution.rules import (Bounds, Composite, Epsilon, ZBox, linearized, negative, per_image_sum, positive,
                                        safe_divide)
 
@@ -130,7 +131,7 @@ def rap_composite(input_bounds: Bounds | None = None) -> Composite:
                      by_kind={"pool": Epsilon(0.0)})
 
 
-def rap(model, variables: Mapping, images: jax.Array, target: Target, *, input_bounds: Bounds | None = None,
+def rap(model: ModelLike, variables: Mapping, images: jax.Array, target: Target, *, input_bounds: Bounds | None = None,
         layer: str = "input", positive_only: bool = True, passthrough: Sequence[str] = ()) -> jax.Array:
     """Relative Attributing Propagation maps (B,H,W) of any model in eval mode (equations in the module docstring).
 

@@ -50,14 +50,17 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def positive(a: jax.Array) -> jax.Array:
+    """``max(a, 0)``, elementwise."""
     return jnp.maximum(a, 0.0)
 
 
 def negative(a: jax.Array) -> jax.Array:
+    """``min(a, 0)``, elementwise."""
     return jnp.minimum(a, 0.0)
 
 
 def per_image_sum(x: jax.Array) -> jax.Array:
+    """(B, ...) -> (B, 1, ..., 1): the sum over each image's elements, kept broadcastable."""
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=True)
 
 
@@ -80,6 +83,9 @@ def _check_non_negative(rule: str, **values: float):
 
 @dataclasses.dataclass(frozen=True)
 class Epsilon:
+    """LRP-epsilon: ``R_i = sum_j x_i w_ij / (z_j + epsilon sign z_j) R_j`` with the bias in ``z_j``; small
+    ``epsilon`` is LRP-0, larger values absorb the relevance of weakly activated outputs."""
+
     epsilon: float = 1e-6
 
     def __post_init__(self):
@@ -94,6 +100,9 @@ class Epsilon:
 
 @dataclasses.dataclass(frozen=True)
 class AlphaBeta:
+    """LRP-alpha-beta: positive contributions get ``alpha`` times their share of the relevance, negative ones
+    ``-beta`` times theirs (``alpha - beta = 1`` conserves relevance); ``AlphaBeta(1, 0)`` is the paper's rule."""
+
     alpha: float = 1.0
     beta: float = 0.0
 
@@ -147,6 +156,7 @@ class ZBox:
             raise ValueError(f"ZBox needs low <= high, got {self.low} > {self.high}")
 
     def bounds(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(low, high)`` broadcast to ``x``'s shape; a given bound is checked to hold every value of ``x``."""
         if self.low is None:  # per image, as the paper's reference code does
             low = jnp.min(x, axis=tuple(range(1, x.ndim)), keepdims=True)
             high = jnp.max(x, axis=tuple(range(1, x.ndim)), keepdims=True)
@@ -169,6 +179,8 @@ class ZBox:
 
 @dataclasses.dataclass(frozen=True)
 class Gamma:
+    """LRP-gamma: the epsilon rule on ``W + gamma W+`` and ``b + gamma b+``, favouring positive contributions."""
+
     gamma: float = 0.25
     epsilon: float = 1e-6
 
@@ -191,12 +203,16 @@ def _input_free(layer: Affine, x: jax.Array, weight: jax.Array, relevance: jax.A
 
 @dataclasses.dataclass(frozen=True)
 class Flat:
+    """Every input connected to an output gets an equal share of its relevance, whatever its value or weight."""
+
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
         return _input_free(layer, x, jnp.ones_like(layer.weight), relevance)
 
 
 @dataclasses.dataclass(frozen=True)
 class WSquare:
+    """Inputs share an output's relevance in proportion to their squared weights, whatever their values."""
+
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
         return _input_free(layer, x, jnp.square(layer.weight), relevance)
 
@@ -293,9 +309,11 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon_alpha2_beta1": Composite(default=Epsilon(), by_kind={"conv": AlphaBeta(2.0, 1.0)}),
     "excitation_backprop": Composite(default=WinningProbability(), sums=SumRule(positive=True)),
 }
+"""Preset composites by name (``lrp(..., composite="epsilon_plus")``); ``"paper"`` is the paper's LRP."""
 
 
 def resolve_composite(composite: str | Composite) -> Composite:
+    """A ``Composite`` as it is, or the preset of ``COMPOSITES`` with that name."""
     if isinstance(composite, Composite):
         return composite
     if composite not in COMPOSITES:

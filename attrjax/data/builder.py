@@ -25,6 +25,7 @@ from attrjax.data import prepared
 from attrjax.data.shapes import ShapesConfig, render_example
 
 SPLITS = ("train", "val", "localization")
+"""The synthetic dataset's splits: training, validation (classification) and localisation (attribution scores)."""
 _FEATURES = ("image", "mask", "labels")
 _DEFAULT_SPLIT_SIZES = {"num_train": 6000, "num_val": 1000, "num_localization": 500}
 
@@ -54,6 +55,7 @@ class ShapesBuilderConfig(tfds.core.BuilderConfig):
         self.name = self._derived_name()
 
     def split_size(self, split: str) -> int:
+        """The number of examples of ``split`` (``train``, ``val``, ...)."""
         return getattr(self, f"num_{split}")
 
     def _derived_name(self) -> str:

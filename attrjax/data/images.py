@@ -28,6 +28,7 @@ from attrjax.data.loader import default_threads, step_stream
 from attrjax.data.pipeline import Normalization, epoch_indices, normalized
 
 VOID = 255
+"""The mask value of pixels nobody labelled (object borders): they belong to no class."""
 # Entropy words of the crop streams; distinct from pipeline.py's so the two pipelines never share draws.
 _ORDER_STREAM = 0x1E2F3A4B
 _CROP_STREAM = 0x5C6D7E8F

@@ -26,6 +26,7 @@ def default_threads() -> int:
 
 
 def check_loader_options(workers: int, threads: int | None) -> None:
+    """Raises unless ``workers`` is an int >= 0 and ``threads`` None or an int >= 1."""
     for name, value, minimum in (("workers", workers, 0), ("threads", threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                   or value < minimum):

@@ -35,13 +35,13 @@ class Normalization:
             raise ValueError(f"standard deviations must be positive, got {self.std}")
 
 
-# The renderer treats the channels alike and draws colours symmetrically about 0.5, so the mean is 0.5 by
-# design; the standard deviation is measured on 6000 default renders.
 SHAPES_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.235, 0.235, 0.235))
-# The paper's VOC constants (docs/method.md#data-and-preprocessing).
+"""The synthetic dataset's: colours are drawn symmetrically about 0.5 in every channel, so the mean is 0.5 by
+design; the standard deviation is measured on 6000 default renders."""
 VOC_NORMALIZATION = Normalization(mean=(0.4589, 0.4355, 0.4032), std=(0.2239, 0.2186, 0.2206))
-# torchvision's ImageNet constants, for ImageNet-pretrained teachers fine-tuned on Oxford-IIIT Pet or CUB.
+"""The paper's PASCAL VOC constants (docs/method.md#data-and-preprocessing)."""
 IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""torchvision's ImageNet constants, for ImageNet-pretrained teachers fine-tuned on Oxford-IIIT Pet or CUB."""
 
 
 def normalize(images: np.ndarray, normalization: Normalization) -> np.ndarray:

@@ -92,6 +92,7 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "crescent": _crescent,
 }
 CLASS_NAMES: tuple[str, ...] = tuple(_SHAPES)
+"""The synthetic classes in label order; a config with K classes uses the first K."""
 
 # Context cue patterns: 4x4 cells, 1 = light, 0 = dark. None is the horizontal mirror image of another, so the
 # flip augmentation cannot turn one class's cue into another's.

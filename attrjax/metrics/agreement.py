@@ -117,8 +117,8 @@ def spearman_rank(maps_a: jax.Array, maps_b: jax.Array) -> jax.Array:
     tied pixels sharing their average rank (so -0 and +0 tie).
 
     Args:
-      maps_a, maps_b: (..., H, W) float maps of the same shape, e.g. teacher and student maps (B, H, W) or
-        all-class maps (B, K, H, W).
+      maps_a: (..., H, W) float maps, e.g. a teacher's maps (B, H, W) or all-class maps (B, K, H, W).
+      maps_b: maps of the same shape, e.g. a student's.
 
     Returns:
       (...) float in [-1, 1]; NaN where either map is not comparable: constant (its ranks have no variance) or
@@ -145,7 +145,8 @@ def top_k_iou(maps_a: jax.Array, maps_b: jax.Array, fraction: float = 0.1) -> ja
     sets always have the same size and IoU = |A & B| / (2k - |A & B|).
 
     Args:
-      maps_a, maps_b: (..., H, W) maps of the same shape.
+      maps_a: (..., H, W) maps.
+      maps_b: maps of the same shape.
       fraction: a Python float in (0, 1]; 1 compares whole maps (IoU 1).
 
     Returns:

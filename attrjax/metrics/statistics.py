@@ -53,7 +53,8 @@ def paired_difference(treated: Sequence[float], control: Sequence[float], *, con
     """``treated - control`` paired by run (e.g. matched minus naive, seed by seed): the paired t analysis.
 
     Args:
-      treated, control: (N,) values of the same N runs (same seeds, in the same order); a pair with a NaN on
+      treated: (N,) values of N runs, e.g. the matched students of N seeds.
+      control: (N,) values of the same N runs' counterparts (same seeds, in the same order); a pair with a NaN on
         either side is left out.
 
     Returns:

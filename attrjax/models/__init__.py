@@ -5,7 +5,7 @@ from attrjax.models.torchvision import (export_vgg, import_vgg, load_state_dict,
                                         save_state_dict, stage_widths_from_state_dict)
 from attrjax.models.vgg import (VGG, VGG_LAYOUTS, check_compatible, init_variables, last_conv_layer, layer_names,
                                 layer_spatial_size, scale_widths, vgg)
-from attrjax.models.adapters import as_split_model, logits_fn
+from attrjax.models.adapters import ModelLike, as_split_model, logits_fn
 from attrjax.models.split import (FunctionalSplitModel, LayerLinearization, Linearization, LinenSplitModel,
                                   NNXSplitModel, SplitModel)
 from attrjax.models.resnet import (ResNet, export_resnet, import_resnet, resnet18, resnet34, resnet50,
@@ -17,4 +17,4 @@ __all__ = ["VGG", "VGG_LAYOUTS", "check_compatible", "export_vgg", "import_vgg",
 __all__ += ["ResNet", "export_resnet", "import_resnet", "resnet18", "resnet34", "resnet50", "resnet_from_state_dict",
             "resnet_layer_names", "resnet_module_path", "resnet_small"]
 __all__ += ["FunctionalSplitModel", "LayerLinearization", "Linearization", "LinenSplitModel", "NNXSplitModel",
-            "SplitModel", "as_split_model", "logits_fn"]
+            "ModelLike", "SplitModel", "as_split_model", "logits_fn"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import flax.linen as nn
 import jax
@@ -12,8 +12,11 @@ from flax import nnx
 from attrjax.models.split import LinenSplitModel, NNXSplitModel, SplitModel
 from attrjax.models.vgg import VGG, vgg_split_model
 
+ModelLike = Union[SplitModel, nn.Module, nnx.Module]
+"""What every function that takes a ``model`` accepts: a split model, or a Flax linen or NNX classifier."""
 
-def as_split_model(model, example_images: jax.Array) -> SplitModel:
+
+def as_split_model(model: ModelLike, example_images: jax.Array) -> SplitModel:
     """A ``SplitModel`` as it is, attrjax's ``VGG`` through its own features/head, any other Flax linen module
     through ``LinenSplitModel``, a Flax NNX module through ``NNXSplitModel.from_module`` (its variables are then
     ``{"params": nnx.Param state, "batch_stats": nnx.BatchStat state}``). ``example_images`` (B,S,S,3): images of the
@@ -30,6 +33,6 @@ def as_split_model(model, example_images: jax.Array) -> SplitModel:
                     "attrjax.models.split.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
 
 
-def logits_fn(model, variables: dict) -> Callable[[jax.Array], jax.Array]:
+def logits_fn(model: ModelLike, variables: dict) -> Callable[[jax.Array], jax.Array]:
     """``images (B,S,S,3) -> logits (B,K)`` of any model that ``as_split_model`` takes, in eval mode."""
     return lambda images: as_split_model(model, images).apply(variables, images)[0]

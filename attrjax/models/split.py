@@ -26,6 +26,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 Variables = dict[str, Any]
+# Keywords that switch a linen module's training mode under another name than ``train`` (named in errors).
+_MODE_ARGUMENTS = ("training", "is_training", "train_mode", "deterministic", "use_running_average")
 
 
 class LayerLinearization(NamedTuple):
@@ -189,7 +192,8 @@ class LinenSplitModel(SplitModel):
       module: the linen module.
       example_images: images (B,S,S,3) of the size the model takes, to trace its layers (e.g. ``jnp.zeros((1, S, S,
         3))``).
-      train_argument: the keyword of ``module.__call__`` that switches training mode (``None``: the module has none).
+      train_argument: the keyword of ``module.__call__`` that switches training mode (``None``: the module has none;
+        the default ``"train"`` also becomes ``None`` for a module whose ``__call__`` has no mode argument at all).
       state_collections: the mutable collections training updates (e.g. BatchNorm's ``batch_stats``).
       rng_collection: the rng collection dropout draws from.
     """
@@ -199,6 +203,22 @@ class LinenSplitModel(SplitModel):
     train_argument: str | None = "train"
     state_collections: tuple[str, ...] = ("batch_stats",)
     rng_collection: str = "dropout"
+
+    def __post_init__(self):
+        if self.train_argument is None:
+            return
+        parameters = inspect.signature(self.module.__call__).parameters
+        if self.train_argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return
+        mode_like = [name for name in parameters if name in _MODE_ARGUMENTS]
+        if self.train_argument == "train" and not mode_like:
+            object.__setattr__(self, "train_argument", None)  # a module without a training mode
+            return
+        hint = (f"pass train_argument={mode_like[0]!r}" if mode_like and mode_like[0] != "deterministic" else
+                "wrap the module so that a keyword switches training mode")
+        raise ValueError(f"{type(self.module).__name__}.__call__ has no {self.train_argument!r} argument (its "
+                         f"arguments: {', '.join(parameters)}); {hint}, or train_argument=None if it has no "
+                         "training mode")
 
     def _mode(self, train: bool) -> dict:
         return {} if self.train_argument is None else {self.train_argument: train}

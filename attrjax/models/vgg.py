@@ -32,6 +32,7 @@ VGG_LAYOUTS: dict[str, StageWidths] = {
     "vgg16_s3": ((64, 64), (128, 128), (256, 256, 256)),
     "vgg11_s3": ((64,), (128,), (256, 256)),
 }
+"""Conv widths per stage of torchvision's VGG configurations (each stage ends in a 2x2 max-pool)."""
 
 def _variance_scaling(scale: float, mode: str, distribution: str) -> nn.initializers.Initializer:
     """``jax.nn.initializers.variance_scaling`` for kernels (..., in, out), bit for bit, drawn as one flat vector.

@@ -140,7 +140,8 @@ def _forward_fn(model) -> Callable:
                     "linen module or an attrjax.models.split.SplitModel")
 
 
-def count_params_and_flops(model, variables, example_images) -> dict[str, int]:
+def count_params_and_flops(model: Callable | nn.Module | SplitModel, variables: Any,
+                           example_images: jax.Array | jax.ShapeDtypeStruct) -> dict[str, int]:
     """Non-zero parameters and forward FLOPs of one image, of any model (see the module docstring for the rules).
 
     Args:

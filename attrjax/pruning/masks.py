@@ -45,7 +45,7 @@ def _path_name(path: tuple) -> str:
     return "/".join(str(name) for name in _names(path))
 
 
-def conv_kernels(path: tuple, leaf) -> bool:
+def conv_kernels(path: tuple, leaf: Any) -> bool:
     """The default prunable leaves: the conv weights, i.e. rank-4 arrays named ``kernel`` (Flax linen and NNX),
     ``weight`` (PyTorch-style state dicts) or ``w`` (Haiku), or without a name (a rank-4 array directly in a list
     or tuple, e.g. stax-style ``[(w, b), ...]``). Biases, BatchNorm and dense (rank-2) kernels are not pruned; a
@@ -71,7 +71,8 @@ def _prunable_flags(params: Params, prunable: Prunable) -> list[bool]:
     return flags
 
 
-def check_rate(name: str, rate: float):
+def check_rate(name: str, rate: float) -> None:
+    """Raises unless ``rate`` (the fraction pruned) lies in [0, 1)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {rate}")
 

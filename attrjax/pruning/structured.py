@@ -26,6 +26,7 @@ def vgg16_paper_rates(rate: float) -> list[float]:
 
 
 def conv_names(model: VGG) -> list[str]:
+    """The VGG's conv layers in forward order (``conv1_1``, ...)."""
     return [name for name in model.layers if name.startswith("conv")]
 
 

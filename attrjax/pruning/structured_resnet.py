@@ -174,7 +174,9 @@ def prune_resnet_filters(model: ResNet, variables: Mapping[str, Any], rates: Rat
     Args:
       model: a ResNet.
       variables: its ``{'params', 'batch_stats'}``.
-      rates, coupled, stream_rates: as ``resnet_kept_channels``.
+      rates: as ``resnet_kept_channels``.
+      coupled: as ``resnet_kept_channels``.
+      stream_rates: as ``resnet_kept_channels``.
 
     Returns:
       ``(pruned_model, pruned_variables)``: the same ResNet with ``inner_widths`` (and ``stream_widths``) set to the

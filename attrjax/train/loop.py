@@ -18,6 +18,8 @@ import optax
 from attrjax.distributed import check_same_everywhere, is_primary, primary_first
 from attrjax.train import checkpoint
 from attrjax.train.run_config import bind_run_config
+from attrjax.models import ModelLike
+from attrjax.train.metrics import ScalarWriter
 from attrjax.train.sharding import data_mesh, host_value, replicate, shard_batch
 from attrjax.train.state import TrainState
 from attrjax.train.objective import LossTerm, Objective, as_terms, objective_record
@@ -105,17 +107,20 @@ def param_shapes(params) -> dict[str, list[int]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def train(student, variables: dict, tx: optax.GradientTransformation, objective: Objective | Sequence[LossTerm],
-          batches: BatchesFrom, num_steps: int, *, rng: jax.Array, teacher=None,
+def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
+          objective: Objective | Sequence[LossTerm], batches: BatchesFrom, num_steps: int, *, rng: jax.Array,
+          teacher: ModelLike | None = None,
           teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
           run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
           log_every: int = 50, name: str = "train", log: Callable[[str], None] = print,
-          mesh: jax.sharding.Mesh | None = None, metric_writer=None,
-          learning_rate: Callable[[int], Any] | None = None):
+          mesh: jax.sharding.Mesh | None = None, metric_writer: ScalarWriter | None = None,
+          learning_rate: Callable[[int], Any] | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in ``checkpoint_dir``.
 
     Args:
-      student, teacher: split models (``attrjax.models.split``), attrjax's VGG, or Flax linen classifiers.
+      student: anything ``attrjax.models.as_split_model`` takes (a split model, attrjax's VGG or ResNet, a Flax
+        linen or NNX classifier).
+      teacher: the same kinds of model, or None when the objective needs no teacher.
       variables: the student's initial ``{"params", "batch_stats"?}``.
       run_config: JSON-compatible settings of this run (data, seed, model, optimizer, ...) that ``checkpoint_dir`` is
         bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.

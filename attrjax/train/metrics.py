@@ -17,9 +17,16 @@ import csv
 import glob
 import os
 import struct
-from typing import Mapping
+from typing import Mapping, Protocol
 
 CSV_NAME = "metrics.csv"
+
+
+class ScalarWriter(Protocol):
+    """What ``attrjax.train.train`` logs to: anything with this ``write`` (``MetricWriter``, clu's writers, ...)."""
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One value per name at ``step``."""
 
 
 class MetricWriter:
@@ -54,6 +61,7 @@ class MetricWriter:
         self._csv_file.flush()
 
     def close(self) -> None:
+        """Flushes and closes both files."""
         self._events.close()
         self._csv_file.close()
 

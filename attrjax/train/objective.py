@@ -69,6 +69,8 @@ class NetworkOutputs(NamedTuple):
 
 
 class TermInputs(NamedTuple):
+    """What every loss term of one step sees: the batch and both networks' outputs."""
+
     labels: jax.Array  # (B,K) multi-hot or one-hot, or (B,) int
     images: jax.Array  # (B,S,S,3)
     student: NetworkOutputs
@@ -276,6 +278,7 @@ class PropagationMatching(LossTerm):
         return True
 
     def maps(self, network: NetworkOutputs, images: jax.Array, target: jax.Array) -> jax.Array:
+        """(B,H,W) maps of ``network`` at ``layer`` by this term's method, for (B,) target classes."""
         options = {} if self.composite is None else {"composite": self.composite}
         return PROPAGATION_METHODS[self.method](network.model, network.variables, images, target, layer=self.layer,
                                                 **options)
@@ -340,6 +343,7 @@ class Objective:
         return self.kd is not None or self.matching is not None
 
     def terms(self) -> tuple[LossTerm, ...]:
+        """The loss terms these fields describe: the task or KD loss, then the matching term if any."""
         task = DistillationLoss(self.kd, self.temperature, self.kd_alpha) if self.kd else TaskLoss(self.labels)
         if not self.matching:
             return (task,)
