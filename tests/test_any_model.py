@@ -48,7 +48,7 @@ def objective(layer: str) -> Objective:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_interrupted_run_of_any_model_resumes_bit_exactly(tmp_path, kind, every_program_cached):
+def test_an_interrupted_run_of_any_model_resumes_bit_exactly(tmp_path, kind):
     teacher, teacher_variables, student, student_variables, layer = pair(kind)
 
     def run(directory, batches_from=batches):

@@ -27,7 +27,7 @@ TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys, every_program_cached):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     config = common.load_config("quick", TINY)
     results = demo.run(config, str(tmp_path))
     compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")
@@ -245,7 +245,7 @@ def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path,
 
 
 @pytest.mark.slow
-def test_the_resnet_grid_runs_with_one_switch(tmp_path, every_program_cached):
+def test_the_resnet_grid_runs_with_one_switch(tmp_path):
     # Unstructured pruning is architecture-agnostic (masks on any tree) and runs end to end in the VGG demo test, as
     # do the naive runs (the matched ones take the same path plus the matching term).
     config = common.load_config("quick_resnet", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",

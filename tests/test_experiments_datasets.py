@@ -43,7 +43,7 @@ def imagenet_layout_checkpoint(config, path) -> dict:
 
 
 @pytest.mark.slow
-def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys, every_program_cached):
+def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys):
     manual_dir = tmp_path / "manual"
     voc_fixture.write_voc_tarball(tmp_path / "source", manual_dir)
     config = common.load_config("paper", tiny_paper_overrides(manual_dir))

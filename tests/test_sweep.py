@@ -19,10 +19,10 @@ GRID = {"students.kd_match.objective.matching_weight": ["0.0", "10.0"]}
 
 
 @pytest.mark.slow
-def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path, every_program_cached):
+def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     lines = []
     rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny",
-                           compilation_cache=True)  # with every_program_cached: the four runs share programs
+                           compilation_cache=True)  # the four runs share programs
     points = ["matching_weight=0.0", "matching_weight=10.0"]
     assert sorted({(row["point"], row["seed"]) for row in rows}) == [(p, s) for p in points for s in (0, 1)]
     assert {row["model"] for row in rows} == {"teacher", "kd", "kd_match"}
