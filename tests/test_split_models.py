@@ -325,3 +325,17 @@ def test_a_linen_model_without_a_training_mode_trains_and_a_differently_named_on
     named = LinenSplitModel(TrainingKeywordCNN(), IMAGES[:1], train_argument="training")
     _, state = named.apply(named.init(jax.random.key(1), IMAGES), IMAGES, train=True)
     assert "batch_stats" in state
+
+
+class DeterministicKeywordCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = nn.Dropout(0.5, deterministic=deterministic)(nn.Conv(4, (3, 3), name="conv")(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_an_inverted_mode_keyword_is_not_offered_as_the_train_argument():
+    # deterministic=True is eval mode: passing it as train_argument would train in eval mode and evaluate in train
+    # mode, so the error asks for a wrapper instead.
+    with pytest.raises(ValueError, match=r"wrap the module .*'deterministic' is True in eval mode"):
+        LinenSplitModel(DeterministicKeywordCNN(), IMAGES[:1])

@@ -67,9 +67,9 @@ import jax.numpy as jnp
 from attrjax.attribution.gradcam import Target
 from attrjax.attribution.graph import Affine
 from attrjax.attribution.propagation import propagation_maps
-from attrjax.models import ModelLike
 from attrjax.attribution.rules import (Bounds, Composite, Epsilon, ZBox, linearized, negative, per_image_sum, positive,
                                        safe_divide)
+from attrjax.models import ModelLike
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,8 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 Variables = dict[str, Any]
-# Keywords that switch a linen module's training mode under another name than ``train`` (named in errors).
-_MODE_ARGUMENTS = ("training", "is_training", "train_mode", "deterministic", "use_running_average")
+# Keywords that switch a linen module's training mode under another name than ``train`` (named in errors); the
+# inverted ones are True in eval mode, so they cannot serve as ``train_argument``.
+_MODE_ARGUMENTS = ("training", "is_training", "train_mode")
+_INVERTED_MODE_ARGUMENTS = ("deterministic", "use_running_average")
 
 
 class LayerLinearization(NamedTuple):
@@ -211,11 +213,13 @@ class LinenSplitModel(SplitModel):
         if self.train_argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             return
         mode_like = [name for name in parameters if name in _MODE_ARGUMENTS]
-        if self.train_argument == "train" and not mode_like:
+        inverted = [name for name in parameters if name in _INVERTED_MODE_ARGUMENTS]
+        if self.train_argument == "train" and not mode_like and not inverted:
             object.__setattr__(self, "train_argument", None)  # a module without a training mode
             return
-        hint = (f"pass train_argument={mode_like[0]!r}" if mode_like and mode_like[0] != "deterministic" else
-                "wrap the module so that a keyword switches training mode")
+        hint = (f"pass train_argument={mode_like[0]!r}" if mode_like else
+                f"wrap the module so that a keyword switches training mode ({inverted[0]!r} is True in eval mode)"
+                if inverted else "name the keyword that switches training mode")
         raise ValueError(f"{type(self.module).__name__}.__call__ has no {self.train_argument!r} argument (its "
                          f"arguments: {', '.join(parameters)}); {hint}, or train_argument=None if it has no "
                          "training mode")

@@ -34,6 +34,7 @@ VGG_LAYOUTS: dict[str, StageWidths] = {
 }
 """Conv widths per stage of torchvision's VGG configurations (each stage ends in a 2x2 max-pool)."""
 
+
 def _variance_scaling(scale: float, mode: str, distribution: str) -> nn.initializers.Initializer:
     """``jax.nn.initializers.variance_scaling`` for kernels (..., in, out), bit for bit, drawn as one flat vector.
 

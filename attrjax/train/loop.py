@@ -16,10 +16,10 @@ import numpy as np
 import optax
 
 from attrjax.distributed import check_same_everywhere, is_primary, primary_first
-from attrjax.train import checkpoint
-from attrjax.train.run_config import bind_run_config
 from attrjax.models import ModelLike
+from attrjax.train import checkpoint
 from attrjax.train.metrics import ScalarWriter
+from attrjax.train.run_config import bind_run_config
 from attrjax.train.sharding import data_mesh, host_value, replicate, shard_batch
 from attrjax.train.state import TrainState
 from attrjax.train.objective import LossTerm, Objective, as_terms, objective_record
