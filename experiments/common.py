@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import os
 import sys
-import time
 import zlib
 from typing import Callable
 
@@ -32,7 +31,6 @@ from attrjax.pruning import keep_pruned_at_zero
 from attrjax.train import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
                            checkpoint_manager, data_mesh, make_optimizer, optimizer_schedule, process_rows,
                            read_run_config, replicate, restore_latest, run_record, train)
-from attrjax.train.loop import format_duration
 from attrjax.train.sharding import host_value
 from attrjax.train.run_config import ON_CONFIG_CHANGE
 
@@ -206,27 +204,6 @@ def main_for(run: Callable, doc: str, validate: Callable | None = None):
         sys.exit(f"error: {error}\n(on the command line: --config.on_config_change=restart)")
     except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad settings, missing runs, divergence
         sys.exit(f"error: {error}")
-
-
-class Progress:
-    """``done/total`` of a long loop, with the time left at the mean pace of the items timed so far (the first
-    ones hold compilation). ``step(timed=False)`` counts an item that cost no real work (one read back from disk),
-    which then does not speed up the estimate."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.timed, self.seconds = total, 0, 0, 0.0
-        self._last = time.perf_counter()
-
-    def step(self, timed: bool = True) -> str:
-        now = time.perf_counter()
-        self.done += 1
-        if timed:
-            self.timed, self.seconds = self.timed + 1, self.seconds + now - self._last
-        self._last = now
-        if self.done >= self.total or not self.timed:
-            return f"{self.done}/{self.total}"
-        left = self.seconds / self.timed * (self.total - self.done)
-        return f"{self.done}/{self.total}, about {format_duration(left)} left"
 
 
 def check_count(name: str, value, *, minimum: int = 1) -> None:

@@ -28,6 +28,7 @@ from attrjax import distributed
 from attrjax.attribution.methods import resolve_methods
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
 from attrjax.files import write_json
+from attrjax.progress import Progress
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
 from attrjax.train.metrics import CSV_NAME
@@ -74,7 +75,7 @@ def classification_and_size(model, variables, splits, config) -> dict:
 
 
 def localization_by_method(name, model, variables, arrays, methods, config, teacher_maps: dict,
-                           evaluators: dict | None = None, progress: common.Progress | None = None):
+                           evaluators: dict | None = None, progress: Progress | None = None):
     """``{method: summary}`` and ``{method: examples}`` of one model. The teacher is scored against its own maps
     (``reference="self"``: 1 where they are comparable, NaN for a broken teacher) and its raw maps are cached in
     ``teacher_maps`` (method -> per-batch maps) so each student is compared without recomputing them.
@@ -220,13 +221,12 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
     results, examples, teacher_maps, evaluators = {}, {}, {}, {}
     models = 1 + len(student_runs(config)) + len(prune.pruning_runs(config)) + len(quantize.quantization_runs(config))
-    progress = common.Progress(models * len(methods))
-    for name, model, variables in trained_models(config, workdir, splits["train"]):
-        results[name] = classification_and_size(model, variables, splits, config)
-        results[name]["methods"], examples[name] = localization_by_method(name, model, variables, localization,
-                                                                          methods, config, teacher_maps, evaluators,
-                                                                          progress)
-        write_evaluation_metrics(name, results[name], workdir)
+    with Progress(models * len(methods), description="evaluated", unit="map set") as progress:
+        for name, model, variables in trained_models(config, workdir, splits["train"]):
+            results[name] = classification_and_size(model, variables, splits, config)
+            results[name]["methods"], examples[name] = localization_by_method(
+                name, model, variables, localization, methods, config, teacher_maps, evaluators, progress)
+            write_evaluation_metrics(name, results[name], workdir)
 
     if distributed.is_primary():
         write_results(results, examples, methods, localization, config, workdir)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from attrjax.models import VGG
+from attrjax.progress import Progress
 from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
                              prune_resnet_filters)
 from attrjax.train import Objective, make_optimizer
@@ -76,18 +77,19 @@ def train_structured(name: str, objective: Objective, config, workdir: str, trai
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
                        teacher_variables: dict) -> tuple:
     settings = config.pruning.unstructured
-    variables, progress = teacher_variables, common.Progress(settings.rounds)
-    for k in range(1, settings.rounds + 1):
-        sparsity = iterative_sparsity(settings.rate, k)
-        masks = magnitude_masks(variables["params"], sparsity)
-        variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
-        print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
-        variables = common.fit(round_name(name, k), teacher, variables, settings.optimizer, objective,
-                               settings.steps_per_round, config, workdir, train_split,
-                               settings=run_settings("unstructured", config, k), teacher=teacher,
-                               teacher_variables=teacher_variables, masks=masks,
-                               step_offset=(k - 1) * settings.steps_per_round)
-        print(f"[{name}] rounds done: {progress.step()}")
+    variables = teacher_variables
+    with Progress(settings.rounds, description=f"[{name}] round", unit="round") as progress:
+        for k in range(1, settings.rounds + 1):
+            sparsity = iterative_sparsity(settings.rate, k)
+            masks = magnitude_masks(variables["params"], sparsity)
+            variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
+            print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
+            variables = common.fit(round_name(name, k), teacher, variables, settings.optimizer, objective,
+                                   settings.steps_per_round, config, workdir, train_split,
+                                   settings=run_settings("unstructured", config, k), teacher=teacher,
+                                   teacher_variables=teacher_variables, masks=masks,
+                                   step_offset=(k - 1) * settings.steps_per_round)
+            print(f"[{name}] rounds done: {progress.step()}")
     return teacher, variables
 
 

@@ -32,6 +32,7 @@ import traceback
 
 import jax
 
+from attrjax.progress import Progress
 from attrjax.train import RunConfigMismatchError, bind_run_config
 from experiments import common, demo, sweep_report
 
@@ -155,17 +156,18 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
                     log=log)
     if compilation_cache:  # identical programs of all runs compile once; inside the bound directory
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
-    outcomes, progress = {}, common.Progress(len(configs))
-    for (name, seed), config in configs.items():
-        outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir,
-                          teachers_dir=teachers_dir,
-                          reuse_dir=None if reuse is None else os.path.join(reuse, name, f"seed{seed}"))
-        outcomes[name, seed] = outcome
-        ran = outcome["status"] != "finished"  # "finished": read back from an earlier sweep, nothing ran
-        log(f"[sweep] {name} seed {seed}: {outcome['status']}"
-            + (f" in {outcome['seconds'] / 60:.1f} min" if ran else "")
-            + (f" ({outcome['error']})" if outcome["status"] == "failed" else "")
-            + f" [{progress.step(timed=ran)}]")
+    outcomes = {}
+    with Progress(len(configs), description="[sweep] run", unit="run") as progress:
+        for (name, seed), config in configs.items():
+            outcome = run_one(config, os.path.join(sweep_dir, name, f"seed{seed}"), sweep_dir=sweep_dir,
+                              teachers_dir=teachers_dir,
+                              reuse_dir=None if reuse is None else os.path.join(reuse, name, f"seed{seed}"))
+            outcomes[name, seed] = outcome
+            ran = outcome["status"] != "finished"  # "finished": read back from an earlier sweep, nothing ran
+            log(f"[sweep] {name} seed {seed}: {outcome['status']}"
+                + (f" in {outcome['seconds'] / 60:.1f} min" if ran else "")
+                + (f" ({outcome['error']})" if outcome["status"] == "failed" else "")
+                + f" [{progress.step(timed=ran)}]")
     rows = sweep_report.tidy_rows(outcomes, {point_name(point): point for point in points})
     sweep_report.write(sweep_dir, rows, grid=grid, command=command or "experiments.sweep.run_sweep", log=log)
     return rows

@@ -257,15 +257,3 @@ def test_the_resnet_grid_runs_with_one_switch(tmp_path):
     assert results["structured_match"]["params"] == results["kd_match"]["params"] < results["teacher"]["params"] / 3
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and -1.0 <= row["methods"]["gradcam"]["map_cosine"] <= 1.0
-
-
-def test_progress_estimates_the_time_left_from_the_items_that_did_work(monkeypatch):
-    clock = iter([0.0, 10.0, 11.0, 21.0, 22.0])
-    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
-    progress = common.Progress(4)
-    assert progress.step() == "1/4, about 30s left"  # 10 s for the first
-    assert progress.step(timed=False) == "2/4, about 20s left"  # read back from disk: the pace stays 10 s
-    assert progress.step() == "3/4, about 10s left"
-    assert progress.step() == "4/4"
-    monkeypatch.setattr(common.time, "perf_counter", lambda: 0.0)
-    assert common.Progress(2).step(timed=False) == "1/2"  # nothing timed yet: no estimate

@@ -16,7 +16,6 @@ from attrjax.models.split import LinenSplitModel, NNXSplitModel
 from attrjax.models.vgg import vgg_split_model
 from attrjax.train import (AttributionMatching, DistillationLoss, Objective, PropagationMatching, TaskLoss,
                            activation_map, gradcam_map, make_loss_fn, read_run_config, sgd, train)
-from attrjax.train.loop import format_duration
 from tests.test_split_models import IMAGES, UserCNN, UserNNX
 
 LABELS = jnp.eye(3)[jnp.array([0, 1, 2, 0])]
@@ -145,8 +144,7 @@ def test_composed_terms_train_and_are_recorded_with_the_run(tmp_path):
                        teacher=teacher, teacher_variables=teacher_variables, checkpoint_dir=str(tmp_path / "run"),
                        log_every=1, log=lines.append)
     assert "matching_loss" in lines[-1] and history[-1]["matching_loss"] > 0
-    assert lines[0].endswith(" left") and "step 1/2" in lines[0] and not lines[-1].endswith(" left")
-    assert [format_duration(s) for s in (7.4, 75, 3700)] == ["7s", "1m15s", "1h01m"]
+    assert "step 1/2, about " in lines[0] and "step 2/2  " in lines[-1]
     recorded = read_run_config(str(tmp_path / "run"))["config"]["objective"]["terms"]
     assert recorded[1] == {"term": "AttributionMatching", "layer": "trunk", "weight": 10.0,
                            "attribution": "attrjax.train.objective.gradcam_map", "drop_rate": 0.5,

@@ -10,7 +10,7 @@ Everything here is differentiable, so a student's map can sit inside a loss that
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ def target_weights(target: Target, logits: jax.Array) -> jax.Array:
     return target.astype(logits.dtype)
 
 
-def sensitivities_and_logits(head_fn: HeadFn, features: jax.Array, target: Target, *,
+def sensitivities_and_logits(head_fn: Callable[[jax.Array], Any], features: jax.Array, target: Target, *,
                              has_aux: bool = False) -> tuple:
     """Channel sensitivities alpha (B,C) = spatial sum of d(target . logits)/dA, and the logits (B,K).
 
@@ -131,8 +131,8 @@ def activation_collapse(features: jax.Array) -> jax.Array:
 
 def resize_maps(maps: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     """Bilinear resize of maps (..., H, W) to (..., size, size) (half-pixel centres, as cv2 upsampling)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return jax.image.resize(maps, maps.shape[:-2] + size, method="bilinear")
+    height_width = (size, size) if isinstance(size, int) else tuple(size)
+    return jax.image.resize(maps, maps.shape[:-2] + height_width, method="bilinear")
 
 
 def minmax_normalize(maps: jax.Array, eps: float = 1e-5) -> jax.Array:

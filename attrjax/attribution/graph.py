@@ -271,11 +271,13 @@ class _Tracer:
                 raise self.unsupported(eqn, stack, "its kernel depends on the input")
             dims = params["dimension_numbers"]
             conv_axes = ((dims.out_spec[1], dims.rhs_spec[0]),)
+            kernel = const[1]
+            assert kernel is not None  # acts == [0]: the kernel is a constant
 
             def conv(x, w, eqn=eqn):
                 return bind(eqn, [x, w])[0]
 
-            return self.add(lambda out: Affine(ins[0], out, "", "conv", conv, const[1], None, conv_axes), stack)
+            return self.add(lambda out: Affine(ins[0], out, "", "conv", conv, kernel, None, conv_axes), stack)
         if name == "dot_general":
             if len(acts) != 1:
                 raise self.unsupported(eqn, stack, "both operands depend on the input (attention?)")
@@ -288,12 +290,13 @@ class _Tracer:
             x_free = x_ndim - len(contracting[act]) - len(batch[act])
             offset = len(batch[0]) + (x_free if act == 0 else 0)
             dense_axes = tuple((offset + k, axis) for k, axis in enumerate(free))
+            weight = const[weight_side]
+            assert weight is not None  # acts == [act]: the other operand is a constant
 
             def dense(x, w, eqn=eqn, act=act):
                 return bind(eqn, [x, w] if act == 0 else [w, x])[0]
 
-            return self.add(lambda out: Affine(ins[act], out, "", "dense", dense, const[weight_side], None,
-                                               dense_axes), stack)
+            return self.add(lambda out: Affine(ins[act], out, "", "dense", dense, weight, None, dense_axes), stack)
         if name in _SUM_POOLS:
             def pool(x, w, eqn=eqn):
                 return bind(eqn, [x])[0] * w
@@ -397,18 +400,19 @@ def fold_affine(graph: Graph) -> Graph:
     nodes: list[Node] = []
     producer: dict[int, int] = {}  # value -> index in nodes
     for node in graph.nodes:
-        source = producer.get(node.inputs[0]) if isinstance(node, Affine) and node.kind == "elementwise" else None
-        previous = nodes[source] if source is not None else None
-        if (isinstance(previous, Affine) and uses[previous.output] == 1 and previous.output not in kept):
-            weight = _fold_scale(previous, node.weight)
-            if weight is not None:
-                bias = None if previous.bias is None else previous.bias * node.weight
-                if node.bias is not None:
-                    bias = node.bias if bias is None else bias + node.bias
-                nodes[source] = dataclasses.replace(previous, output=node.output, weight=weight, bias=bias)
-                del producer[previous.output]
-                producer[node.output] = source
-                continue
+        if isinstance(node, Affine) and node.kind == "elementwise" and node.input in producer:
+            source = producer[node.input]
+            previous = nodes[source]
+            if isinstance(previous, Affine) and uses[previous.output] == 1 and previous.output not in kept:
+                weight = _fold_scale(previous, node.weight)
+                if weight is not None:
+                    bias = None if previous.bias is None else previous.bias * node.weight
+                    if node.bias is not None:
+                        bias = node.bias if bias is None else bias + node.bias
+                    nodes[source] = dataclasses.replace(previous, output=node.output, weight=weight, bias=bias)
+                    del producer[previous.output]
+                    producer[node.output] = source
+                    continue
         producer[node.output] = len(nodes)
         nodes.append(node)
     return dataclasses.replace(graph, nodes=tuple(nodes))

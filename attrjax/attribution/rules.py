@@ -152,7 +152,8 @@ class ZBox:
     def __post_init__(self):
         if (self.low is None) != (self.high is None):
             raise ValueError("ZBox needs both bounds or neither (None: each image's min and max)")
-        if self.low is not None and jnp.ndim(self.low) == 0 and jnp.ndim(self.high) == 0 and self.low > self.high:
+        if (self.low is not None and self.high is not None and jnp.ndim(self.low) == 0 and jnp.ndim(self.high) == 0
+                and self.low > self.high):
             raise ValueError(f"ZBox needs low <= high, got {self.low} > {self.high}")
 
     def bounds(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

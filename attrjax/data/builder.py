@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from attrjax.data import prepared
 from attrjax.data.shapes import ShapesConfig, render_example
+from attrjax.progress import track
 
 SPLITS = ("train", "val", "localization")
 """The synthetic dataset's splits: training, validation (classification) and localisation (attribution scores)."""
@@ -104,7 +105,8 @@ class AttrjaxShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         config = self.builder_config
         seed = split_seed(config.seed, split)
-        for index in range(config.split_size(split)):
+        total = config.split_size(split)
+        for index in track(range(total), total, description=f"attrjax_shapes: rendering {split}", unit="image"):
             yield index, render_example(np.random.default_rng([seed, index]), config.shapes)
 
 

@@ -74,8 +74,10 @@ def build_or_reuse(make_builder: Callable[[], Builder], label: str, prepare: Cal
     """Reuses the build of `make_builder()` if it is finished and whole, else deletes what is there and builds it.
 
     For datasets that are ours to rebuild. `prepare(builder)` runs `builder.download_and_prepare`; `label` starts
-    every line printed. The temporary folders of killed builds are deleted: once a finished build is in place, a
-    build still writing one could not rename it into place anyway.
+    every line printed. Our builders show the progress of their examples themselves (`attrjax.progress.track`), so
+    TFDS's own progress bars are turned off (`tfds.disable_progress_bar()`) before a build. The temporary folders
+    of killed builds are deleted: once a finished build is in place, a build still writing one could not rename it
+    into place anyway.
     """
     builder = make_builder()
     data_path = pathlib.Path(builder.data_path)
@@ -88,6 +90,7 @@ def build_or_reuse(make_builder: Callable[[], Builder], label: str, prepare: Cal
             shutil.rmtree(data_path)
             builder = make_builder()  # afresh: the old one may hold the info of what was deleted
         print(f"{label}: building {data_path}")
+        tfds.disable_progress_bar()
         start = time.perf_counter()
         prepare(builder)
         problem = build_problem(builder)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from attrjax.data import prepared
 from attrjax.data.images import VOID, LabeledImages, decode_rgb, encode_png
+from attrjax.progress import track
 
 CLASS_NAMES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -107,16 +108,18 @@ class _VocFiles:
     """Read access to VOCdevkit/VOC2012 inside a tar archive or an extracted directory, by relative path."""
 
     def __init__(self, manual_dir: pathlib.Path):
-        self.tar = None
-        self.members = {}
-        self.root = self.find_extracted(manual_dir)
-        if self.root is None:
-            tarball = self.find_tarball(manual_dir)
-            self.tar, members = _open_tarball(tarball)
+        self.tarball: pathlib.Path | None = None
+        self.tar: tarfile.TarFile | None = None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        root: pathlib.PurePath | None = self.find_extracted(manual_dir)
+        if root is None:
+            self.tarball = self.find_tarball(manual_dir)
+            self.tar, members = _open_tarball(self.tarball)
             # Normalised names: archives written as `tar -cf x.tar ./VOCdevkit` prefix every member with "./".
             self.members = {pathlib.PurePosixPath(member.name).as_posix(): member
                             for member in members if member.isfile()}
-            self.root = self._root_in_tar(tarball)
+            root = self._root_in_tar(self.tarball)
+        self.root = root  # the extracted directory, or the folder inside the archive
 
     @staticmethod
     def find_extracted(manual_dir: pathlib.Path) -> pathlib.Path | None:
@@ -147,11 +150,11 @@ class _VocFiles:
                              f"({len(self.members)} files). {_MANUAL_INSTRUCTIONS}")
 
     def where(self, relative: str) -> str:
-        return f"{self.root / relative}" + (f" in {self.tar.name}" if self.tar else "")
+        return f"{self.root / relative}" + (f" in {self.tarball}" if self.tarball else "")
 
     def exists(self, relative: str) -> bool:
         if self.tar is None:
-            return (self.root / relative).is_file()
+            return pathlib.Path(self.root, relative).is_file()
         return str(self.root / relative) in self.members
 
     def read(self, relative: str) -> bytes:
@@ -159,8 +162,10 @@ class _VocFiles:
             raise VocLayoutError(f"{self.where(relative)} is missing; the VOC 2012 layout needs it. Re-extract the "
                                  f"archive or put the complete {TARBALL} in the manual directory")
         if self.tar is None:
-            return (self.root / relative).read_bytes()
-        return self.tar.extractfile(self.members[str(self.root / relative)]).read()
+            return pathlib.Path(self.root, relative).read_bytes()
+        file = self.tar.extractfile(self.members[str(self.root / relative)])
+        assert file is not None  # None only for members that are not regular files, which self.members leaves out
+        return file.read()
 
     def image_ids(self, image_set: str, split: str) -> list[str]:
         listing = f"ImageSets/{image_set}/{split}.txt"
@@ -255,11 +260,12 @@ class Voc2012(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         files = _VocFiles(pathlib.Path(dl_manager.manual_dir))
         image_set = CONFIGS[self.builder_config.name]
-        return {split: self._generate_examples(files, files.image_ids(image_set, split)) for split in SPLITS}
+        return {split: self._generate_examples(files, files.image_ids(image_set, split), split) for split in SPLITS}
 
-    def _generate_examples(self, files: _VocFiles, image_ids: list[str]) -> Iterator[tuple[int, dict]]:
+    def _generate_examples(self, files: _VocFiles, image_ids: list[str], split: str) -> Iterator[tuple[int, dict]]:
         with_masks = self.builder_config.name == "segmentation"
-        for index, image_id in enumerate(image_ids):
+        description = f"voc2012/{self.builder_config.name}: converting {split}"
+        for index, image_id in enumerate(track(image_ids, len(image_ids), description=description, unit="image")):
             jpeg_path = f"JPEGImages/{image_id}.jpg"
             jpeg = files.read(jpeg_path)
             size = decode_rgb(jpeg, files.where(jpeg_path)).size  # a full decode: truncated files fail here

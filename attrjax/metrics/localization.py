@@ -89,7 +89,8 @@ def _sort_packed(keys: jax.Array, positive: jax.Array) -> tuple[jax.Array, jax.A
 
 def _sort_pairs(keys: jax.Array, positive: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The general (slower) path of ``_sort_packed``: a two-operand sort."""
-    return jax.lax.sort((keys, positive), dimension=-1, num_keys=1)
+    sorted_keys, sorted_positive = jax.lax.sort((keys, positive), dimension=-1, num_keys=1)
+    return sorted_keys, sorted_positive
 
 
 def _roc_auc_of_sorted(keys: jax.Array, positive: jax.Array) -> jax.Array:

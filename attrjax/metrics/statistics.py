@@ -9,20 +9,20 @@ are left out and counted, never averaged in or silently dropped.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 
-def _finite(values: Sequence[float]) -> np.ndarray:
-    values = np.asarray(values, np.float64)
-    if values.ndim != 1:
-        raise ValueError(f"expected one value per run (a 1-D sequence), got shape {values.shape}")
-    return values
+def _finite(values: ArrayLike) -> np.ndarray:
+    array = np.asarray(values, np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"expected one value per run (a 1-D sequence), got shape {array.shape}")
+    return array
 
 
-def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> dict:
+def mean_interval(values: ArrayLike, *, confidence: float = 0.95) -> dict:
     """Mean of one metric over runs with its two-sided t confidence interval.
 
     Args:
@@ -33,12 +33,12 @@ def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> dict:
       ``mean``, ``low``, ``high`` (NaN with fewer than 2 defined values), ``std`` (sample standard deviation),
       ``n`` (defined values) and ``n_undefined``.
     """
-    values = _finite(values)
-    defined = values[~np.isnan(values)]
+    array = _finite(values)
+    defined = array[~np.isnan(array)]
     n = int(defined.size)
     result = {"mean": float(np.mean(defined)) if n else math.nan, "low": math.nan, "high": math.nan,
               "std": float(np.std(defined, ddof=1)) if n > 1 else math.nan, "n": n,
-              "n_undefined": int(values.size - n)}
+              "n_undefined": int(array.size - n)}
     if n > 1:
         scale = stats.sem(defined)
         if scale > 0:
@@ -49,7 +49,7 @@ def mean_interval(values: Sequence[float], *, confidence: float = 0.95) -> dict:
     return result
 
 
-def paired_difference(treated: Sequence[float], control: Sequence[float], *, confidence: float = 0.95) -> dict:
+def paired_difference(treated: ArrayLike, control: ArrayLike, *, confidence: float = 0.95) -> dict:
     """``treated - control`` paired by run (e.g. matched minus naive, seed by seed): the paired t analysis.
 
     Args:
@@ -62,11 +62,11 @@ def paired_difference(treated: Sequence[float], control: Sequence[float], *, con
       ``p_value`` of the two-sided paired t-test (NaN with fewer than 2 pairs or identical differences), and
       ``positive`` / ``negative``: the number of pairs whose difference is > 0 / < 0.
     """
-    treated, control = _finite(treated), _finite(control)
-    if treated.shape != control.shape:
-        raise ValueError(f"paired values need one treated and one control value per run, got {treated.size} and "
-                         f"{control.size}")
-    differences = treated - control
+    treated_array, control_array = _finite(treated), _finite(control)
+    if treated_array.shape != control_array.shape:
+        raise ValueError(f"paired values need one treated and one control value per run, got {treated_array.size} "
+                         f"and {control_array.size}")
+    differences = treated_array - control_array
     result = mean_interval(differences, confidence=confidence)
     defined = differences[~np.isnan(differences)]
     result["p_value"] = math.nan

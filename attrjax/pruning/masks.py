@@ -122,13 +122,14 @@ def magnitude_masks(params: Params, sparsity: float, *, scope: str = "global",
         cut = threshold if scope == "global" else _threshold(jnp.abs(leaf).ravel(), sparsity)
         return jnp.abs(leaf) > cut
 
-    return treedef.unflatten([mask(leaf, flag) for leaf, flag in zip(leaves, flags)])
+    return jax.tree.unflatten(treedef, [mask(leaf, flag) for leaf, flag in zip(leaves, flags)])
 
 
 def check_structure(params: Params, masks: Masks):
     """Raises if ``masks`` does not have the tree structure and leaf shapes of ``params``."""
     params_def, masks_def = jax.tree.structure(params), jax.tree.structure(masks)
-    if params_def != masks_def:
+    # jaxlib ships no stubs for its pytree module, so mypy cannot resolve jax's PyTreeDef annotation.
+    if params_def != masks_def:  # type: ignore[operator]
         raise ValueError(f"masks do not match the params' tree structure:\n  params: {params_def}\n  masks:  "
                          f"{masks_def}\nbuild the masks from these params (magnitude_masks(params, ...))")
     for (path, leaf), mask in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(masks)):
@@ -160,8 +161,8 @@ def nonzero_masks(params: Params, *, prunable: Prunable = conv_kernels) -> Masks
     shapes from the params' shapes alone."""
     leaves, treedef = jax.tree.flatten(params)
     flags = _prunable_flags(params, prunable)
-    return treedef.unflatten([jnp.asarray(leaf) != 0 if flag else jnp.ones(leaf.shape, bool)
-                              for leaf, flag in zip(leaves, flags)])
+    return jax.tree.unflatten(treedef, [jnp.asarray(leaf) != 0 if flag else jnp.ones(leaf.shape, bool)
+                                        for leaf, flag in zip(leaves, flags)])
 
 
 def keep_pruned_at_zero(inner: optax.GradientTransformation, masks: Masks | None = None, *,

@@ -45,12 +45,13 @@ class KeptChannels(NamedTuple):
 def _per_block(model: ResNet, rates: Rates) -> list[float]:
     """One rate (for every block) or one per block in forward order -> one per block."""
     names = [spec.name for spec in block_specs(model.block, tuple(model.stage_sizes), model.width)]
-    if np.ndim(rates) == 0:
-        return [float(rates)] * len(names)
-    if len(rates) != len(names):
-        raise ValueError(f"got {len(rates)} pruning rates for the {len(names)} blocks of this ResNet "
+    array = np.asarray(rates, np.float64)
+    if array.ndim == 0:
+        return [float(array)] * len(names)
+    if len(array) != len(names):
+        raise ValueError(f"got {len(array)} pruning rates for the {len(names)} blocks of this ResNet "
                          f"({', '.join(names)}); pass one rate per block, in this order, or a single rate")
-    return [float(rate) for rate in rates]
+    return [float(rate) for rate in array]
 
 
 def _per_stage(model: ResNet, rates: Rates, stream_rates: Rates | None) -> list[float]:
@@ -61,12 +62,13 @@ def _per_stage(model: ResNet, rates: Rates, stream_rates: Rates | None) -> list[
             raise ValueError("coupled=True with per-block rates needs the rates of the residual streams: pass "
                              f"stream_rates=... (one rate, or one per stage: {num_stages})")
         stream_rates = rates
-    if np.ndim(stream_rates) == 0:
-        return [float(stream_rates)] * num_stages
-    if len(stream_rates) != num_stages:
-        raise ValueError(f"got {len(stream_rates)} stream_rates for the {num_stages} stages of this ResNet; pass one "
+    array = np.asarray(stream_rates, np.float64)
+    if array.ndim == 0:
+        return [float(array)] * num_stages
+    if len(array) != num_stages:
+        raise ValueError(f"got {len(array)} stream_rates for the {num_stages} stages of this ResNet; pass one "
                          "rate per stage (layer1, layer2, ...) or a single rate")
-    return [float(rate) for rate in stream_rates]
+    return [float(rate) for rate in array]
 
 
 def stream_writers(model: ResNet, stage: int) -> list[ModulePath]:
@@ -76,7 +78,7 @@ def stream_writers(model: ResNet, stage: int) -> list[ModulePath]:
     specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
     first = sum(model.stage_sizes[:stage])
     last_conv = f"conv{_INNER_CONVS[model.block] + 1}"
-    writers = [(resnet_module_path(spec.name)[0], last_conv) for spec in specs[first:first + model.stage_sizes[stage]]]
+    writers: list[ModulePath] = [(resnet_module_path(spec.name)[0], last_conv) for spec in specs[first:first + model.stage_sizes[stage]]]
     if specs[first].downsample:
         writers.append((resnet_module_path(specs[first].name)[0], "downsample_0"))
     elif stage == 0:
@@ -95,8 +97,8 @@ def _kept_streams(model: ResNet, params: Mapping[str, Any], stream_rates: list[f
     channels without ``stream_rates``)."""
     if stream_rates is None:
         return [np.arange(width) for width in resnet_stream_widths(model)]
-    return [largest_filters(sum(filter_l1_norms(_kernel(params, path)) for path in stream_writers(model, stage)),
-                            rate, f"the residual stream of layer{stage + 1}")
+    return [largest_filters(np.sum([filter_l1_norms(_kernel(params, path)) for path in stream_writers(model, stage)],
+                                   axis=0), rate, f"the residual stream of layer{stage + 1}")
             for stage, rate in enumerate(stream_rates)]
 
 
@@ -118,7 +120,7 @@ def resnet_kept_channels(model: ResNet, params: Mapping[str, Any], rates: Rates,
     block_rates = _per_block(model, rates)
     streams = _kept_streams(model, params, _per_stage(model, rates, stream_rates) if coupled else None)
     stem = streams[0] if ("conv1",) in stream_writers(model, 0) else np.arange(resnet_stem_width(model))
-    kept = {("conv1",): KeptChannels(np.arange(_kernel(params, ("conv1",)).shape[-2]), stem)}
+    kept: dict[ModulePath, KeptChannels] = {("conv1",): KeptChannels(np.arange(_kernel(params, ("conv1",)).shape[-2]), stem)}
     current = stem
     specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
     stages = [stage for stage, size in enumerate(model.stage_sizes) for _ in range(size)]

@@ -65,7 +65,7 @@ def manifest(host_state) -> dict[str, dict[str, Any]]:
     """``{path: {shape, dtype, crc32}}`` of every leaf of ``host_state`` (a pytree of host NumPy arrays)."""
     entries = _layout(host_state)
     for path, value in _paths_and_leaves(host_state):
-        entries[path]["crc32"] = zlib.crc32(np.ascontiguousarray(value).view(np.uint8).reshape(-1))
+        entries[path]["crc32"] = zlib.crc32(np.ascontiguousarray(value).view(np.uint8).reshape(-1).data)
     return entries
 
 

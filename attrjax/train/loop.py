@@ -17,6 +17,7 @@ import optax
 
 from attrjax.distributed import check_same_everywhere, is_primary, primary_first
 from attrjax.models import ModelLike
+from attrjax.progress import Progress
 from attrjax.train import checkpoint
 from attrjax.train.metrics import ScalarWriter
 from attrjax.train.run_config import bind_run_config
@@ -79,14 +80,6 @@ def check_finite(pending: list[tuple[int, dict]], *, name: str, start_step: int,
                 + ", ".join(f"{key} {record[key]:.4g}" for key in _loss_names(terms))
                 + f"). Likely cause: {cause}. Nothing from step {step} on was checkpointed; the newest checkpoint "
                 "is the last finite state, so a rerun with a fixed setting resumes from it")
-
-
-def format_duration(seconds: float) -> str:
-    """``75.0`` -> ``"1m15s"``; ``3700`` -> ``"1h02m"``."""
-    seconds = max(0, round(seconds))
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def run_record(num_steps: int, objective: Objective | Sequence[LossTerm], params,
@@ -179,35 +172,38 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
     teacher_variables = replicate(teacher_variables or {}, mesh)
     rng = replicate(rng, mesh)
 
-    history, tick, images_seen, pending, logged_step = [], time.perf_counter(), 0, [], start
+    history, tick, images_seen, pending = [], time.perf_counter(), 0, []
     batch_iter = batches(start)
-    for step in range(start + 1, num_steps + 1):
-        batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
-        check_batch(batch, step)
-        global_batch = shard_batch(batch, mesh)
-        state, metrics = step_fn(state, teacher_variables, global_batch, rng)
-        images_seen += global_batch["image"].shape[0]
-        pending.append((step, metrics))
-        last = step == num_steps
-        saving = manager is not None and (last or manager.should_save(step))
-        if saving or last or step % log_every == 0:
-            check_finite(pending, name=name, start_step=start, terms=terms)
-            pending = []
-        if saving:
-            checkpoint.save(manager, state, step=step, force=last)
-        if last or step % log_every == 0:
-            record = {key: float(host_value(metrics[key])) for key in _loss_names(terms)}
-            now = time.perf_counter()
-            record.update(step=step, images_per_s=images_seen / (now - tick))
-            if learning_rate is not None:
-                record["learning_rate"] = float(learning_rate(step - 1))  # the rate the step applied
-            history.append(record)
-            if metric_writer is not None:
-                metric_writer.write(step, {f"train/{key}": value for key, value in record.items() if key != "step"})
-            # Time left at the latest interval's pace (the first interval also holds the compilation).
-            seconds_per_step = (now - tick) / (step - logged_step)
-            left = "" if last else f", {format_duration(seconds_per_step * (num_steps - step))} left"
-            log(f"[{name}] step {step}/{num_steps}  " + "  ".join(f"{k} {record[k]:.4f}" for k in _loss_names(terms))
-                + f"  {record['images_per_s']:.0f} img/s{left}")
-            tick, images_seen, logged_step = time.perf_counter(), 0, step
+    with Progress(num_steps, description=f"[{name}] step", unit="step", initial=start,
+                  bar=None if is_primary() else False) as progress:
+        for step in range(start + 1, num_steps + 1):
+            batch = {key: value for key, value in next(batch_iter).items() if key in STEP_INPUTS}
+            check_batch(batch, step)
+            global_batch = shard_batch(batch, mesh)
+            state, metrics = step_fn(state, teacher_variables, global_batch, rng)
+            images_seen += global_batch["image"].shape[0]
+            pending.append((step, metrics))
+            last = step == num_steps
+            logging = last or step % log_every == 0
+            saving = manager is not None and (last or manager.should_save(step))
+            if saving or logging:
+                check_finite(pending, name=name, start_step=start, terms=terms)  # waits for the step
+                pending = []
+            progress.step()  # after the wait at a log line, so the pace there is the devices', not the dispatch's
+            if saving:
+                checkpoint.save(manager, state, step=step, force=last)
+            if logging:
+                record = {key: float(host_value(metrics[key])) for key in _loss_names(terms)}
+                now = time.perf_counter()
+                record.update(step=step, images_per_s=images_seen / (now - tick))
+                if learning_rate is not None:
+                    record["learning_rate"] = float(learning_rate(step - 1))  # the rate the step applied
+                history.append(record)
+                if metric_writer is not None:
+                    metric_writer.write(step, {f"train/{key}": value for key, value in record.items()
+                                               if key != "step"})
+                log(f"[{name}] step {progress.status()}  "
+                    + "  ".join(f"{k} {record[k]:.4f}" for k in _loss_names(terms))
+                    + f"  {record['images_per_s']:.0f} img/s")
+                tick, images_seen = time.perf_counter(), 0
     return state, history

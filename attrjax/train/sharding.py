@@ -43,8 +43,9 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
     """The rows of every global batch of ``batch_size`` that this process supplies: those its own devices hold
     (all of them in a single-process run)."""
     check_batch_size(batch_size, mesh)
-    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
-    starts = sorted(index[0].start or 0 for index in indices)
+    sharding = batch_sharding(mesh)
+    indices = sharding.devices_indices_map((batch_size,))
+    starts = sorted(indices[device][0].start or 0 for device in sharding.addressable_devices)
     per_device = batch_size // mesh.devices.size
     if starts != list(range(starts[0], starts[0] + per_device * len(starts), per_device)):
         raise ValueError("this process's devices are not contiguous in the mesh; build it over jax.devices() "
