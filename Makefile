@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check attrjax experiments benchmarks tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
 docs: $(VENV)/.installed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +104,7 @@ def _top_class_faithfulness(model, steps: int, variables: dict, images: jax.Arra
     top = jnp.argmax(logits, axis=-1)
     top_maps = jnp.take_along_axis(maps, top[:, None, None, None], axis=1)[:, 0]  # (B,S,S)
     curve_args = (logits_fn(model, variables), images, top_maps, top)
-    curve_kwargs = dict(steps=steps, chunk_size=images.shape[0])
+    curve_kwargs: dict[str, Any] = dict(steps=steps, chunk_size=images.shape[0])
     return {"deletion_auc": curve_auc(deletion_curve(*curve_args, **curve_kwargs)),
             "insertion_auc": curve_auc(insertion_curve(*curve_args, **curve_kwargs))}
 
@@ -213,7 +213,11 @@ class AttributionEvaluator:
           their ``*_excluded`` counts and the faithfulness AUCs) and the kept examples.
         """
         reference_maps_of = self._reference_maps_fn(reference)
-        per_batch, per_image, valid_rows, kept, raw_per_batch = [], [], [], [], []
+        per_batch: list[dict] = []
+        per_image: list[dict] = []
+        valid_rows: list[np.ndarray] = []
+        kept: list[dict[str, np.ndarray]] = []
+        raw_per_batch: list[np.ndarray] = []
         for index, batch in enumerate(batches):
             raw_maps, logits = self.attribute(variables, batch["image"])
             maps, scores = self.score_batch(raw_maps, logits, batch["mask"], reference_maps_of(index, batch, raw_maps))
@@ -231,12 +235,13 @@ class AttributionEvaluator:
                              {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
         if not per_batch:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
-        per_batch, per_image, valid = gather_rows(
+        all_scores, all_curves, valid = gather_rows(
             (_concatenated(per_batch), _concatenated(per_image), np.concatenate(valid_rows)))
-        summary = summarize_scores({key: value[valid] for key, value in per_batch.items()})
+        summary = summarize_scores({key: value[valid] for key, value in all_scores.items()})
         if self.faithfulness_steps:
-            summary.update({key: float(np.mean(value[valid])) for key, value in per_image.items()})
-        examples = {key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]} if kept else {}
+            summary.update({key: float(np.mean(value[valid])) for key, value in all_curves.items()})
+        examples: dict[str, Any] = ({key: np.concatenate([k[key] for k in kept])[:keep_maps] for key in kept[0]}
+                                    if kept else {})
         if keep_raw_maps:
             examples["raw_maps"] = raw_per_batch
         return summary, examples

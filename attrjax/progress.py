@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, TextIO, TypeVar
 import tqdm
 
 Item = TypeVar("Item")
+_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}{postfix}]"  # the postfix: rate, time left
 
 
 def format_duration(seconds: float) -> str:
@@ -89,7 +90,7 @@ class Progress:
         self._bar, self._stdout = None, contextlib.ExitStack()
         if on_terminal() if bar is None else bar:
             self._bar = tqdm.tqdm(total=total, initial=initial, desc=description, unit=unit, leave=False,
-                                  dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}{postfix}]")
+                                  dynamic_ncols=True, bar_format=_BAR_FORMAT)
             if _is_terminal(sys.stdout) and not isinstance(sys.stdout, _AboveTheBars):  # the outermost bar's
                 self._stdout.enter_context(contextlib.redirect_stdout(_AboveTheBars(sys.stdout)))
 

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import flax
 import flax.linen as nn
@@ -284,7 +284,7 @@ class DeployedModel:
         if self.quantized.quantization.bits == 4 and jax.default_backend() == "cpu":
             raise NotImplementedError("XLA's CPU backend has no int4 convolution; QuantizedModel.apply computes the "
                                       "same network in float arithmetic")
-        return self.module.apply(self.variables, images)
+        return cast(jax.Array, self.module.apply(self.variables, images))
 
     @property
     def nbytes(self) -> int:
@@ -294,7 +294,7 @@ class DeployedModel:
     def save(self, path: str) -> None:
         """Writes ``path`` (.npz: every array, int4 stored as int8) and ``path`` + ``.json`` (the bit width)."""
         leaves = jax.tree.leaves(jax.device_get(self.variables))
-        arrays = {f"{index:05d}": np.asarray(leaf.astype(jnp.int8) if leaf.dtype == jnp.int4 else leaf)
+        arrays: dict[str, Any] = {f"{index:05d}": np.asarray(leaf.astype(jnp.int8) if leaf.dtype == jnp.int4 else leaf)
                   for index, leaf in enumerate(leaves)}
         np.savez(path, **arrays)
         with open(path + ".json", "w") as f:

@@ -136,6 +136,7 @@ def class_maps(model: ModelLike, variables: dict, images: jax.Array, method: str
     if method == "gradcam":
         if options:
             raise ValueError(f"gradcam takes no options, got {sorted(options)}")
+        assert layer is not None  # checked above
         lin = as_split_model(model, images).linearize(variables, images, layer)
         return grad_cam_all_classes_from_vjp(lin.vjp, lin.activations, lin.logits), lin.logits
     logits = logits_fn(model, variables)(images)

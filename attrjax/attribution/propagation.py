@@ -67,7 +67,7 @@ def propagate(graph: Graph, values: dict[int, jax.Array], relevance: jax.Array, 
             continue
         xs = [values[i] for i in node.inputs]
         if isinstance(node, Affine):
-            sent = (rules[node](node, xs[0], out),)
+            sent: tuple[jax.Array, ...] = (rules[node](node, xs[0], out),)
         elif isinstance(node, Sum):
             sent = composite.sums(tuple(xs), out)
         elif isinstance(node, Activation):

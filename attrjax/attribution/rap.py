@@ -85,8 +85,8 @@ class RapFirst:
         positive_total = jnp.sum(weights * (z_pp + z_nn), axis=-1, keepdims=True)
         negative_total = jnp.sum(weights * (z_pn + z_np), axis=-1, keepdims=True)
         # Each part's contributions x w (times the class weight): R_k = t_k z_k sent back in proportion to z_ik.
-        contributions = sum(give(safe_divide(weights * z, z))
-                            for z, give in ((z_pp, give_pp), (z_pn, give_pn), (z_np, give_np), (z_nn, give_nn)))
+        contributions = (give_pp(safe_divide(weights * z_pp, z_pp)) + give_pn(safe_divide(weights * z_pn, z_pn))
+                         + give_np(safe_divide(weights * z_np, z_np)) + give_nn(safe_divide(weights * z_nn, z_nn)))
         if layer.bias is not None:
             bias = weights * layer.bias
             total = positive_total + negative_total

@@ -249,7 +249,8 @@ class SumRule:
         return tuple(branch * share for branch in inputs)
 
 
-Rule = object  # anything with __call__(layer: Affine, x, relevance) -> relevance of x
+# (layer, its input x, the relevance of its output) -> the relevance of x: every rule above.
+Rule = Callable[[Affine, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,7 +111,7 @@ def read_records(builder: tfds.core.DatasetBuilder, split: str, remedy: str,
     (what to do about it).
     """
     source = builder.as_data_source(split, decoders=decoders)  # this also picks the array_record files to read
-    records = []
+    records: list[dict] = []
     for instruction in builder.info.splits[split].file_instructions:
         path = pathlib.Path(instruction.filename)
         problem = damaged_shard(path, instruction.examples_in_shard)

@@ -359,7 +359,8 @@ def resnet_module_path(name: str) -> tuple[str, ...]:
 # torchvision state dicts <-> ResNet variables
 
 VariablePath = tuple[str, ...]  # (collection, *module path, leaf), as flax.traverse_util.flatten_dict writes it
-_LEAVES = {  # torchvision parameter or buffer -> (collection, Flax leaf), per module kind
+# torchvision parameter or buffer -> (collection, Flax leaf), per module kind
+_LEAVES: dict[str, dict[str, tuple[str, str] | None]] = {
     "conv": {"weight": ("params", "kernel")},
     "bn": {"weight": ("params", "scale"), "bias": ("params", "bias"), "running_mean": ("batch_stats", "mean"),
            "running_var": ("batch_stats", "var"), "num_batches_tracked": _NUM_BATCHES_TRACKED},
@@ -471,12 +472,12 @@ def resnet_from_state_dict(state_dict: Mapping[str, np.ndarray], *, num_classes:
     return model.clone(**_pruned_widths(state_dict, model))
 
 
-def _pruned_widths(state_dict: Mapping[str, np.ndarray], model: ResNet) -> dict[str, tuple]:
+def _pruned_widths(state_dict: Mapping[str, np.ndarray], model: ResNet) -> dict[str, Any]:
     """``inner_widths`` / ``stream_widths`` read off the blocks' conv filters, those that differ from ``model``'s
     standard widths (a pruned checkpoint); none where a block conv is missing or not 4-D."""
     specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
-    shapes = [[np.shape(state_dict.get(f"{spec.name}.conv{k}.weight")) for k in range(1, _INNER_CONVS[model.block] + 2)]
-              for spec in specs]
+    convs = range(1, _INNER_CONVS[model.block] + 2)
+    shapes = [[np.shape(state_dict.get(f"{spec.name}.conv{k}.weight", ())) for k in convs] for spec in specs]
     if any(len(shape) != 4 for block in shapes for shape in block):
         return {}
     found = tuple(tuple(int(shape[0]) for shape in block) for block in shapes)
@@ -556,7 +557,7 @@ def _hints(state_dict: Mapping[str, np.ndarray], model: ResNet) -> list[str]:
                      "network has other widths)")
     if found.stem != model.stem:
         hints.append(f"the checkpoint's conv1 is the {found.stem!r} stem, the model has stem={model.stem!r}")
-    classes = np.shape(state_dict["fc.weight"])[0] if np.ndim(state_dict.get("fc.weight")) == 2 else None
+    classes = np.shape(state_dict["fc.weight"])[0] if np.ndim(state_dict.get("fc.weight", ())) == 2 else None
     if classes is not None and classes != model.num_classes:
         hints.append(f"the checkpoint's fc predicts {classes} classes, the model {model.num_classes}: build the "
                      f"model with num_classes={classes}, or drop the checkpoint's head and start a new one with "

@@ -27,14 +27,14 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Variables = dict[str, Any]
+Variables = Mapping[str, Any]
 # Keywords that switch a linen module's training mode under another name than ``train`` (named in errors); the
 # inverted ones are True in eval mode, so they cannot serve as ``train_argument``.
 _MODE_ARGUMENTS = ("training", "is_training", "train_mode")
@@ -236,7 +236,7 @@ class LinenSplitModel(SplitModel):
     @functools.cached_property
     def layers(self) -> tuple[str, ...]:
         """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed."""
-        names = {}  # an ordered set
+        names: dict[str, None] = {}  # an ordered set
 
         def record(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
@@ -262,7 +262,7 @@ class LinenSplitModel(SplitModel):
     def _run(self, variables, images, train, rng, layers, perturbations):
         """``(logits, {layer: output}, state)``; each of ``layers`` is observed and, with ``perturbations``,
         perturbed."""
-        outputs = {layer: [] for layer in layers}
+        outputs: dict[str, list[jax.Array]] = {layer: [] for layer in layers}
 
         def perturb(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
@@ -403,7 +403,8 @@ class NNXSplitModel(SplitModel):
     @classmethod
     def from_module(cls, module: nnx.Module, example_images: jax.Array) -> "NNXSplitModel":
         """The adapter and, as ``initial_variables``, the module's current params and BatchNorm statistics."""
-        graphdef, params, batch_stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+        graphdef, *states = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+        params, batch_stats, rest = states
         return cls(graphdef, rest, example_images[:1], {"params": params, "batch_stats": batch_stats})
 
     def _merged(self, variables: Variables, train: bool, rng) -> nnx.Module:
@@ -415,7 +416,8 @@ class NNXSplitModel(SplitModel):
             if rng is not None:
                 keys = jax.tree.leaves(nnx.state(model, nnx.RngKey), is_leaf=lambda x: isinstance(x, nnx.Variable))
                 streams = sorted({key.tag for key in keys})
-                nnx.reseed(model, **{stream: jax.random.fold_in(rng, index) for index, stream in enumerate(streams)})
+                seeds: dict[str, Any] = {stream: jax.random.fold_in(rng, index) for index, stream in enumerate(streams)}
+                nnx.reseed(model, **seeds)
         else:
             model.eval()
         return model
@@ -427,7 +429,7 @@ class NNXSplitModel(SplitModel):
         perturbations = perturbations or {}
         submodules = {_nnx_path(path): module for path, module in model.iter_modules() if path}
         names = {id(submodules[layer]): layer for layer in perturbations}
-        outputs = {layer: [] for layer in perturbations}
+        outputs: dict[str, list[jax.Array]] = {layer: [] for layer in perturbations}
 
         def observe(module, out):
             layer = names[id(module)]

@@ -97,7 +97,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | Path) -> N
     """Writes ``state_dict`` as ``.safetensors`` or ``.npz``; ``.pth``/``.pt`` needs torch (``torch.save``)."""
     path = Path(path)
     kind = _file_kind(path)
-    arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # keeps 0-d arrays 0-d
+    arrays: dict[str, Any] = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # 0-d stays 0-d
     if kind == "safetensors":
         _safetensors_numpy().save_file(arrays, str(path))
     elif kind == "npz":
@@ -430,7 +430,7 @@ def _key_map(model: VGG) -> dict[str, tuple[str, str, str] | None]:
     return keys
 
 
-def _flax_shapes(model: VGG) -> dict[tuple[str, str, str], tuple[int, ...]]:
+def _flax_shapes(model: VGG) -> dict[tuple[str, ...], tuple[int, ...]]:
     """(collection, module, leaf) -> shape of ``model``'s variables (no computation: ``jax.eval_shape``)."""
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
     return {(collection, module, leaf): tuple(x.shape) for collection, modules in variables.items()

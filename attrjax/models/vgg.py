@@ -234,7 +234,7 @@ def last_conv_layer(model: VGG) -> str:
 def init_variables(model: VGG, rng: jax.Array, batch_size: int = 1) -> dict:
     """Initial ``{'params', 'batch_stats'}`` for ``model``."""
     images = jnp.zeros((batch_size, model.image_size, model.image_size, 3), jnp.float32)
-    return model.init({"params": rng}, images, train=False)
+    return dict(model.init({"params": rng}, images, train=False))
 
 
 def layer_spatial_size(model: VGG, layer: str) -> int:

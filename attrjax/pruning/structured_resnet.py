@@ -78,7 +78,8 @@ def stream_writers(model: ResNet, stage: int) -> list[ModulePath]:
     specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
     first = sum(model.stage_sizes[:stage])
     last_conv = f"conv{_INNER_CONVS[model.block] + 1}"
-    writers: list[ModulePath] = [(resnet_module_path(spec.name)[0], last_conv) for spec in specs[first:first + model.stage_sizes[stage]]]
+    blocks = specs[first:first + model.stage_sizes[stage]]
+    writers: list[ModulePath] = [(resnet_module_path(spec.name)[0], last_conv) for spec in blocks]
     if specs[first].downsample:
         writers.append((resnet_module_path(specs[first].name)[0], "downsample_0"))
     elif stage == 0:
@@ -120,7 +121,8 @@ def resnet_kept_channels(model: ResNet, params: Mapping[str, Any], rates: Rates,
     block_rates = _per_block(model, rates)
     streams = _kept_streams(model, params, _per_stage(model, rates, stream_rates) if coupled else None)
     stem = streams[0] if ("conv1",) in stream_writers(model, 0) else np.arange(resnet_stem_width(model))
-    kept: dict[ModulePath, KeptChannels] = {("conv1",): KeptChannels(np.arange(_kernel(params, ("conv1",)).shape[-2]), stem)}
+    stem_inputs = np.arange(_kernel(params, ("conv1",)).shape[-2])
+    kept: dict[ModulePath, KeptChannels] = {("conv1",): KeptChannels(stem_inputs, stem)}
     current = stem
     specs = block_specs(model.block, tuple(model.stage_sizes), model.width)
     stages = [stage for stage, size in enumerate(model.stage_sizes) for _ in range(size)]

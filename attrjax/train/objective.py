@@ -38,7 +38,7 @@ LABEL_KINDS = ("multilabel", "single")
 KD_KINDS = ("binary", "softmax")
 # The paper's 'swa' (ours) and 'ewa' (AT-like baseline), and LRP maps at the input (PropagationMatching).
 MATCHING_KINDS = ("weighted", "activation", "lrp")
-PROPAGATION_METHODS = {"lrp": lrp, "ebp": excitation_backprop}
+PROPAGATION_METHODS: dict[str, Callable[..., jax.Array]] = {"lrp": lrp, "ebp": excitation_backprop}
 
 
 def gradcam_map(activations: jax.Array, gradients: jax.Array) -> jax.Array:
@@ -103,7 +103,8 @@ class LossTerm(abc.ABC):
 
     def record(self) -> dict:
         """The term as JSON-compatible settings (functions by their qualified name), for run records."""
-        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        fields = {field.name: getattr(self, field.name)
+                  for field in dataclasses.fields(self)}  # type: ignore[arg-type]  # subclasses are dataclasses
         return {"term": type(self).__name__,
                 **{key: _function_name(value) if callable(value) else value for key, value in fields.items()}}
 

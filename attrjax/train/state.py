@@ -10,8 +10,7 @@ import jax
 import optax
 
 
-@flax.struct.dataclass
-class TrainState:
+class TrainState(flax.struct.PyTreeNode):
     """Everything that changes during training; checkpointed as one pytree."""
 
     step: jax.Array

@@ -18,6 +18,7 @@ import optax
 
 from attrjax.attribution import target_weights, top1_target
 from attrjax.models import VGG, SplitModel, as_split_model, check_compatible
+from attrjax.models.split import Variables
 from attrjax.train.objective import LossTerm, NetworkOutputs, Objective, TermInputs, as_terms
 from attrjax.train.sharding import batch_sharding, replicated
 from attrjax.train.state import TrainState
@@ -33,7 +34,7 @@ def _float32(tree):
 
 
 def network_outputs(model: SplitModel, variables, images, layers: tuple[str, ...], target_fn, *, train: bool,
-                    rng=None) -> tuple[NetworkOutputs, dict]:
+                    rng=None) -> tuple[NetworkOutputs, Variables]:
     """``(NetworkOutputs, updated state)`` of one forward pass, linearised at ``layers`` (none: a plain forward
     pass); the gradients are those of ``target_fn(logits) -> (B,K)`` weights.
 
@@ -85,11 +86,12 @@ def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=Non
                                                  jax.lax.stop_gradient(teacher_variables), images, layers,
                                                  _top1_weights, train=False)
         # The student is attributed to the teacher's top-1 class (its own without a teacher), in train mode.
-        target_fn = _top1_weights if teacher_outputs is None else lambda _: _top1_weights(teacher_outputs.logits)
+        teacher_top1 = None if teacher_outputs is None else _top1_weights(teacher_outputs.logits)
+        target_fn = _top1_weights if teacher_top1 is None else lambda _: teacher_top1
         variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
         student_outputs, state = network_outputs(as_split_model(student, images), variables, images, layers,
                                                  target_fn, train=True, rng=dropout_key)
-        if needs_teacher and teacher_outputs.logits.shape != student_outputs.logits.shape:
+        if teacher_outputs is not None and teacher_outputs.logits.shape != student_outputs.logits.shape:
             raise ValueError(f"the teacher predicts {teacher_outputs.logits.shape[-1]} classes but the student "
                              f"{student_outputs.logits.shape[-1]}; distillation needs the same class axis")
 
@@ -98,7 +100,7 @@ def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=Non
                   for index, term in enumerate(terms)}
         loss = sum(term.weight * values[term.name] for term in terms)
         metrics = {"loss": loss, **values}
-        if needs_teacher:
+        if teacher_outputs is not None:
             metrics["teacher_finite"] = all_finite((teacher_outputs.logits, teacher_outputs.activations))
         return loss, (state.get("batch_stats", {}), metrics)
 
