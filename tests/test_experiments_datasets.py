@@ -43,7 +43,7 @@ def imagenet_layout_checkpoint(config, path) -> dict:
 
 
 @pytest.mark.slow
-def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys):
+def test_paper_recipe_runs_on_a_voc_tarball(tmp_path, capsys):
     manual_dir = tmp_path / "manual"
     voc_fixture.write_voc_tarball(tmp_path / "source", manual_dir)
     config = common.load_config("paper", tiny_paper_overrides(manual_dir))
@@ -60,9 +60,11 @@ def test_paper_recipe_runs_every_setting_on_a_voc_tarball(tmp_path, capsys):
                                   np.stack([voc_fixture.expected_labels(i) for i in voc_fixture.MAIN["val"]]))
     assert splits["localization"]["mask"].shape == (len(voc_fixture.SEGMENTATION["val"]), 32, 32)
 
-    config.runs = "kd_match,structured_match,unstructured_match,quantized,qat_match"  # every setting, matched
+    # A student, a pruned teacher and the calibrated int8 teacher on VOC's natural images; the other settings train
+    # on the same stream as these and run end to end in the demo test.
+    config.runs = "kd_match,structured_match,quantized"
     results = demo.run(config, workdir)
-    assert list(results) == ["teacher", "kd_match", "structured_match", "unstructured_match", "quantized", "qat_match"]
+    assert list(results) == ["teacher", "kd_match", "structured_match", "quantized"]
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0
     out = capsys.readouterr().out
