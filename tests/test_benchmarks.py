@@ -76,10 +76,12 @@ def test_input_pipeline_benchmark_on_synthetic_and_voc_images(tmp_path, capsys):
     tiny = ["--images", "4", "--batch", "2", "--image-size", "16", "--steps", "1", "--threads", "1", "2"]
     result = _run(input_pipeline.main, tiny + ["--workers", "0"], tmp_path, capsys)
     assert result["source"].startswith("synthetic") and result["mean_jpeg_kb"] > 1
-    assert list(result["images_per_s"]) == ["workers=0,threads=1", "workers=0,threads=2"]
-    assert result["ratio_to_first"]["workers=0,threads=1"] == 1.0
+    assert list(result["images_per_s"]) == ["workers=0,threads=1,memory", "workers=0,threads=2,memory"]
+    assert result["ratio_to_first"]["workers=0,threads=1,memory"] == 1.0
     voc_fixture.write_voc_tree(tmp_path / "manual")
     build_voc(tmp_path / "data", manual_dir=tmp_path / "manual", configs=("main",))
     result = _run(input_pipeline.main, tiny + ["--workers", "1", "--voc-data-dir", str(tmp_path / "data")], tmp_path,
                   capsys)  # one grain worker process
     assert result["source"] == "voc2012 train" and all(rate > 0 for rate in result["images_per_s"].values())
+    assert list(result["images_per_s"]) == [f"workers=1,threads={threads},{storage}" for threads in (1, 2)
+                                            for storage in ("disk", "memory")]

@@ -1,6 +1,8 @@
 """The VOC 2012 builder on a tiny tree in the official layout, as a tarball and extracted, and its bad inputs."""
 
+import dataclasses
 import pathlib
+import pickle
 import re
 import tarfile
 
@@ -9,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrjax.data.images import VOID, decode_mask, decode_rgb, resize_split
+from attrjax.data import VOC_NORMALIZATION, prepared
+from attrjax.data.images import VOID, decode_mask, decode_rgb, random_resized_crop_batches, resize_split
 from attrjax.data.voc import CLASS_NAMES, SPLITS, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
+from attrjax.data.voc import _builder as voc_builder
 from attrjax.data.voc import main as voc_main
 from tests import damage, voc_fixture
 from tests.voc_fixture import IMAGES, MAIN, SEGMENTATION, expected_labels, expected_mask
@@ -170,6 +174,39 @@ def test_damaged_jpeg_in_a_loaded_split_is_named(built_from_tarball):
         decode_rgb(images.images[0][:100], images.names[0])
 
 
+def test_images_are_read_per_record_from_disk_in_any_thread_and_worker(built_from_tarball):
+    images = load_voc(built_from_tarball / "data", "train", config="segmentation")
+    source = built_from_tarball / "source" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    assert isinstance(images.images, prepared.RecordFeature) and "voc2012/segmentation" in repr(images.images)
+    expected = [(source / f"{i}.jpg").read_bytes() for i in SEGMENTATION["train"]]
+    assert images.images[:] == expected and images.images[-1] == expected[-1] and list(images.images) == expected
+    with pytest.raises(IndexError, match="record 1 of 1"):
+        images.images[1]
+    with pytest.raises(KeyError, match="no feature 'depth'.*image"):
+        prepared.RecordFeature(voc_builder(built_from_tarball / "data", "main"), "train", "depth")
+    everything = load_voc(built_from_tarball / "data", "train")
+    in_memory = dataclasses.replace(everything, images=everything.images[:])
+    assert pickle.loads(pickle.dumps(everything)).images[:] == in_memory.images  # as grain sends it to workers
+
+    def stream(split, **loader):
+        return random_resized_crop_batches(split, 2, image_size=16, seed=3, normalization=VOC_NORMALIZATION,
+                                           num_steps=6, **loader)
+
+    expected_batches = list(stream(in_memory, threads=1))
+    for loader in ({"threads": 4}, {"workers": 1, "threads": 2}):
+        chex.assert_trees_all_equal(list(stream(everything, **loader)), expected_batches)
+
+
+def test_a_scan_holds_at_most_a_chunk_of_records(built_from_tarball, monkeypatch):
+    builder = voc_builder(built_from_tarball / "data", "main")
+    names = prepared.read_records(builder, "train+val", "", keep=lambda record: record["image/filename"].decode())
+    monkeypatch.setattr(prepared, "_SCAN_CHUNK", 2)
+    seen = []
+    chunked = prepared.read_records(builder, "train+val", "", keep=lambda record: seen.append(record) or
+                                    record["image/filename"].decode())
+    assert chunked == names == [f"{i}.jpg" for i in MAIN["train"] + MAIN["val"]] and len(seen) == 5
+
+
 def test_command_line_builds_from_an_extracted_tree(tmp_path, capsys):
     voc_fixture.write_voc_tree(tmp_path / "manual")
     voc_main(["--data_dir", str(tmp_path / "data"), "--manual_dir", str(tmp_path / "manual")])
@@ -184,7 +221,7 @@ def test_command_line_builds_from_an_extracted_tree(tmp_path, capsys):
 
 def _assert_same_images(actual, expected):
     assert actual.names == expected.names
-    assert actual.images == expected.images
+    assert actual.images[:] == expected.images[:]
     chex.assert_trees_all_equal(actual.labels, expected.labels)
     chex.assert_trees_all_equal(actual.sizes, expected.sizes)
 

@@ -187,7 +187,7 @@ def load_split(
         )
     remedy = (f"delete {builder.data_path} and build it again: `{command}` or build_shapes(...) with the same "
               "arguments")
-    records = prepared.read_records(builder, split, remedy)
+    records: list[dict] = prepared.read_records(builder, split, remedy)
     return {name: np.stack([record[name] for record in records]) for name in _FEATURES}
 
 

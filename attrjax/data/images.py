@@ -1,7 +1,9 @@
 """Datasets of natural images of any size (PASCAL VOC, Oxford-IIIT Pet, CUB): the paper's preprocessing (§4).
 
 A split is a `LabeledImages`: encoded (JPEG/PNG) images, their sizes, multi-hot labels and optional encoded class
-masks, kept encoded in memory (VOC train: ~0.6 GB instead of ~3 GB decoded). Two ways out:
+masks. The images of a prepared dataset (`load_voc`, `load_tfds_split`) stay in its array_record files and are read
+one record at a time where a batch draws them (`attrjax.data.prepared.RecordFeature`): a split of any size costs
+the memory of its labels. Two ways out:
 
 - `random_resized_crop_batches`: training batches as torchvision's RandomResizedCrop(S) + RandomHorizontalFlip
   (scale (0.08, 1), ratio (3/4, 4/3), bilinear), decoded on a thread pool. Batch `step` is a pure function of
@@ -39,7 +41,8 @@ class LabeledImages:
     """One split of a natural-image dataset, images still encoded.
 
     Attributes:
-      images: N encoded images (JPEG or PNG bytes), any size, RGB or greyscale.
+      images: N encoded images (JPEG or PNG bytes), any size, RGB or greyscale: a list, or a sequence that reads
+        them from disk when indexed (`attrjax.data.prepared.RecordFeature`).
       sizes: (N, 2) int (height, width) of each image.
       labels: (N, K) bool multi-hot (one-hot for single-label datasets).
       names: N identifiers (file stems), for error messages and reports.

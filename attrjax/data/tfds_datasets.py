@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import os
 import time
@@ -131,26 +132,41 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
                              "such as 'train[:100]' or 'train[:10%]' work too)")
 
 
-def _convert_example(record: dict, dataset: _MaskedDataset, num_classes: int) -> tuple[str, tuple[int, int], bytes]:
-    """One TFDS record -> (file stem, (height, width), class mask re-encoded as PNG)."""
+@dataclasses.dataclass(frozen=True)
+class _SmallFields:
+    """What the scan keeps of a record: all but the image, which is read again where a batch needs it."""
+
+    name: str  # the file stem
+    label: int
+    image_size: tuple[int, int]  # (height, width), from the JPEG's header
+    mask: bytes  # encoded as stored
+
+
+def _small_fields(record: dict, dataset: _MaskedDataset) -> _SmallFields:
     name = os.path.splitext(os.path.basename(record[dataset.filename_feature].decode()))[0]
-    label = int(record["label"])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"{name} has label {label}, outside [0, {num_classes}); prepare the dataset again")
-    stored = decode_mask(record["segmentation_mask"], f"the mask of {name}")
-    if stored.ndim == 3 and stored.shape[-1] == 1:
-        stored = stored[..., 0]
-    if stored.ndim != 2:
-        raise ValueError(f"the mask of {name} has shape {stored.shape}; expected one channel, (height, width)")
     try:
         image_width, image_height = Image.open(io.BytesIO(record["image"])).size
     except (OSError, SyntaxError) as error:
         raise ValueError(f"the image of {name} cannot be read ({error}); prepare the dataset again") from error
-    if stored.shape != (image_height, image_width):
+    return _SmallFields(name, int(record["label"]), (image_height, image_width), record["segmentation_mask"])
+
+
+def _class_mask(fields: _SmallFields, dataset: _MaskedDataset, num_classes: int) -> bytes:
+    """The record's stored mask -> its class mask (module docstring), re-encoded as PNG."""
+    name = fields.name
+    if not 0 <= fields.label < num_classes:
+        raise ValueError(f"{name} has label {fields.label}, outside [0, {num_classes}); prepare the dataset again")
+    stored = decode_mask(fields.mask, f"the mask of {name}")
+    if stored.ndim == 3 and stored.shape[-1] == 1:
+        stored = stored[..., 0]
+    if stored.ndim != 2:
+        raise ValueError(f"the mask of {name} has shape {stored.shape}; expected one channel, (height, width)")
+    if stored.shape != fields.image_size:
+        image_height, image_width = fields.image_size
         raise ValueError(f"the mask of {name} is {stored.shape[1]}x{stored.shape[0]} but its image is "
                          f"{image_width}x{image_height} (width x height); masks must cover their image pixel for "
                          "pixel: prepare the dataset again from the original archives")
-    return name, stored.shape, encode_png(dataset.to_class_mask(stored, label, f"the mask of {name}"))
+    return encode_png(dataset.to_class_mask(stored, fields.label, f"the mask of {name}"))
 
 
 def class_names(name: str, data_dir: str | os.PathLike) -> tuple[str, ...]:
@@ -168,8 +184,9 @@ def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike, *,
       workers: threads that convert the masks (default: one per core, at most 16).
 
     Returns:
-      LabeledImages in the dataset's record order: the stored JPEGs, (N, 2) (height, width), (N, K) one-hot labels,
-      file stems as names and class masks (module docstring) as single-channel PNGs.
+      LabeledImages in the dataset's record order: the stored JPEGs (read from disk when indexed:
+      `attrjax.data.prepared.RecordFeature`), (N, 2) (height, width), (N, K) one-hot labels, file stems as names and
+      class masks (module docstring) as single-channel PNGs, held in memory.
     """
     builder = _builder(name, data_dir)
     _check_split(builder, split)
@@ -181,17 +198,17 @@ def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike, *,
           f"{builder.data_path}")
     remedy = (f"delete {builder.data_path} and prepare it again: `{prepare_command(name, data_dir)}` (or copy it "
               "again from where it was prepared)")
-    records = prepared.read_records(builder, split, remedy, decoders=skip)
+    records = prepared.read_records(builder, split, remedy, decoders=skip,
+                                    keep=functools.partial(_small_fields, dataset=dataset))
     with concurrent.futures.ThreadPoolExecutor(workers or default_threads()) as pool:
-        converted = list(pool.map(_convert_example, records, [dataset] * len(records),
-                                  [num_classes] * len(records)))
+        masks = list(pool.map(functools.partial(_class_mask, dataset=dataset, num_classes=num_classes), records))
     labels = np.zeros((len(records), num_classes), dtype=bool)
-    labels[np.arange(len(records)), [int(record["label"]) for record in records]] = True
+    labels[np.arange(len(records)), [fields.label for fields in records]] = True
     print(f"{name}/{split}: {len(records)} images in {time.perf_counter() - start:.1f} s")
     return LabeledImages(
-        images=[record["image"] for record in records],
-        sizes=np.array([size for _, size, _ in converted], dtype=np.int64).reshape(-1, 2),
+        images=prepared.RecordFeature(builder, split, "image", remedy),
+        sizes=np.array([fields.image_size for fields in records], dtype=np.int64).reshape(-1, 2),
         labels=labels,
-        names=[stem for stem, _, _ in converted],
-        masks=[mask for _, _, mask in converted],
+        names=[fields.name for fields in records],
+        masks=masks,
     )

@@ -332,7 +332,8 @@ def multi_hot(objects_label, objects_difficult, include_difficult: bool) -> np.n
 
 def load_voc(data_dir: str | os.PathLike, split: str, *, config: str = "main",
              include_difficult: bool = True) -> LabeledImages:
-    """Reads a built VOC split (images stay JPEG-encoded; no TensorFlow needed).
+    """Reads a built VOC split: labels, names and image sizes now, images (and masks) from disk when a batch needs
+    them (`attrjax.data.prepared.RecordFeature`). Images stay JPEG-encoded; no TensorFlow needed.
 
     Returns:
       LabeledImages with (N, 20) multi-hot labels from the annotations (difficult objects counted unless
@@ -350,14 +351,18 @@ def load_voc(data_dir: str | os.PathLike, split: str, *, config: str = "main",
         skip["segmentation_mask"] = tfds.decode.SkipDecoding()
     remedy = (f"delete {builder.data_path} and build it again: `{_build_command(data_dir)}` (add --manual_dir DIR "
               f"unless {TARBALL} or VOCdevkit/ is in {os.path.join(os.fspath(data_dir), 'downloads', 'manual')})")
-    records = prepared.read_records(builder, split, remedy, decoders=skip)
+
+    def small_fields(record: dict) -> tuple[tuple[int, int], np.ndarray, str]:
+        labels = multi_hot(record["objects"]["label"], record["objects"]["difficult"], include_difficult)
+        return Image.open(io.BytesIO(record["image"])).size[::-1], labels, record["image/filename"].decode()
+
+    sizes, labels, names = zip(*prepared.read_records(builder, split, remedy, decoders=skip, keep=small_fields))
     return LabeledImages(
-        images=[record["image"] for record in records],
-        sizes=np.array([Image.open(io.BytesIO(record["image"])).size[::-1] for record in records]),
-        labels=np.stack([multi_hot(record["objects"]["label"], record["objects"]["difficult"], include_difficult)
-                         for record in records]),
-        names=[record["image/filename"].decode() for record in records],
-        masks=[record["segmentation_mask"] for record in records] if config == "segmentation" else None,
+        images=prepared.RecordFeature(builder, split, "image", remedy),
+        sizes=np.array(sizes),
+        labels=np.stack(labels),
+        names=list(names),
+        masks=prepared.RecordFeature(builder, split, "segmentation_mask", remedy) if config == "segmentation" else None,
     )
 
 
