@@ -5,7 +5,8 @@ variables of that model; ``run(variables, batches)`` yields named metrics: ``Cla
 and ``AttributionEvaluator`` (pointing, mask AUC, agreement with a reference model, deletion / insertion AUC).
 Every class of every image of a batch is attributed in one compiled call (``attribution.methods.class_maps``:
 Grad-CAM, LRP, Excitation Backprop, the gradient family), upsampled to the image size, and scored against the
-segmentation masks.
+segmentation masks. Each batch is split over this process's devices (all of them by default, ``devices=`` to
+choose), the variables copied to each.
 """
 
 from __future__ import annotations
@@ -26,8 +27,35 @@ from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve,
                              summarize_localization, top_k_iou)
 from attrjax.metrics.localization import mean_or_nan
 from attrjax.models import ModelLike, logits_fn
+from attrjax.train.sharding import batch_sharding, data_mesh, replicated
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
+
+
+class _LocalPlacement:
+    """Eval batches split over this process's ``devices`` (default: all of them) on their leading axis, variables
+    copied to each: an evaluation uses every local accelerator, and a multi-process one gathers the processes'
+    rows on the host (``attrjax.distributed.gather_rows``)."""
+
+    def __init__(self, devices: Sequence[jax.Device] | None):
+        devices = list(devices) if devices is not None else jax.local_devices()
+        if not devices or any(device.process_index != jax.process_index() for device in devices):
+            raise ValueError(f"an evaluation runs on devices of this process (jax.local_devices()), got {devices}")
+        self.mesh = data_mesh(devices)
+
+    def variables(self, variables):
+        """``variables`` with a copy on every device."""
+        return jax.device_put(variables, replicated(self.mesh))
+
+    def rows(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        """Arrays of one eval batch (leading axis B) split over the devices; B must be a multiple of their count."""
+        count = self.mesh.devices.size
+        for array in arrays:
+            if np.shape(array)[0] % count:
+                raise ValueError(f"an eval batch of {np.shape(array)[0]} rows does not split over the {count} "
+                                 f"devices it is evaluated on; make the eval batch size a multiple of {count}, or "
+                                 "pass devices= to evaluate on fewer")
+        return tuple(jax.device_put(arrays, batch_sharding(self.mesh)))
 
 
 def make_predict_fn(model) -> Callable:
@@ -117,14 +145,17 @@ class ClassificationEvaluator:
     ``labels``, ``valid``).
     """
 
-    def __init__(self, model, *, f1_threshold: float = 0.5):
+    def __init__(self, model, *, f1_threshold: float = 0.5, devices: Sequence[jax.Device] | None = None):
+        """``devices``: this process's devices each batch is split over (default: all of them)."""
         self.predict_fn = make_predict_fn(model)
         self.f1_threshold = f1_threshold
+        self.placement = _LocalPlacement(devices)
 
     def predictions(self, variables: dict, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
         """Logits (N,K) and labels (N,K) of the batches' ``valid`` rows; in a multi-process run, of every process's
         batches (its share of the split, ``eval_batches(..., shard=process_shard())``), in process order."""
-        rows = [{"logits": np.asarray(self.predict_fn(variables, batch["image"])),
+        variables = self.placement.variables(variables)
+        rows = [{"logits": np.asarray(self.predict_fn(variables, *self.placement.rows(batch["image"]))),
                  "labels": np.asarray(batch["labels"]), "valid": np.asarray(batch["valid"])} for batch in batches]
         if not rows:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
@@ -168,10 +199,13 @@ class AttributionEvaluator:
         increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
         ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images, NaN as soon
         as one image's map or logits hold a NaN. Costs 2 x (steps + 1) forward passes per image.
+      devices: this process's devices each batch is split over (default: all of them); the eval batch size must be
+        a multiple of their count.
     """
 
     def __init__(self, model: ModelLike, *, layer: str, prediction_rule: str, method: str = "gradcam",
-                 method_options: dict | None = None, tolerance: float = 0, faithfulness_steps: int = 0):
+                 method_options: dict | None = None, tolerance: float = 0, faithfulness_steps: int = 0,
+                 devices: Sequence[jax.Device] | None = None):
         if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:
             raise ValueError(f"faithfulness_steps must be an int >= 0 (0 = off), got {faithfulness_steps!r}")
         self.model, self.layer, self.method, self.method_options = model, layer, method, method_options
@@ -180,6 +214,7 @@ class AttributionEvaluator:
         self._reference_attributions = {id(model): (model, self.attribute)}  # id -> (model, compiled maps)
         self.score_batch = jax.jit(functools.partial(batch_scores, tolerance=tolerance,
                                                      prediction_rule=prediction_rule))
+        self.placement = _LocalPlacement(devices)
 
     def run(self, variables: dict, batches: Iterable[dict], *, reference: Reference = None
             ) -> Iterator[tuple[str, float]]:
@@ -212,6 +247,7 @@ class AttributionEvaluator:
           ``(summary, examples)``: the summary dict of ``summarize_localization`` (plus the agreement entries and
           their ``*_excluded`` counts and the faithfulness AUCs) and the kept examples.
         """
+        variables = self.placement.variables(variables)
         reference_maps_of = self._reference_maps_fn(reference)
         per_batch: list[dict] = []
         per_image: list[dict] = []
@@ -219,20 +255,20 @@ class AttributionEvaluator:
         kept: list[dict[str, np.ndarray]] = []
         raw_per_batch: list[np.ndarray] = []
         for index, batch in enumerate(batches):
-            raw_maps, logits = self.attribute(variables, batch["image"])
-            maps, scores = self.score_batch(raw_maps, logits, batch["mask"], reference_maps_of(index, batch, raw_maps))
+            images, masks = self.placement.rows(batch["image"], batch["mask"])
+            raw_maps, logits = self.attribute(variables, images)
+            maps, scores = self.score_batch(raw_maps, logits, masks, reference_maps_of(index, images, raw_maps))
             if keep_raw_maps:
                 raw_per_batch.append(np.asarray(raw_maps))
             valid = np.asarray(batch["valid"])
             valid_rows.append(valid)
             per_batch.append(jax.tree.map(np.asarray, scores))
             if self.faithfulness_steps:
-                curves = _top_class_faithfulness(self.model, self.faithfulness_steps, variables, batch["image"], maps,
-                                                 logits)
+                curves = _top_class_faithfulness(self.model, self.faithfulness_steps, variables, images, maps, logits)
                 per_image.append(jax.tree.map(np.asarray, curves))
             if sum(len(k["maps"]) for k in kept) < keep_maps:
                 kept.append({key: np.asarray(value)[valid] for key, value in
-                             {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
+                             {"image": images, "mask": masks, "maps": maps, "logits": logits}.items()})
         if not per_batch:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
         all_scores, all_curves, valid = gather_rows(
@@ -247,18 +283,19 @@ class AttributionEvaluator:
         return summary, examples
 
     def _reference_maps_fn(self, reference: Reference) -> Callable:
-        """``(batch index, batch, own raw maps) -> the reference's raw maps, or None``."""
+        """``(batch index, placed images, own raw maps) -> the reference's raw maps, or None``."""
         if reference is None:
-            return lambda index, batch, raw_maps: None
+            return lambda index, images, raw_maps: None
         if isinstance(reference, str):
             if reference != "self":
                 raise ValueError(f"reference must be (model, variables), per-batch raw maps, 'self' or None, got "
                                  f"{reference!r}")
-            return lambda index, batch, raw_maps: raw_maps
+            return lambda index, images, raw_maps: raw_maps
         if isinstance(reference, tuple):
             attribute_reference = self._reference_attribution(reference[0])
-            return lambda index, batch, raw_maps: attribute_reference(reference[1], batch["image"])[0]
-        return lambda index, batch, raw_maps: reference[index]
+            reference_variables = self.placement.variables(reference[1])
+            return lambda index, images, raw_maps: attribute_reference(reference_variables, images)[0]
+        return lambda index, images, raw_maps: self.placement.rows(np.asarray(reference[index]))[0]
 
 
     def _reference_attribution(self, model) -> Callable:

@@ -20,6 +20,7 @@ import csv
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -204,6 +205,10 @@ def validate(config) -> None:
     settings = config.eval
     resolve_methods(settings.methods)
     common.check_count("eval.batch_size", settings.batch_size)
+    if settings.batch_size % jax.local_device_count():
+        raise ValueError(f"eval.batch_size {settings.batch_size} does not split over this process's "
+                         f"{jax.local_device_count()} devices, which evaluate each batch together; make it a multiple "
+                         f"of {jax.local_device_count()}")
     for key in ("localization_images", "figure_images", "faithfulness_steps"):
         common.check_count(f"eval.{key}", settings[key], minimum=0)
     if isinstance(settings.tolerance, bool) or not isinstance(settings.tolerance, (int, float)) or not (

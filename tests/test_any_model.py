@@ -94,13 +94,34 @@ def test_any_model_on_four_devices_equals_one_device():
                                           jax.random.key(2))
                 results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
                                 float(metrics["loss"])))
+            # The donating step freed only replicate's copies, never the caller's variables.
+            assert not any(leaf.is_deleted() for leaf in jax.tree.leaves((student_variables, teacher_variables)))
             chex.assert_trees_all_close(results[0][:2], results[1][:2], atol=2e-5, rtol=2e-5)
             np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
             print(kind, "OK")
+        # Evaluation splits each batch over the process's devices (all four by default): the same numbers as on one.
+        from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
+        from tests.summaries import assert_summaries_close
+        batch = {**next(batches(0)), "valid": np.array([True, True, True, False])}
+        batch["mask"] = (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 4).astype(np.uint8)
+        reports = []
+        for devices in (jax.devices()[:1], None):
+            attribution = AttributionEvaluator(student, layer=layer, prediction_rule="top1", devices=devices,
+                                               faithfulness_steps=2)
+            summary, kept = attribution.evaluate(student_variables, [batch], keep_maps=2,
+                                                 reference=(teacher, teacher_variables))
+            classification = dict(ClassificationEvaluator(student, devices=devices).run(student_variables, [batch]))
+            reports.append((summary, kept["maps"], classification))
+        assert len(attribution.placement.mesh.devices) == 4
+        (one, one_maps, one_classification), (four, four_maps, four_classification) = reports
+        chex.assert_trees_all_close(one_maps, four_maps, atol=1e-6)
+        chex.assert_trees_all_close(one_classification, four_classification, rtol=1e-6)
+        assert_summaries_close(four, one, rtol=1e-5, auc_rtol=1e-3)
+        print("evaluation OK")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["nnx", "OK"]
+    assert result.stdout.split() == ["nnx", "OK", "evaluation", "OK"]

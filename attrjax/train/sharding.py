@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -93,5 +94,8 @@ def replicate(tree, mesh: Mesh):
     must pass the same values.
     """
     if jax.process_count() == 1:
-        return jax.device_put(tree, replicated(mesh), may_alias=False)
+        # device_put(..., may_alias=False) onto several devices still hands back the caller's buffer as the copy on
+        # the device that holds it (jax 0.10), which a donating step then frees: copy first.
+        copied = jax.tree.map(lambda leaf: jnp.copy(leaf) if isinstance(leaf, jax.Array) else leaf, tree)
+        return jax.device_put(copied, replicated(mesh), may_alias=False)
     return jax.tree.map(lambda leaf: _replicated_copy(leaf, replicated(mesh)), tree)
