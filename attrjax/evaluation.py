@@ -268,7 +268,7 @@ class AttributionEvaluator:
                 per_image.append(jax.tree.map(np.asarray, curves))
             if sum(len(k["maps"]) for k in kept) < keep_maps:
                 kept.append({key: np.asarray(value)[valid] for key, value in
-                             {"image": images, "mask": masks, "maps": maps, "logits": logits}.items()})
+                             {"image": batch["image"], "mask": batch["mask"], "maps": maps, "logits": logits}.items()})
         if not per_batch:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
         all_scores, all_curves, valid = gather_rows(
