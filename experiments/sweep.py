@@ -32,6 +32,7 @@ import traceback
 
 import jax
 
+from attrjax import distributed
 from attrjax.progress import Progress
 from attrjax.train import RunConfigMismatchError, bind_run_config
 from experiments import common, demo, sweep_report
@@ -173,6 +174,17 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
     return rows
 
 
+def check_single_process() -> None:
+    """Raises when this process was started as one of several (a cluster manager's tasks, or a coordinator given):
+    a sweep runs its runs one after another in one process and would otherwise run every run once per process,
+    all writing the same files."""
+    launcher = distributed.detected_cluster() or (distributed.COORDINATOR_ENV in os.environ and "a coordinator")
+    if launcher:
+        raise ValueError(f"experiments.sweep runs in a single process, but this one was started as one of several "
+                         f"({launcher}). Start the sweep as one process, or run each (grid point, seed) across the "
+                         "processes as its own `python -m experiments.demo --config.seed=K ...`")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_config_arguments(parser)
@@ -186,6 +198,7 @@ def main(argv=None):
     parser.epilog = "Override any config value of every run with --config.KEY=VALUE, e.g. --config.runs=kd,kd_match."
     args, overrides = common.parse_with_overrides(parser, argv)
     try:
+        check_single_process()
         command = "python -m experiments.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
         run_sweep(args.config, overrides, parse_grid(args.grid), args.seeds, args.workdir, compilation_cache=True,
                   teachers_dir=args.teachers, reuse=args.reuse, command=command)

@@ -95,6 +95,21 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path):
         sweep.run_sweep("quick", SETTINGS, {}, 1, str(tmp_path))
 
 
+def test_a_sweep_started_as_one_of_several_processes_is_refused(monkeypatch, capsys):
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES",
+                 "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    sweep.check_single_process()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    with pytest.raises(SystemExit, match=r"single process, but this one was started as one of several \(a coord"):
+        sweep.main(["--workdir", "unused"])
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(ValueError, match=r"\(slurm\)\. Start the sweep as one process"):
+        sweep.check_single_process()
+
+
 def test_model_names_map_to_settings_and_variants():
     assert sweep_report.setting_and_variant("kd_match_stochastic") == ("kd", "stochastic")
     assert sweep_report.setting_and_variant("structured_match") == ("structured", "matched")

@@ -19,30 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from attrjax.paths import path_name, path_names
+
 Params = Any
 Masks = Any
 Prunable = Callable[[tuple, jax.Array], bool]
 
 KERNEL_NAMES = ("kernel", "weight", "w")  # Flax, PyTorch-style state dicts, Haiku
-
-
-def _key_name(key) -> str | int:
-    """A path entry as the name or index it holds (``DictKey``, ``GetAttrKey``, ``SequenceKey``, ...)."""
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return getattr(key, attribute)
-    return str(key)
-
-
-def _names(path: tuple) -> list:
-    """The path's names and indices, without the ``value`` that an NNX state appends to each variable's path."""
-    names = [_key_name(key) for key in path]
-    return names[:-1] if names and names[-1] == "value" else names
-
-
-def _path_name(path: tuple) -> str:
-    """A leaf's path as ``'conv1_1/kernel'`` (``'conv1/kernel'`` for an NNX state, ``'0/0'`` in nested lists)."""
-    return "/".join(str(name) for name in _names(path))
 
 
 def conv_kernels(path: tuple, leaf: Any) -> bool:
@@ -56,7 +39,7 @@ def conv_kernels(path: tuple, leaf: Any) -> bool:
         ``value``, which is skipped, and with NNX variables as leaves they end at the name itself).
       leaf: an array, or an NNX variable holding one.
     """
-    names = _names(path)
+    names = path_names(path)
     name = names[-1] if names else 0
     return getattr(leaf, "ndim", None) == 4 and (name in KERNEL_NAMES or isinstance(name, int))
 
@@ -205,6 +188,6 @@ def sparsity_summary(params: Params, *, prunable: Prunable = conv_kernels) -> di
     for (path, leaf), flag in zip(jax.tree_util.tree_flatten_with_path(params)[0], _prunable_flags(params, prunable)):
         if flag:
             zeros = int(jnp.sum(leaf == 0))
-            rows[_path_name(path)] = {"zeros": zeros, "size": int(leaf.size), "sparsity": zeros / leaf.size}
+            rows[path_name(path)] = {"zeros": zeros, "size": int(leaf.size), "sparsity": zeros / leaf.size}
     total_zeros, total = sum(r["zeros"] for r in rows.values()), sum(r["size"] for r in rows.values())
     return {"layers": rows, "zeros": total_zeros, "size": total, "sparsity": total_zeros / total}

@@ -17,6 +17,7 @@ import optax
 
 from attrjax.distributed import check_same_everywhere, is_primary, primary_first
 from attrjax.models import ModelLike
+from attrjax.paths import path_name
 from attrjax.progress import Progress
 from attrjax.train import checkpoint
 from attrjax.train.metrics import ScalarWriter
@@ -90,13 +91,10 @@ def run_record(num_steps: int, objective: Objective | Sequence[LossTerm], params
             "config": dict(run_config or {})}
 
 
-def _key_name(key) -> str:
-    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-
-
 def param_shapes(params) -> dict[str, list[int]]:
-    """``{"conv1/kernel": [3, 3, 3, 16], ...}`` for any parameter pytree (linen dicts, NNX states, lists)."""
-    return {"/".join(map(_key_name, path)): list(np.shape(leaf))
+    """``{"conv1/kernel": [3, 3, 3, 16], ...}`` for any parameter pytree (linen dicts, NNX states, lists), named by
+    ``attrjax.paths.path_name``."""
+    return {path_name(path): list(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
