@@ -248,7 +248,7 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
             raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
         if stats is None:
             example = batch[:1]
-            stats = module.init(jax.random.key(0), example)[QUANT_STATS]
+            stats = jax.jit(lambda images: module.init(jax.random.key(0), images)[QUANT_STATS])(example)
         stats = update(variables, stats, batch)
     if example is None:
         raise ValueError("calibration needs at least one batch of images (e.g. a few hundred training images)")
@@ -325,7 +325,7 @@ def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
     saved = Quantization(meta["bits"])
     if saved != quantized.quantization:
         raise ValueError(f"{path} holds a {saved.name} network, but the model is {quantized.quantization.name}")
-    fresh = quantized.init(jax.random.key(0), quantized.example_images)
+    fresh = jax.jit(quantized.init)(jax.random.key(0), quantized.example_images)
     template = deploy(quantized, fresh).variables  # (qwix's PTQ conversion needs concrete ranges)
     leaves, treedef = jax.tree.flatten(template)
     with np.load(path) as arrays:

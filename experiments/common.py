@@ -408,6 +408,13 @@ def init_model(model, rng: jax.Array, config) -> dict:
     return as_split_model(model, example_images(config)).init(rng, example_images(config))
 
 
+def variables_template(model, config) -> dict:
+    """Zeros shaped as ``init_model``'s variables, without running the model: a template to restore into, or to
+    check settings against the architecture."""
+    shapes = jax.eval_shape(lambda key: init_model(model, key, config), jax.random.key(0))
+    return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
+
+
 def eval_batches(arrays: dict, config):
     """This process's share of an evaluation split (all of it in a single-process run)."""
     return attr_data.eval_batches(arrays, config.eval.batch_size, normalization=normalization(config),
@@ -559,7 +566,7 @@ def load_trained(name: str, model_config, objective: Objective, config, workdir:
     the model computing in ``dtype`` (default: the one it trained in; evaluation passes float32)."""
     model = build_model(model_config, config, dtype=dtype)
     tx = make_optimizer(model_config.optimizer, model_config.num_steps)
-    template = init_model(model, jax.random.key(0), config)
+    template = variables_template(model, config)
     return model, restore_finished(name, template, tx, objective, model_config.num_steps, config, workdir,
                                    settings=model_config.to_dict(), with_teacher=name != TEACHER)
 
