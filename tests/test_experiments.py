@@ -26,42 +26,50 @@ TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_
         "checkpoint_every=2", "log_every=2"]
 
 
+RUNS = ["kd_match", "structured", "unstructured_match", "quantized", "qat_match"]
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
-    config = common.load_config("quick", TINY)
+    # The default line-up is every setting naive and matched; a naive run takes its matched twin's path without the
+    # matching term. Here one run of each setting trains, naive or matched (naive and matched KD: the sweep test,
+    # matched structured pruning: the VOC and ResNet tests).
+    default = common.load_config("quick", TINY)
+    assert [*distill.student_runs(default), *prune.pruning_runs(default), *quantize.quantization_runs(default)] == [
+        "kd", "kd_match", "structured", "structured_match", "unstructured", "unstructured_match", "quantized", "qat",
+        "qat_match"]
+    config = common.load_config("quick", TINY + [f"runs={','.join(RUNS)}"])
     results = demo.run(config, str(tmp_path))
-    compressed = [f"{setting}{variant}" for setting in ("kd", "structured", "unstructured")
-                  for variant in ("", "_match")]
-    assert list(results) == ["teacher"] + compressed + ["quantized", "qat", "qat_match"]
+    assert list(results) == ["teacher", *RUNS]
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
         assert list(row["methods"]) == ["gradcam", "lrp"]
         for summary in row["methods"].values():
             assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
             assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
-    assert results["kd"]["params"] < results["teacher"]["params"]
+    assert results["kd_match"]["params"] < results["teacher"]["params"]
     teacher = common.load_teacher(config, str(tmp_path))
     pruned_model, pruned_variables = prune_filters(*teacher, config.pruning.structured.rates)
     images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
     assert results["structured"]["params"] == count_params_and_flops(pruned_model, pruned_variables, images)["params"]
     assert results["structured"]["mflops"] < results["teacher"]["mflops"]
     sparsity = iterative_sparsity(config.pruning.unstructured.rate, 2)
-    for name in ("unstructured", "unstructured_match"):
-        np.testing.assert_allclose(results[name]["conv_sparsity"], sparsity, atol=1e-3)
-        assert results[name]["mflops"] < 0.5 * results["teacher"]["mflops"]
+    np.testing.assert_allclose(results["unstructured_match"]["conv_sparsity"], sparsity, atol=1e-3)
+    assert results["unstructured_match"]["mflops"] < 0.5 * results["teacher"]["mflops"]
     # int8: a quarter of the float weights' bytes plus scales; the deployed integer network is on disk and loads.
     assert results["quantized"]["params"] == results["teacher"]["params"]
     assert results["qat_match"]["kbytes"] < 0.35 * results["teacher"]["kbytes"]
-    assert results["unstructured"]["kbytes"] < 0.5 * results["teacher"]["kbytes"]
+    assert results["unstructured_match"]["kbytes"] < 0.5 * results["teacher"]["kbytes"]
     quantized = quantize.calibrated(config, common.load_splits(config, str(tmp_path))["train"], *teacher)
     deployed = load_deployed(str(tmp_path / "qat_match" / "deployed.npz"), quantized)
     np.testing.assert_allclose(deployed.nbytes / 1e3, results["qat_match"]["kbytes"])
     # Curves: the rounds of unstructured pruning are one curve; evaluation lands at the run's last step.
-    curves = read_events(str(tmp_path / "unstructured" / "metrics"))
+    curves = read_events(str(tmp_path / "unstructured_match" / "metrics"))
     assert [step for step, _ in curves["train/loss"]] == [2, 4] and "train/learning_rate" in curves
-    np.testing.assert_allclose(dict(curves["eval/sample_map"])[4], results["unstructured"]["sample_map"], rtol=1e-6)
+    np.testing.assert_allclose(dict(curves["eval/sample_map"])[4], results["unstructured_match"]["sample_map"],
+                               rtol=1e-6)
     np.testing.assert_allclose(dict(curves["eval/lrp/pointing_accuracy"])[4],
-                               results["unstructured"]["methods"]["lrp"]["pointing_accuracy"], rtol=1e-6)
+                               results["unstructured_match"]["methods"]["lrp"]["pointing_accuracy"], rtol=1e-6)
     assert dict(read_events(str(tmp_path / "quantized" / "metrics"))["eval/kbytes"]) == {
         0: pytest.approx(results["quantized"]["kbytes"])}
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -73,35 +81,36 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10 * 2 and {row["method"] for row in rows} == {"gradcam", "lrp"}
+    assert len(rows) == len(results) * 2 and {row["method"] for row in rows} == {"gradcam", "lrp"}
     assert all(0.0 <= float(row["insertion_auc"]) <= 1.0 for row in rows)
     teacher_rows = [row for row in rows if row["model"] == "teacher"]
     assert all(float(row["map_cosine"]) == 1.0 for row in teacher_rows)
     out = capsys.readouterr().out
     assert "[kd_match] step 3/3" in out and "matching_loss" in out
-    assert "evaluated teacher / gradcam" in out and "(1/20, about " in out and "evaluated qat_match / lrp" in out
-    assert [int(done) for done in re.findall(r"s \((\d+)/20[,)]", out)] == list(range(1, 21))
+    assert "evaluated teacher / gradcam" in out and "(1/12, about " in out and "evaluated qat_match / lrp" in out
+    assert [int(done) for done in re.findall(r"s \((\d+)/12[,)]", out)] == list(range(1, 13))
 
     # A second run finds every model finished: it restores them, trains nothing and reproduces the results
-    # (evaluated with Grad-CAM alone: evaluation settings are not part of a run; one run of each kind).
+    # (evaluated with Grad-CAM alone: evaluation settings are not part of a run).
     again = demo.run(common.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
-                                                         "runs=kd_match,structured_match,unstructured,qat_match"]),
+                                                         "runs=" + ",".join(RUNS)]),
                      str(tmp_path))
     out = capsys.readouterr().out
-    for name, steps in (("teacher", 4), ("kd_match", 3), ("structured_match", 2), ("unstructured/round01", 2),
-                        ("unstructured/round02", 2), ("qat_match", 2)):
+    for name, steps in (("teacher", 4), ("kd_match", 3), ("structured", 2), ("unstructured_match/round01", 2),
+                        ("unstructured_match/round02", 2), ("qat_match", 2)):
         assert f"[{name}] resuming from the checkpoint of step {steps}" in out
     assert "] step " not in out
-    assert list(again) == ["teacher", "kd_match", "structured_match", "unstructured", "qat_match"]
+    assert list(again) == list(results)
     for name in again:
         np.testing.assert_allclose(again[name]["sample_map"], results[name]["sample_map"])
         np.testing.assert_allclose(again[name]["methods"]["gradcam"]["map_cosine"],
                                    results[name]["methods"]["gradcam"]["map_cosine"])
 
     # An unstructured run missing its last round is never evaluated from an earlier round.
-    shutil.rmtree(tmp_path / "unstructured" / "round02")
+    shutil.rmtree(tmp_path / "unstructured_match" / "round02")
     with pytest.raises(FileNotFoundError, match="train it first"):
-        prune.load("unstructured", prune.pruning_runs(config)["unstructured"], config, str(tmp_path), *teacher)
+        prune.load("unstructured_match", prune.pruning_runs(config)["unstructured_match"], config, str(tmp_path),
+                   *teacher)
 
 
 def test_stochastic_matching_adds_a_run_to_every_setting_and_runs_chooses_runs():
