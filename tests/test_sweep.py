@@ -68,10 +68,10 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
 
     # Another sweep evaluates these trained models with more methods and trains nothing.
     lines.clear()
-    other = tmp_path.parent / f"{tmp_path.name}-ebp"
-    evaluated = sweep.run_sweep("quick", [*SETTINGS, "eval.methods=gradcam,ebp"], GRID, 1, str(other),
+    other = tmp_path.parent / f"{tmp_path.name}-saliency"
+    evaluated = sweep.run_sweep("quick", [*SETTINGS, "eval.methods=gradcam,saliency"], GRID, 1, str(other),
                                 log=lines.append, reuse=str(tmp_path), compilation_cache=True)
-    assert {row["method"] for row in evaluated} == {"gradcam", "ebp"}
+    assert {row["method"] for row in evaluated} == {"gradcam", "saliency"}
     log = (other / points[1] / "seed0" / "log.txt").read_text()
     assert "resuming from the checkpoint of step 3" in log and "] step " not in log
     reused = {(r["model"], r["method"]): r["map_cosine"] for r in evaluated if r["point"] == points[1]}
