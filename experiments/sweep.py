@@ -178,7 +178,7 @@ def check_single_process() -> None:
     """Raises when this process was started as one of several (a cluster manager's tasks, or a coordinator given):
     a sweep runs its runs one after another in one process and would otherwise run every run once per process,
     all writing the same files."""
-    launcher = distributed.detected_cluster() or (distributed.COORDINATOR_ENV in os.environ and "a coordinator")
+    launcher = distributed.detected_cluster() or (os.environ.get(distributed.COORDINATOR_ENV) and "a coordinator")
     if launcher:
         raise ValueError(f"experiments.sweep runs in a single process, but this one was started as one of several "
                          f"({launcher}). Start the sweep as one process, or run each (grid point, seed) across the "
