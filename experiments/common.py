@@ -403,15 +403,23 @@ def check_layer(role: str, model, layer: str, config) -> None:
         raise ValueError(f"the {role} has no layer {layer!r}; it has: {', '.join(split.layers)}")
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _fresh_variables(model, rng: jax.Array, image_size: int) -> dict:
+    """One compiled initialisation per architecture and image size (``model`` is a hashable linen module): run
+    eagerly, every layer's initialiser dispatches and compiles on its own, several times slower."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return as_split_model(model, images).init(rng, images)
+
+
 def init_model(model, rng: jax.Array, config) -> dict:
     """Fresh variables of a model from ``build_model``."""
-    return as_split_model(model, example_images(config)).init(rng, example_images(config))
+    return _fresh_variables(model, rng, config.data.image_size)
 
 
 def variables_template(model, config) -> dict:
     """Zeros shaped as ``init_model``'s variables, without running the model: a template to restore into, or to
     check settings against the architecture."""
-    shapes = jax.eval_shape(lambda key: init_model(model, key, config), jax.random.key(0))
+    shapes = _fresh_variables.eval_shape(model, jax.random.key(0), config.data.image_size)
     return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
 
 

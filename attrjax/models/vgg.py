@@ -11,6 +11,7 @@ The paper matches attributions at ``pool5`` (7x7 at 227 px) and evaluates Grad-C
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -231,8 +232,9 @@ def last_conv_layer(model: VGG) -> str:
     return [name for name in model.layers if name.startswith("conv")][-1]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
 def init_variables(model: VGG, rng: jax.Array, batch_size: int = 1) -> dict:
-    """Initial ``{'params', 'batch_stats'}`` for ``model``."""
+    """Initial ``{'params', 'batch_stats'}`` for ``model``, from one compiled program per model and batch size."""
     images = jnp.zeros((batch_size, model.image_size, model.image_size, 3), jnp.float32)
     return dict(model.init({"params": rng}, images, train=False))
 
