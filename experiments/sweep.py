@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 
-import jax
+from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 
 from attrjax import distributed
 from attrjax.progress import Progress
@@ -156,7 +156,8 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
     bind_run_config(sweep_dir, sweep_record(config_name, overrides, grid), on_config_change=base.on_config_change,
                     log=log)
     if compilation_cache:  # identical programs of all runs compile once; inside the bound directory
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
+        persistent_cache.set_cache_dir(os.path.abspath(os.path.join(sweep_dir, "jax_cache")))
+        persistent_cache.reset_cache()  # a cache this process opened before would otherwise stay in use
     outcomes = {}
     with Progress(len(configs), description="[sweep] run", unit="run") as progress:
         for (name, seed), config in configs.items():

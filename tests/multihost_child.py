@@ -4,25 +4,19 @@
 
 Trains the KD + attribution-matching pair of tests/test_train.py on a mesh of NUM_PROCESSES x DEVICES_PER_PROCESS
 CPU devices, each process feeding its rows of every global batch, checkpointing every 2 steps. With KILL_STEP the
-process SIGKILLs itself before that step runs. Process 0 of a finished run writes WORKDIR/final.npz.
+process SIGKILLs itself before that step runs. Process 0 of a finished run writes WORKDIR/final.npz. The test's own
+process runs ``main`` as the one-process, one-device reference.
 """
 
 import os
 import signal
 import sys
 
-workdir, num_processes, process_id, port, devices, num_steps, *kill = sys.argv[1:]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from attrjax import distributed  # noqa: E402
-
-if int(num_processes) > 1:
-    distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
-
 from attrjax.data import SHAPES_NORMALIZATION, eval_batches  # noqa: E402
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
 from attrjax.files import write_json  # noqa: E402
@@ -66,10 +60,10 @@ def evaluate(model, variables) -> dict:
     return report
 
 
-def main():
+def main(workdir: str, num_steps: int, kill_step: int = -1):
+    """Trains and evaluates on every device of every process (started), writing to ``workdir``."""
     mesh = data_mesh()
     rows = process_rows(BATCH_SIZE, mesh)
-    kill_step = int(kill[0]) if kill else -1
     if jax.process_count() > 1:
         probe_collectives()
     try:
@@ -85,7 +79,7 @@ def main():
 
     teacher, student = _models()
     state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, batches,
-                           int(num_steps), rng=jax.random.key(5), teacher=teacher,
+                           num_steps, rng=jax.random.key(5), teacher=teacher,
                            teacher_variables=init_variables(teacher, jax.random.key(0)), mesh=mesh,
                            checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log_every=1)
     print(f"process {jax.process_index()}: rows {rows.start}:{rows.stop} of {BATCH_SIZE}, {len(history)} log lines")
@@ -98,4 +92,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    workdir, num_processes, process_id, port, devices, num_steps, *kill = sys.argv[1:]
+    # Before JAX starts its backend: the CPU devices of this process, and its place among the processes.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    if int(num_processes) > 1:
+        distributed.initialize(f"127.0.0.1:{port}", int(num_processes), int(process_id), timeout_s=60)
+    main(workdir, int(num_steps), int(kill[0]) if kill else -1)

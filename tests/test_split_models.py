@@ -195,18 +195,23 @@ class VGGLikeFive(nn.Module):
         return nn.Dense(5)(jnp.mean(nn.Conv(4, (3, 3), name="conv")(x), axis=(1, 2)))
 
 
+def _user_class_maps(method, variables, **options):
+    """``class_maps`` of the user's model on IMAGES, compiled as a whole (as the evaluation does)."""
+    return jax.jit(lambda variables: class_maps(UserCNN(), variables, IMAGES, method, **options))(variables)
+
+
 def test_a_users_linen_model_goes_through_the_evaluation():
     variables = _user_variables()
-    maps, logits = class_maps(UserCNN(), variables, IMAGES, "gradcam", layer="trunk")
+    maps, logits = _user_class_maps("gradcam", variables, layer="trunk")
     chex.assert_shape(maps, (4, 3, 8, 8))
     lin = USER.linearize(variables, IMAGES, "trunk")
     for k in range(3):  # each class's map is Grad-CAM from that class's own vjp
         alpha = jnp.sum(lin.vjp(jax.nn.one_hot(jnp.full((4,), k), 3)), axis=(1, 2))
         chex.assert_trees_all_close(maps[:, k], weighted_collapse(lin.activations, alpha), atol=1e-6)
     chex.assert_trees_all_close(make_predict_fn(UserCNN())(variables, IMAGES), logits, atol=1e-6)
-    saliency_maps, _ = class_maps(UserCNN(), variables, IMAGES, "saliency")
+    saliency_maps, _ = _user_class_maps("saliency", variables)
     chex.assert_shape(saliency_maps, (4, 3, 8, 8))
-    lrp_maps, _ = class_maps(UserCNN(), variables, IMAGES, "lrp")  # propagation methods take any model too
+    lrp_maps, _ = _user_class_maps("lrp", variables)  # propagation methods take any model too
     chex.assert_shape(lrp_maps, (4, 3, 8, 8))
     chex.assert_trees_all_close(lrp_maps[:, 1], lrp(UserCNN(), variables, IMAGES, jnp.full((4,), 1)), atol=1e-6)
     masks = np.zeros((4, 8, 8), np.int32)

@@ -21,8 +21,7 @@ GRID = {"students.kd_match.objective.matching_weight": ["0.0", "10.0"]}
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     lines = []
-    rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny",
-                           compilation_cache=True)  # the four runs share programs
+    rows = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny")
     points = ["matching_weight=0.0", "matching_weight=10.0"]
     assert sorted({(row["point"], row["seed"]) for row in rows}) == [(p, s) for p in points for s in (0, 1)]
     assert {row["model"] for row in rows} == {"teacher", "kd", "kd_match"}
@@ -59,7 +58,7 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     (tmp_path / points[0] / "seed1" / "kd_match" / "checkpoints").write_text("not a directory")
     lines.clear()
     again = sweep.run_sweep("quick", SETTINGS, GRID, 2, str(tmp_path), log=lines.append, command="tiny",
-                            compilation_cache=True)
+                            compilation_cache=True)  # from here on, programs compile into the sweep's own cache
     statuses = [line.split(": ")[1].split()[0].rstrip(";") for line in lines[:4]]
     assert statuses == ["finished", "failed", "finished", "finished"]
     failed = [row for row in again if row["status"] == "failed"]
@@ -71,7 +70,8 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     other = tmp_path.parent / f"{tmp_path.name}-saliency"
     one_point = {key: values[1:] for key, values in GRID.items()}
     evaluated = sweep.run_sweep("quick", [*SETTINGS, "eval.methods=gradcam,saliency"], one_point, 1, str(other),
-                                log=lines.append, reuse=str(tmp_path))  # still in the first sweep's cache
+                                log=lines.append, reuse=str(tmp_path))
+    assert os.listdir(tmp_path / "jax_cache")  # the evaluation's programs
     assert {row["method"] for row in evaluated} == {"gradcam", "saliency"}
     log = (other / points[1] / "seed0" / "log.txt").read_text()
     assert "resuming from the checkpoint of step 3" in log and "] step " not in log

@@ -29,6 +29,7 @@ import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
 from attrjax.jaxprs import bind, call_body
@@ -104,7 +105,7 @@ class _Walk:
             uses = math.prod(size for axis, size in enumerate(other_shape) if axis not in reduced)
         value = ins[weight]
         nonzero = math.prod(eqn.invars[weight].aval.shape) if value.array is None else int(
-            jnp.count_nonzero(value.array))
+            np.count_nonzero(np.asarray(value.array)))  # on the host: no program per weight shape
         self.multiply_adds += nonzero * uses
         if value.leaf is not None:
             self.weight_leaves.add(value.leaf)
@@ -181,7 +182,7 @@ def count_params_and_flops(model: Callable | nn.Module | SplitModel, variables: 
             continue
         num_params += math.prod(leaf.shape)
         if index in walk.weight_leaves and args[index].array is not None:
-            num_params -= math.prod(leaf.shape) - int(jnp.count_nonzero(leaf))
+            num_params -= math.prod(leaf.shape) - int(np.count_nonzero(np.asarray(leaf)))
     return {"params": num_params, "flops": 2 * walk.multiply_adds}
 
 
@@ -200,7 +201,7 @@ def array_bytes(array) -> float:
     if len(shape) < 2:
         return dense
     columns = math.prod(shape[:-1])
-    nonzero = int(jnp.count_nonzero(array))
+    nonzero = int(np.count_nonzero(np.asarray(array)))
     index_bytes = 2 if columns <= 2 ** 16 else 4
     sparse = nonzero * (_bits(array.dtype) / 8 + index_bytes) + 4 * (shape[-1] + 1)
     return min(dense, sparse)
