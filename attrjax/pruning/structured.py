@@ -56,6 +56,17 @@ def largest_filters(scores: np.ndarray, rate: float, name: str) -> np.ndarray:
     return np.sort(np.argsort(-scores, kind="stable")[:num_keep])
 
 
+def on_host(surgery, array) -> jax.Array:
+    """``surgery`` (indexing or masking, on a NumPy array) applied to ``array`` on the host: a pruning runs once, and
+    eagerly on the device it would compile one program per weight shape."""
+    return jnp.asarray(surgery(np.asarray(array)))
+
+
+def zeroed_outside(keep: np.ndarray):
+    """The surgery that zeroes every output channel (last axis) that ``keep`` (C,) bool does not keep."""
+    return lambda array: np.where(keep, array, np.zeros((), array.dtype))
+
+
 def _classifier_rows(model: VGG, last_kept: np.ndarray) -> np.ndarray:
     """Rows of the classifier kernel that read the kept channels of the last conv."""
     if model.head_pooling == "avg":
@@ -82,13 +93,14 @@ def prune_filters(model: VGG, variables: dict, rates: Sequence[float]) -> tuple[
     previous = np.arange(3)
     for name in conv_names(model):
         out = kept[name]
-        new_params[name] = {"kernel": params[name]["kernel"][:, :, previous][..., out],
-                            "bias": params[name]["bias"][out]}
+        new_params[name] = {"kernel": on_host(lambda x: x[:, :, previous][..., out], params[name]["kernel"]),
+                            "bias": on_host(lambda x: x[out], params[name]["bias"])}
         bn = "bn" + name[4:]
-        new_params[bn] = jax.tree.map(lambda x: x[out], params[bn])
-        new_stats[bn] = jax.tree.map(lambda x: x[out], stats[bn])
+        new_params[bn] = jax.tree.map(lambda leaf: on_host(lambda x: x[out], leaf), params[bn])
+        new_stats[bn] = jax.tree.map(lambda leaf: on_host(lambda x: x[out], leaf), stats[bn])
         previous = out
-    new_params["classifier"] = {"kernel": params["classifier"]["kernel"][_classifier_rows(model, previous)],
+    rows = _classifier_rows(model, previous)
+    new_params["classifier"] = {"kernel": on_host(lambda x: x[rows], params["classifier"]["kernel"]),
                                 "bias": params["classifier"]["bias"]}
     names = iter(conv_names(model))
     pruned = model.clone(stage_widths=tuple(tuple(len(kept[next(names)]) for _ in stage)
@@ -102,8 +114,9 @@ def zero_filters(model: VGG, variables: dict, rates: Sequence[float]) -> dict:
     kept = l1_kept_filters(model, variables["params"], rates)
     params = dict(variables["params"])
     for name in conv_names(model):
-        keep = jnp.zeros(params[name]["kernel"].shape[-1], bool).at[kept[name]].set(True)
-        params[name] = jax.tree.map(lambda x: jnp.where(keep, x, 0.0), params[name])
+        keep = np.zeros(params[name]["kernel"].shape[-1], bool)
+        keep[kept[name]] = True
+        params[name] = jax.tree.map(lambda leaf: on_host(zeroed_outside(keep), leaf), params[name])
         bn = "bn" + name[4:]
-        params[bn] = jax.tree.map(lambda x: jnp.where(keep, x, 0.0), params[bn])
+        params[bn] = jax.tree.map(lambda leaf: on_host(zeroed_outside(keep), leaf), params[bn])
     return {"params": params, "batch_stats": variables["batch_stats"]}

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 # Private helpers of the ResNet module, shared so that pruning reads the layout and shapes the model defines.
 from attrjax.models.resnet import (_INNER_CONVS, ResNet, _variable_shapes, block_specs, resnet_module_path,
                                    resnet_stem_width, resnet_stream_widths)
-from attrjax.pruning.structured import filter_l1_norms, largest_filters
+from attrjax.pruning.structured import filter_l1_norms, largest_filters, on_host, zeroed_outside
 
 ModulePath = tuple[str, ...]  # a conv's (or fc's) linen module path, e.g. ("layer2_0", "downsample_0")
 Rates = float | Sequence[float]
@@ -192,9 +191,9 @@ def prune_resnet_filters(model: ResNet, variables: Mapping[str, Any], rates: Rat
     flat = dict(traverse_util.flatten_dict(variables))
     for path, channels in kept.items():
         kernel = ("params", *path, "kernel")
-        flat[kernel] = flat[kernel][..., channels.inputs, :][..., channels.outputs]
+        flat[kernel] = on_host(lambda x: x[..., channels.inputs, :][..., channels.outputs], flat[kernel])
         for leaf in _filter_leaves(path):
-            flat[leaf] = flat[leaf][channels.outputs]
+            flat[leaf] = on_host(lambda x: x[channels.outputs], flat[leaf])
     return _pruned_model(model, kept, coupled), traverse_util.unflatten_dict(flat)
 
 
@@ -211,7 +210,7 @@ def resnet_masked_twin(model: ResNet, variables: Mapping[str, Any], rates: Rates
         keep = np.zeros(flat[kernel].shape[-1], bool)
         keep[channels.outputs] = True
         for leaf in [kernel] + [leaf for leaf in _filter_leaves(path) if leaf[0] == "params"]:
-            flat[leaf] = jnp.where(keep, flat[leaf], 0.0)
+            flat[leaf] = on_host(zeroed_outside(keep), flat[leaf])
     return traverse_util.unflatten_dict(flat)
 
 
