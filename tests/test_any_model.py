@@ -27,7 +27,7 @@ def pair(kind: str):
     images = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
     if kind == "resnet":
         teacher, student = (resnet_small(NUM_CLASSES, stage_sizes=(1, 1), width_divisor=divisor) for divisor in (2, 4))
-        init = [model.init(jax.random.key(seed), images) for seed, model in enumerate((teacher, student))]
+        init = [jax.jit(model.init)(jax.random.key(seed), images) for seed, model in enumerate((teacher, student))]
         return teacher, init[0], student, init[1], "layer2_0"
     teacher, student = (NNXSplitModel.from_module(UserNNX(width, nnx.Rngs(seed)), images)
                         for seed, width in enumerate((8, 4)))

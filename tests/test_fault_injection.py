@@ -24,8 +24,8 @@ CHILD = os.path.join(os.path.dirname(__file__), "fault_child.py")
 
 
 def _child(workdir, num_steps, *fault) -> subprocess.CompletedProcess:
-    """One child run; the children of a test share a compilation cache (all compile the same programs)."""
-    cache = dict(JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"),
+    """One child run, in the suite's compilation cache: every child compiles the same programs."""
+    cache = dict(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.run([sys.executable, CHILD, str(workdir), str(num_steps), *map(str, fault)],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, **cache))
