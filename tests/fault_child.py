@@ -1,4 +1,5 @@
-"""A tiny training run that the fault-injection tests start as a child process and kill at a chosen point.
+"""A tiny training run that the fault-injection tests start as a child process and kill at a chosen point (the runs
+that are not killed call ``main`` in the test's own process).
 
     python tests/fault_child.py WORKDIR NUM_STEPS [step|save|nan K]
 

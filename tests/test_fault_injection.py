@@ -18,6 +18,7 @@ from attrjax.models import init_variables, vgg
 from attrjax.train import (NonFiniteStateError, Objective, RunConfigMismatchError, TrainState, checkpoint_manager,
                            restore_latest, sgd, train)
 from attrjax.train.checkpoint import restore_step, save
+from tests import fault_child
 from tests.test_train import MATCHED, _batches, _models
 
 CHILD = os.path.join(os.path.dirname(__file__), "fault_child.py")
@@ -36,9 +37,10 @@ def _final(workdir) -> dict:
         return dict(final)
 
 
-def test_runs_killed_before_a_step_and_in_the_middle_of_a_save_resume_bit_exactly(tmp_path):
-    reference = _child(tmp_path / "reference", 7)
-    assert reference.returncode == 0, reference.stderr
+def test_runs_killed_before_a_step_and_in_the_middle_of_a_save_resume_bit_exactly(tmp_path, capsys):
+    # Killed runs are child processes; the uninterrupted reference and the run that finishes the killed one's work
+    # run here, in a process that never touched their directories.
+    fault_child.main(str(tmp_path / "reference"), 7)
     rng = np.random.default_rng(0)
     kill_step, kill_save = int(rng.integers(2, 5)), int(rng.choice([4, 6]))
     workdir = tmp_path / "killed"
@@ -47,13 +49,13 @@ def test_runs_killed_before_a_step_and_in_the_middle_of_a_save_resume_bit_exactl
     killed = _child(workdir, 7, "save", kill_save)
     assert killed.returncode == -9 and "resuming from the checkpoint" in killed.stdout
     assert not os.path.exists(workdir / "checkpoints" / str(kill_save))  # died before the save was committed
-    finished = _child(workdir, 7)
-    assert finished.returncode == 0, finished.stderr
-    assert f"resuming from the checkpoint of step {kill_save - 2}" in finished.stdout
+    capsys.readouterr()
+    fault_child.main(str(workdir), 7)
+    assert f"resuming from the checkpoint of step {kill_save - 2}" in capsys.readouterr().out
     chex.assert_trees_all_equal(_final(workdir), _final(tmp_path / "reference"))
 
 
-def test_a_diverging_run_names_the_step_and_cause_saves_nothing_non_finite_and_is_quiet(tmp_path):
+def test_a_diverging_run_names_the_step_and_cause_saves_nothing_non_finite_and_is_quiet(tmp_path, capsys):
     diverged = _child(tmp_path, 7, "nan", 5)  # checkpoints every 2 steps: 1, 2, 4 are finite
     assert diverged.returncode == 1
     assert "step 5 went non-finite (state" in diverged.stderr and "learning-rate schedule" in diverged.stderr
@@ -67,8 +69,9 @@ def test_a_diverging_run_names_the_step_and_cause_saves_nothing_non_finite_and_i
     assert int(restored.step) == 4
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(restored)))
     # A rerun with a sane learning rate resumes from the last finite checkpoint and finishes.
-    rerun = _child(tmp_path, 7)
-    assert rerun.returncode == 0 and "resuming from the checkpoint of step 4" in rerun.stdout, rerun.stderr
+    capsys.readouterr()
+    fault_child.main(str(tmp_path), 7)
+    assert "resuming from the checkpoint of step 4" in capsys.readouterr().out
     assert all(np.all(np.isfinite(leaf)) for leaf in _final(tmp_path).values())
 
 
