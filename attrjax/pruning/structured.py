@@ -56,10 +56,10 @@ def largest_filters(scores: np.ndarray, rate: float, name: str) -> np.ndarray:
     return np.sort(np.argsort(-scores, kind="stable")[:num_keep])
 
 
-def on_host(surgery, array) -> jax.Array:
-    """``surgery`` (indexing or masking, on a NumPy array) applied to ``array`` on the host: a pruning runs once, and
-    eagerly on the device it would compile one program per weight shape."""
-    return jnp.asarray(surgery(np.asarray(array)))
+def on_host(surgery, tree):
+    """``surgery`` (indexing or masking, on a NumPy array) applied to every array of ``tree`` on the host: a pruning
+    runs once, and eagerly on the device it would compile one program per weight shape."""
+    return jax.tree.map(lambda array: jnp.asarray(surgery(np.asarray(array))), tree)
 
 
 def zeroed_outside(keep: np.ndarray):
@@ -96,8 +96,8 @@ def prune_filters(model: VGG, variables: dict, rates: Sequence[float]) -> tuple[
         new_params[name] = {"kernel": on_host(lambda x: x[:, :, previous][..., out], params[name]["kernel"]),
                             "bias": on_host(lambda x: x[out], params[name]["bias"])}
         bn = "bn" + name[4:]
-        new_params[bn] = jax.tree.map(lambda leaf: on_host(lambda x: x[out], leaf), params[bn])
-        new_stats[bn] = jax.tree.map(lambda leaf: on_host(lambda x: x[out], leaf), stats[bn])
+        new_params[bn] = on_host(lambda x: x[out], params[bn])
+        new_stats[bn] = on_host(lambda x: x[out], stats[bn])
         previous = out
     rows = _classifier_rows(model, previous)
     new_params["classifier"] = {"kernel": on_host(lambda x: x[rows], params["classifier"]["kernel"]),
@@ -116,7 +116,7 @@ def zero_filters(model: VGG, variables: dict, rates: Sequence[float]) -> dict:
     for name in conv_names(model):
         keep = np.zeros(params[name]["kernel"].shape[-1], bool)
         keep[kept[name]] = True
-        params[name] = jax.tree.map(lambda leaf: on_host(zeroed_outside(keep), leaf), params[name])
+        params[name] = on_host(zeroed_outside(keep), params[name])
         bn = "bn" + name[4:]
-        params[bn] = jax.tree.map(lambda leaf: on_host(zeroed_outside(keep), leaf), params[bn])
+        params[bn] = on_host(zeroed_outside(keep), params[bn])
     return {"params": params, "batch_stats": variables["batch_stats"]}
