@@ -3,6 +3,7 @@ processes: tests/test_multihost.py)."""
 
 import csv
 import os
+import shutil
 
 import chex
 import jax
@@ -202,3 +203,28 @@ def test_logged_lines_are_tensorboard_events_and_a_csv_that_read_back(tmp_path):
     open(path, "wb").write(bytes(data))
     with pytest.raises(ValueError, match="CRC mismatch"):
         read_events(directory)
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
+    _, student = _models()
+    checkpoints, curves = str(tmp_path / "checkpoints"), str(tmp_path / "metrics")
+
+    def run():
+        with MetricWriter(curves) as writer:
+            return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
+                         rng=jax.random.key(0), checkpoint_dir=checkpoints, checkpoint_every=2, log_every=1,
+                         log=lambda _: None, metric_writer=writer)[1]
+
+    first = run()
+    # Killed after logging steps 3 and 4 but before their checkpoint landed: the rerun resumes from step 2.
+    shutil.rmtree(os.path.join(checkpoints, "4"))
+    replayed = run()
+    assert [record["step"] for record in replayed] == [3, 4]
+    with open(os.path.join(curves, "metrics.csv")) as f:
+        rows = [(int(row["step"]), row["name"]) for row in csv.DictReader(f)]
+    assert sorted(rows) == sorted(set(rows)) and {step for step, _ in rows} == {1, 2, 3, 4}
+    events = read_events(curves)  # two event files; the second's purge marker hides the first's steps 3 and 4
+    assert [step for step, _ in events["train/loss"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([value for _, value in events["train/loss"]],
+                               [record["loss"] for record in first[:2] + replayed], rtol=1e-6)
+    assert len([name for name in os.listdir(curves) if name.startswith("events")]) == 2

@@ -167,6 +167,8 @@ def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, ma
     start = int(host_value(state.step))
     if start:
         log(f"[{name}] resuming from the checkpoint of step {start}")
+        if hasattr(metric_writer, "resume_from"):  # it logged the steps a killed run made after that checkpoint
+            metric_writer.resume_from(start)
     teacher_variables = replicate(teacher_variables or {}, mesh)
     rng = replicate(rng, mesh)
 
