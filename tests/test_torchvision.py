@@ -326,3 +326,122 @@ def test_nonfinite_weights_are_reported_with_their_keys(tmp_path):
                                             r"features\.0\.weight, features\.5\.running_var"):
         loaded = load_state_dict(path)
     chex.assert_trees_all_equal(loaded, state_dict)  # reported, not altered
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files that claim more than they hold (or more than max_bytes) are refused before anything big is allocated.
+
+
+def _ops(value):
+    """The pickle opcodes that push ``value`` (an int, str or tuple of them): a protocol-2 pickle minus PROTO/STOP."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _global(module, name):
+    return f"c{module}\n{name}\n".encode()
+
+
+def _write_one_tensor_pth(path, size, stride, numel, data, compress=zipfile.ZIP_STORED):
+    """A torch>=1.6 zip .pth holding ``{"weight": float32 tensor}`` (``size``, ``stride``, offset 0) over a storage
+    that claims ``numel`` elements and holds ``data``: the pickle is written opcode by opcode, as torch.save writes
+    it, so no torch is needed."""
+    empty_ordered_dict = _global("collections", "OrderedDict") + b")R"
+    storage = (b"(" + _ops("storage") + _global("torch", "FloatStorage") + _ops("0") + _ops("cpu") + _ops(numel)
+               + b"tQ")  # persistent id -> the storage
+    tensor = (_global("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + _ops(0) + _ops(tuple(size))
+              + _ops(tuple(stride)) + b"\x89" + empty_ordered_dict + b"tR")  # storage, offset, size, stride, ...
+    with zipfile.ZipFile(path, "w", compression=compress) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02" + empty_ordered_dict + _ops("weight") + tensor + b"s.")
+        archive.writestr("archive/data/0", data)
+    return path
+
+
+def test_a_hand_written_pth_loads(tmp_path):
+    values = np.arange(6, dtype=np.float32)
+    path = _write_one_tensor_pth(tmp_path / "ok.pth", (3, 2), (1, 3), 6, values.tobytes())  # a transposed view
+    np.testing.assert_array_equal(read_pth_without_torch(path)["weight"], values.reshape(2, 3).T)
+
+
+@pytest.mark.parametrize("size,stride,numel,data,message", [
+    ((2000, 2000), (0, 0), 1, b"\0" * 4, r"tensor weight \(size \(2000, 2000\), stride \(0, 0\), offset 0\) repeats "
+                                         r"elements of its storage \(a stride-0 or overlapping view.*contiguous"),
+    ((3, 3), (1, 1), 9, b"\0" * 36, r"tensor weight .*repeats elements"),  # overlapping rows
+    ((10,), (1,), 4, b"\0" * 16, r"tensor weight .*reads element 9 of a storage of 4 elements.*re-save"),
+    ((1000,), (1,), 1000, b"\0" * 4, r"storage '0' \(of tensor weight\) claims 1,000 float32 elements \(4,000 "
+                                     r"bytes\) but its zip member archive/data/0 holds 4 bytes.*re-save"),
+], ids=["stride 0", "overlapping", "past its storage", "storage short of its claim"])
+def test_pth_tensors_must_fit_their_storages(tmp_path, size, stride, numel, data, message):
+    path = _write_one_tensor_pth(tmp_path / "lying.pth", size, stride, numel, data)
+    for reader in (load_state_dict, read_pth_without_torch):
+        with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(path))}: {message}"):
+            reader(path)
+
+
+def test_pth_over_max_bytes_is_refused_before_its_storage_is_read(tmp_path):
+    elements = 2**18  # 1 MiB of float32, deflated to about a kilobyte
+    path = _write_one_tensor_pth(tmp_path / "bomb.pth", (elements,), (1,), elements, bytes(4 * elements),
+                                 zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 4096
+    with pytest.raises(ValueError, match=r"its tensors take 1,048,576 bytes together \(largest: weight 1,048,576\), "
+                                         r"over max_bytes=1,000,000.*pass a larger max_bytes"):
+        read_pth_without_torch(path, max_bytes=10**6)
+    assert read_pth_without_torch(path, max_bytes=2**20)["weight"].shape == (elements,)
+
+
+def _write_npz_member(path, name, header, data):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, buffer.getvalue() + data)
+    return path
+
+
+def test_npz_arrays_are_checked_from_their_headers_before_decompressing(tmp_path):
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, weight=np.zeros(2**18, np.float32))  # 1 MiB, a few kilobytes compressed
+    assert bomb.stat().st_size < 8192
+    with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(bomb))}: its arrays take 1,048,576 bytes "
+                                         r"together \(largest: weight 1,048,576\), over max_bytes=1,000,000"):
+        load_state_dict(bomb, max_bytes=10**6)
+    assert load_state_dict(bomb, max_bytes=2**20)["weight"].shape == (2**18,)
+    lying = _write_npz_member(tmp_path / "lying.npz", "weight.npy",
+                              {"descr": "<f4", "fortran_order": False, "shape": (10**9,)}, bytes(16))
+    with pytest.raises(ValueError, match=r"array weight claims shape \(1000000000,\) of float32 \(4,000,000,000 "
+                                         r"bytes\) but its zip member holds 16 bytes of data.*np\.savez"):
+        load_state_dict(lying)
+    not_array = tmp_path / "notes.npz"
+    with zipfile.ZipFile(not_array, "w") as archive:
+        archive.writestr("notes.txt", b"hello")
+    with pytest.raises(ValueError, match=r"member 'notes.txt' is not a \.npy array"):
+        load_state_dict(not_array)
+
+
+def test_safetensors_offsets_must_fit_the_file_and_its_size_max_bytes(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors.numpy.save_file({"weight": np.zeros(1000, np.float32)}, str(path))
+    with pytest.raises(ValueError, match=r"its tensors \(the whole file, which they fill\) take .* over "
+                                         r"max_bytes=1,000"):
+        load_state_dict(path, max_bytes=1000)
+    header = b'{"weight":{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}}'
+    lying = tmp_path / "lying.safetensors"
+    lying.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(lying))}: .*"):
+        load_state_dict(lying)
+
+
+def test_torch_loaded_tensors_are_counted_before_they_are_copied(tmp_path, monkeypatch):
+    class FakeTensor:
+        def numel(self):
+            return 10**9
+
+        def element_size(self):
+            return 8  # float64: 8 GB, over the default 4 GiB
+
+    fake_torch = types.SimpleNamespace(load=lambda *args, **kwargs: {"state_dict": {"weight": FakeTensor()}},
+                                       Tensor=FakeTensor)
+    monkeypatch.setattr(torchvision, "_torch_or_none", lambda: fake_torch)
+    path = tmp_path / "big.pth"
+    path.write_bytes(b"PK")
+    with pytest.raises(ValueError, match=r"its tensors take 8,000,000,000 bytes together \(largest: "
+                                         r"state_dict/weight 8,000,000,000\), over max_bytes"):
+        load_state_dict(path)

@@ -1,6 +1,7 @@
 """The VOC 2012 builder on a tiny tree in the official layout, as a tarball and extracted, and its bad inputs."""
 
 import dataclasses
+import io
 import pathlib
 import pickle
 import re
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrjax.data import VOC_NORMALIZATION, prepared
+from attrjax.data import VOC_NORMALIZATION, prepared, voc
 from attrjax.data.images import VOID, decode_mask, decode_rgb, random_resized_crop_batches, resize_split
 from attrjax.data.voc import CLASS_NAMES, SPLITS, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
 from attrjax.data.voc import _builder as voc_builder
@@ -278,6 +279,45 @@ def test_truncated_tarball_is_named_and_the_complete_one_builds(built_from_tarba
     tarball.write_bytes(complete)
     build_voc(tmp_path / "data", configs=("main",))
     _assert_same_images(load_voc(tmp_path / "data", "val"), load_voc(built_from_tarball / "data", "val"))
+
+
+def _sparse_member(name: str, claimed: int) -> bytes:
+    """An old-GNU sparse member `name`: one 512-byte block of data at the end of a file that claims `claimed` bytes,
+    the rest holes (tarfile writes no sparse members, so its header is patched by hand)."""
+    header = bytearray(tarfile.TarInfo(name).tobuf(tarfile.GNU_FORMAT))
+    header[124:136] = tarfile.itn(tarfile.BLOCKSIZE, 12, tarfile.GNU_FORMAT)  # the stored size
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[386:398] = tarfile.itn(claimed - tarfile.BLOCKSIZE, 12, tarfile.GNU_FORMAT)  # the data's offset...
+    header[398:410] = tarfile.itn(tarfile.BLOCKSIZE, 12, tarfile.GNU_FORMAT)  # ...and length
+    header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)  # the real (claimed) size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + b"\xff" * tarfile.BLOCKSIZE
+
+
+def test_sparse_and_oversized_members_are_refused_before_reading(tmp_path, monkeypatch):
+    manual = tmp_path / "data" / "downloads" / "manual"
+    tarball = voc_fixture.write_voc_tarball(tmp_path / "source", manual)
+    complete = tarball.read_bytes()
+    sparse = _sparse_member("VOCdevkit/VOC2012/ImageSets/Main/notes.txt", 8 * 2**30)
+    with tarfile.open(fileobj=io.BytesIO(sparse)) as archive:
+        (member,) = archive.getmembers()
+        assert member.issparse() and member.size == 8 * 2**30  # what a reader would fill with zeros
+    tarball.write_bytes(sparse + complete)
+    with pytest.raises(ValueError, match=r"ImageSets/Main/notes.txt in .* is a sparse file \(it claims "
+                                         r"8,589,934,592 bytes.*without --sparse"):
+        build_voc(tmp_path / "data", configs=("main",))
+    tarball.write_bytes(complete)
+    monkeypatch.setattr(voc, "MAX_MEMBER_BYTES", 100)  # every fixture image and annotation is bigger
+    with pytest.raises(ValueError, match=r"2008_000001\.xml in .* is 542 bytes, over the 100 a VOC "
+                                         r"2012 file may be.*raise attrjax.data.voc.MAX_MEMBER_BYTES"):
+        build_voc(tmp_path / "data", configs=("main",))
+    voc_fixture.write_voc_tree(tmp_path / "extracted")
+    with pytest.raises(ValueError, match=r"JPEGImages/2008_000001.jpg is [\d,]+ bytes, over the 100"):
+        build_voc(tmp_path / "data", manual_dir=tmp_path / "extracted", configs=("main",))
+    monkeypatch.undo()
+    build_voc(tmp_path / "data", configs=("main",))
+    assert load_voc(tmp_path / "data", "val").names == [f"{i}.jpg" for i in MAIN["val"]]
 
 
 def test_temporary_folder_of_a_killed_build_is_deleted(tmp_path, capsys):

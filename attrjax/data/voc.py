@@ -19,6 +19,12 @@ labels, difficult objects included as in the paper (`include_difficult=False` le
 single-channel PNGs of class indices: 0 background, c + 1 for class c, 255 (`VOID`) for the outlines and pixels the
 annotators left unlabelled. The reference code maps void to background; here void belongs to no class and is not
 background either, so it counts for no class in the pointing game or the mask AUC.
+
+A damaged or crafted archive cannot make the builder read more than a VOC file can be: every file the archive holds
+must be at most `MAX_MEMBER_BYTES` (64 MiB; VOC's images, annotations and masks are under a megabyte) and no member
+may be sparse (holes a reader fills with zeros, so a few kilobytes can claim gigabytes). Both are checked when the
+archive is opened, before anything is read; an extracted file's size is checked before it is read. For a genuine
+file over the limit, raise it: `attrjax.data.voc.MAX_MEMBER_BYTES = ...`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ CONFIGS = {"main": "Main", "segmentation": "Segmentation"}
 SPLITS = ("train", "val")
 # SegmentationClass PNGs are palette images whose index is the class; an RGB copy is mapped back by colour.
 _VOID_COLOUR = (224, 224, 192)
+MAX_MEMBER_BYTES = 64 * 2**20
+"""The largest file the builder reads (see the module docstring); raise it for a genuine file over it."""
 
 
 def palette_colours() -> np.ndarray:
@@ -81,8 +89,29 @@ def _end_of_members(members: list[tarfile.TarInfo]) -> int:
     return last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
+def _refuse_oversized(where: str, size: int) -> None:
+    """Refuses a file of `size` bytes over `MAX_MEMBER_BYTES`, before it is read."""
+    if size > MAX_MEMBER_BYTES:
+        raise ValueError(f"{where} is {size:,} bytes, over the {MAX_MEMBER_BYTES:,} a VOC 2012 file may be (its "
+                         "images, annotations and masks are under a megabyte): the archive is damaged or not the "
+                         f"official {TARBALL}; replace it. If the file is genuine, raise "
+                         "attrjax.data.voc.MAX_MEMBER_BYTES")
+
+
+def _refuse_unsafe_members(tarball: pathlib.Path, members: list[tarfile.TarInfo]) -> None:
+    """Refuses an archive with a sparse file or a file over `MAX_MEMBER_BYTES`, from the headers alone."""
+    for member in members:
+        if member.issparse():
+            raise ValueError(f"{member.name} in {tarball} is a sparse file (it claims {member.size:,} bytes, most of "
+                             f"them holes read as zeros); the official {TARBALL} has none: replace the archive, or "
+                             "write it again without --sparse")
+        if member.isfile():
+            _refuse_oversized(f"{member.name} in {tarball}", member.size)
+
+
 def _open_tarball(tarball: pathlib.Path) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
-    """The open archive and its members; ValueError naming `tarball` when it is truncated or damaged.
+    """The open archive and its members; ValueError naming `tarball` when it is truncated or damaged, or holds a
+    sparse member or one over `MAX_MEMBER_BYTES`.
 
     tarfile stops without an error at a truncated or unreadable header, as if the archive ended there; a real end
     is marked by a zero block, which is checked for.
@@ -94,6 +123,7 @@ def _open_tarball(tarball: pathlib.Path) -> tuple[tarfile.TarFile, list[tarfile.
         members = tar.getmembers()
     except tarfile.TarError as error:
         raise ValueError(f"{tarball} cannot be read as a tar archive ({error}); {advice}") from error
+    _refuse_unsafe_members(tarball, members)
     end = _end_of_members(members)
     with open(tarball, "rb") as file:
         file.seek(end)
@@ -162,7 +192,9 @@ class _VocFiles:
             raise VocLayoutError(f"{self.where(relative)} is missing; the VOC 2012 layout needs it. Re-extract the "
                                  f"archive or put the complete {TARBALL} in the manual directory")
         if self.tar is None:
-            return pathlib.Path(self.root, relative).read_bytes()
+            path = pathlib.Path(self.root, relative)
+            _refuse_oversized(self.where(relative), path.stat().st_size)
+            return path.read_bytes()
         file = self.tar.extractfile(self.members[str(self.root / relative)])
         assert file is not None  # None only for members that are not regular files, which self.members leaves out
         return file.read()

@@ -24,6 +24,17 @@ Nothing is cast silently: an entry named like a float parameter or statistic (``
 and by ``import_vgg``; integer buffers such as ``num_batches_tracked`` are read as they are (and ignored by
 ``import_vgg``). Tensors with NaN or inf values are read but reported with a ``RuntimeWarning`` naming them:
 they are data a user may want to inspect, but a model built from them computes NaN.
+
+A file cannot make the readers allocate more than it says it holds, nor more than a limit: before any array is
+read, what the file claims is checked. ``max_bytes`` (default ``MAX_STATE_DICT_BYTES``, 4 GiB; pass a larger
+``max_bytes`` to ``load_state_dict`` / ``read_pth_without_torch`` for a bigger genuine checkpoint) bounds the
+arrays' total: an ``.npz``'s arrays (from each ``.npy`` header, before decompressing), a ``.pth``'s tensors and,
+separately, the storages they are cut from, a ``.safetensors`` file's size (its tensors fill it exactly: the
+safetensors library checks the header's offsets against the file). An ``.npz`` array's header must also match its
+zip member's uncompressed size. In a ``.pth`` read without torch each storage's bytes must match the element count
+the pickle claims for it, and each tensor must lie inside its storage and not repeat its elements (a stride-0 or
+overlapping view, as ``expand()`` makes, lets a few bytes claim gigabytes): such files are refused, naming the
+tensor and what is wrong.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import flax.traverse_util
 import jax
@@ -49,11 +60,14 @@ from attrjax.models.vgg import VGG, StageWidths, init_variables
 
 StateDict = dict[str, np.ndarray]
 
+MAX_STATE_DICT_BYTES = 4 * 2**30
+"""Default ``max_bytes`` of the readers: at most this many bytes of arrays per file (VGG16 is 0.55 GB)."""
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading and writing files
 
 
-def load_state_dict(path: str | Path) -> StateDict:
+def load_state_dict(path: str | Path, *, max_bytes: int = MAX_STATE_DICT_BYTES) -> StateDict:
     """Reads a flat state dict ``{key: array}`` from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``/``.pth.tar``.
 
     PyTorch files use ``torch.load(..., weights_only=True)`` when torch is importable, else
@@ -61,36 +75,38 @@ def load_state_dict(path: str | Path) -> StateDict:
     ``state_dict``. bfloat16 tensors come back as float32.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that cannot be read,
-    is not a flat state dict, or has integer / bool weights (see the module docstring); warns about NaN / inf.
+    is not a flat state dict, has integer / bool weights, or claims more than it holds or more than ``max_bytes``
+    bytes of arrays (see the module docstring; raise ``max_bytes`` for a bigger genuine file); warns about NaN / inf.
     """
     path = Path(path)
     kind = _file_kind(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if kind == "safetensors":
-        safetensors_numpy = _safetensors_numpy()
-        return _read_checked(path, lambda p: safetensors_numpy.load_file(str(p)))
+        safetensors_numpy = _safetensors_numpy()  # outside _read_checked: a missing package is not the file's fault
+        return _read_checked(path, lambda p: _read_safetensors(safetensors_numpy, p, max_bytes))
     if kind == "npz":
-        return _read_checked(path, _read_npz)
+        return _read_checked(path, lambda p: _read_npz(p, max_bytes))
     torch = _torch_or_none()
     if torch is None:
-        return read_pth_without_torch(path)
-    return _read_checked(path, lambda p: _map_tree(torch.load(p, map_location="cpu", weights_only=True),
-                                                   lambda x: _torch_to_numpy(torch, x)))
+        return read_pth_without_torch(path, max_bytes=max_bytes)
+    return _read_checked(path, lambda p: _read_pth_with_torch(torch, p, max_bytes))
 
 
-def read_pth_without_torch(path: str | Path) -> StateDict:
+def read_pth_without_torch(path: str | Path, *, max_bytes: int = MAX_STATE_DICT_BYTES) -> StateDict:
     """Reads a PyTorch ``.pth`` state dict without importing torch (zip format of torch>=1.6, or legacy format).
 
     Only tensors (``torch._utils._rebuild_tensor[_v2|_v3]``, ``_rebuild_parameter``), storage types, dtypes and
     ``collections.OrderedDict`` may appear in the pickle; any other global raises ``pickle.UnpicklingError``
-    before anything is called. Tensors are copied out of their storages (offset, size, stride); bfloat16 becomes
-    float32. Errors and warnings as ``load_state_dict``'s.
+    before anything is called. Tensors are copied out of their storages (offset, size, stride) once every tensor
+    and storage is checked (see the module docstring); bfloat16 becomes float32. Errors and warnings as
+    ``load_state_dict``'s.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    return _read_checked(path, lambda p: _read_zip_pth(p) if zipfile.is_zipfile(p) else _read_legacy_pth(p))
+    return _read_checked(path, lambda p: _read_zip_pth(p, max_bytes) if zipfile.is_zipfile(p)
+                         else _read_legacy_pth(p, max_bytes))
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | Path) -> None:
@@ -122,9 +138,61 @@ def _file_kind(path: Path) -> str:
     raise ValueError(f"unsupported checkpoint file {str(path)!r}: use one of {', '.join(_SUFFIXES)}")
 
 
-def _read_npz(path: Path) -> StateDict:
-    with np.load(path, allow_pickle=False) as archive:
-        return {key: archive[key] for key in archive.files}
+def _check_total(claims: Mapping[str, int], max_bytes: int, what: str) -> None:
+    """Refuses ``claims`` (name -> bytes a file claims for it) adding up to more than ``max_bytes``."""
+    total = sum(claims.values())
+    if total > max_bytes:
+        largest = sorted(claims, key=lambda name: -claims[name])[:3]
+        raise ValueError(f"its {what} take {total:,} bytes together (largest: "
+                         f"{', '.join(f'{name} {claims[name]:,}' for name in largest)}), over max_bytes={max_bytes:,}"
+                         "; a damaged or crafted file claims more than it holds. If the file is genuine and memory "
+                         "allows, pass a larger max_bytes to load_state_dict / read_pth_without_torch")
+
+
+def _read_safetensors(safetensors_numpy, path: Path, max_bytes: int) -> StateDict:
+    _check_total({path.name: path.stat().st_size}, max_bytes, "tensors (the whole file, which they fill)")
+    return safetensors_numpy.load_file(str(path))
+
+
+def _read_npz(path: Path, max_bytes: int) -> StateDict:
+    """The arrays of an ``np.savez`` file, read once every member's ``.npy`` header is checked."""
+    with zipfile.ZipFile(path) as archive:
+        members = {_npz_key(info.filename): info for info in archive.infolist()}
+        _check_total({key: _npy_data_bytes(archive, key, info) for key, info in members.items()}, max_bytes,
+                     "arrays")
+        arrays = {}
+        for key, info in members.items():
+            with archive.open(info) as file:
+                arrays[key] = np.lib.format.read_array(file, allow_pickle=False)
+        return arrays
+
+
+def _npz_key(member: str) -> str:
+    if not member.endswith(".npy"):
+        raise ValueError(f"member {member!r} is not a .npy array; a state dict .npz holds only arrays (np.savez)")
+    return member[:-len(".npy")]
+
+
+def _npy_data_bytes(archive: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> int:
+    """The bytes of array ``key``'s data, from its ``.npy`` header (decompressing only the header), refused unless
+    the header and the data fill the zip member's uncompressed size exactly and the dtype holds no objects."""
+    with archive.open(info) as file:
+        version = np.lib.format.read_magic(file)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"array {key} is in .npy format {version}; re-save it with np.savez")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _fortran_order, dtype = read_header(file)
+        header_bytes = file.tell()
+    if dtype.hasobject:
+        raise ValueError(f"array {key} holds Python objects ({dtype}), which would need unpickling; refusing it: "
+                         "save numeric arrays only")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if header_bytes + data_bytes != info.file_size:
+        raise ValueError(f"array {key} claims shape {shape} of {dtype} ({data_bytes:,} bytes) but its zip member "
+                         f"holds {info.file_size - header_bytes:,} bytes of data; the file is damaged or crafted: "
+                         "re-save it with np.savez")
+    return data_bytes
 
 
 def _read_checked(path: Path, read: Callable[[Path], Any]) -> StateDict:
@@ -157,6 +225,14 @@ def _torch_or_none():
     return torch
 
 
+def _read_pth_with_torch(torch, path: Path, max_bytes: int) -> Any:
+    """``torch.load`` (weights only), with the tensors' total checked before they are copied into NumPy."""
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    _check_total({key: x.numel() * x.element_size() for key, x in _leaves(loaded) if isinstance(x, torch.Tensor)},
+                 max_bytes, "tensors")
+    return _map_tree(loaded, lambda x: _torch_to_numpy(torch, x))
+
+
 def _torch_to_numpy(torch, x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
@@ -171,6 +247,19 @@ def _map_tree(obj: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tree(value, fn) for value in obj)
     return fn(obj)
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, leaf)`` of every leaf of nested dicts / lists / tuples; a path joins keys and indices with "/"."""
+    if isinstance(obj, Mapping):
+        items: Iterable[tuple[Any, Any]] = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        yield prefix, obj
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{prefix}/{key}" if prefix else str(key))
 
 
 def _state_dict_from(loaded: Any, path: Path) -> StateDict:
@@ -228,10 +317,16 @@ _LEGACY_PROTOCOL = 1001
 
 @dataclasses.dataclass(frozen=True)
 class _StorageRef:
-    """A storage in the file: raw bytes under ``key``, read as ``dtype``, starting ``offset`` elements in."""
+    """A storage in the file: raw bytes under ``key``, ``numel`` elements of ``dtype`` as the pickle claims, seen
+    from ``offset`` elements in (a legacy view)."""
     key: str
     dtype: np.dtype
     offset: int
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +403,14 @@ def _storage_dtype(storage_type: Any) -> np.dtype:
     return storage_type
 
 
-def _read_zip_pth(path: Path) -> Any:
+def _storage_numel(numel: Any) -> int:
+    """A persistent id's claimed element count of its storage."""
+    if not isinstance(numel, int) or numel < 0:
+        raise pickle.UnpicklingError(f"a tensor storage claims {numel!r} elements, not a count")
+    return numel
+
+
+def _read_zip_pth(path: Path, max_bytes: int) -> Any:
     """torch>=1.6 files: ``<name>/data.pkl`` with storages ``<name>/data/<key>`` and an optional ``byteorder``."""
     with zipfile.ZipFile(path) as archive:
         pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
@@ -320,24 +422,24 @@ def _read_zip_pth(path: Path) -> Any:
             byteorder = archive.read(prefix + "byteorder").decode().strip()
 
         def storage_ref(pid: tuple) -> _StorageRef:
-            _, storage_type, key, _location, _numel = pid
-            return _StorageRef(str(key), _storage_dtype(storage_type), 0)
+            _, storage_type, key, _location, numel = pid
+            return _StorageRef(str(key), _storage_dtype(storage_type), 0, _storage_numel(numel))
 
         with archive.open(pickles[0]) as file:
             loaded = _RestrictedUnpickler(file, path, storage_ref).load()
+        tensors = _checked_tensors(loaded, max_bytes)
         buffers = {}
+        for storage in _storages(tensors).values():
+            name = f"{prefix}data/{storage.key}"
+            stored = archive.getinfo(name).file_size
+            if stored != storage.nbytes:
+                raise ValueError(f"{_storage_claim(storage, tensors)} but its zip member {name} holds {stored:,} "
+                                 f"bytes; {_RESAVE}")
+            buffers[storage.key] = archive.read(name)
+    return _materialise(loaded, buffers, byteorder)
 
-        def materialise(x: Any) -> Any:
-            if not isinstance(x, _PendingTensor):
-                return x
-            if x.storage.key not in buffers:
-                buffers[x.storage.key] = archive.read(f"{prefix}data/{x.storage.key}")
-            return _tensor_from_buffer(buffers[x.storage.key], x, byteorder)
 
-        return _map_tree(loaded, materialise)
-
-
-def _read_legacy_pth(path: Path) -> Any:
+def _read_legacy_pth(path: Path, max_bytes: int) -> Any:
     """torch<1.6 files: magic, protocol, sys_info, the object, the storage keys, then each storage's raw data."""
     with open(path, "rb") as file:
         try:
@@ -355,44 +457,101 @@ def _read_legacy_pth(path: Path) -> Any:
         if not isinstance(sys_info, dict):
             raise ValueError(f"malformed legacy PyTorch header (sys_info is a {type(sys_info).__name__})")
         byteorder = "little" if sys_info.get("little_endian", True) else "big"
-        roots: dict[str, np.dtype] = {}
 
         def storage_ref(pid: tuple) -> _StorageRef:
-            _, storage_type, root_key, _location, _numel, view_metadata = pid
-            dtype = roots[str(root_key)] = _storage_dtype(storage_type)
+            _, storage_type, root_key, _location, numel, view_metadata = pid
             view_offset = 0 if view_metadata is None else view_metadata[1]  # (view_key, offset, numel)
-            return _StorageRef(str(root_key), dtype, view_offset)
+            return _StorageRef(str(root_key), _storage_dtype(storage_type), view_offset, _storage_numel(numel))
 
         loaded = _RestrictedUnpickler(file, path, storage_ref).load()
+        tensors = _checked_tensors(loaded, max_bytes)
+        storages = _storages(tensors)
         buffers = {}
         for key in _RestrictedUnpickler(file, path).load():
             key = str(key)
-            if key not in roots:
+            if key not in storages:
                 raise ValueError(f"storage {key!r} is listed but no tensor uses it")
             (count,) = struct.unpack("<q" if byteorder == "little" else ">q", file.read(8))
-            nbytes = count * roots[key].itemsize
-            buffers[key] = file.read(nbytes)
-            if len(buffers[key]) != nbytes:
-                raise ValueError(f"the file is truncated: storage {key!r} needs {nbytes} bytes")
+            if count != storages[key].numel:
+                raise ValueError(f"{_storage_claim(storages[key], tensors)} but its data says {count:,}; {_RESAVE}")
+            left = path.stat().st_size - file.tell()
+            if storages[key].nbytes > left:
+                raise ValueError(f"the file is truncated: storage {key!r} needs {storages[key].nbytes:,} bytes, "
+                                 f"{left:,} are left")
+            buffers[key] = file.read(storages[key].nbytes)
+    return _materialise(loaded, buffers, byteorder)
+
+
+_RESAVE = ("the file is damaged or was crafted to claim more than it holds: load it where it was made and re-save "
+           "the state dict with torch.save(model.state_dict(), path)")
+
+
+def _checked_tensors(loaded: Any, max_bytes: int) -> dict[str, _PendingTensor]:
+    """The tensors in ``loaded`` by path, once each is checked against its storage's claimed size
+    (``_view_problem``) and the tensors' and the storages' totals against ``max_bytes``."""
+    tensors = {key: x for key, x in _leaves(loaded) if isinstance(x, _PendingTensor)}
+    for key, tensor in tensors.items():
+        problem = _view_problem(tensor)
+        if problem:
+            raise ValueError(f"tensor {key} (size {tensor.size}, stride {tensor.stride}, offset "
+                             f"{tensor.storage.offset + tensor.offset}) {problem}")
+    _check_total({key: math.prod(tensor.size) * tensor.dtype.itemsize for key, tensor in tensors.items()},
+                 max_bytes, "tensors")
+    _check_total({f"storage {key}": storage.nbytes for key, storage in _storages(tensors).items()}, max_bytes,
+                 "storages")
+    return tensors
+
+
+def _storages(tensors: Mapping[str, _PendingTensor]) -> dict[str, _StorageRef]:
+    return {tensor.storage.key: tensor.storage for tensor in tensors.values()}
+
+
+def _storage_claim(storage: _StorageRef, tensors: Mapping[str, _PendingTensor]) -> str:
+    users = [key for key, tensor in tensors.items() if tensor.storage.key == storage.key]
+    return (f"storage {storage.key!r} (of tensor {_listing(users)}) claims {storage.numel:,} {storage.dtype} "
+            f"elements ({storage.nbytes:,} bytes)")
+
+
+def _view_problem(tensor: _PendingTensor) -> str | None:
+    """What is wrong with ``tensor``'s view of its storage, or None: its geometry must be non-negative integers,
+    stay inside the storage's claimed elements, and reach no element twice (sufficient test: sorted by stride,
+    each dimension steps past everything the smaller strides reach; every view torch makes by slicing, permuting
+    or transposing passes)."""
+    start = tensor.storage.offset + tensor.offset
+    numbers = (start, *tensor.size, *tensor.stride)
+    if len(tensor.size) != len(tensor.stride) or not all(isinstance(n, int) and n >= 0 for n in numbers):
+        return f"has an invalid geometry; {_RESAVE}"
+    if math.prod(tensor.size) == 0:
+        return None
+    elements = tensor.storage.nbytes // tensor.dtype.itemsize
+    last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
+    if last >= elements:
+        return f"reads element {last:,} of a storage of {elements:,} elements; {_RESAVE}"
+    reach = 0
+    for stride, size in sorted((s, n) for n, s in zip(tensor.size, tensor.stride) if n > 1):
+        if stride <= reach:
+            return ("repeats elements of its storage (a stride-0 or overlapping view, as expand() makes), which "
+                    "lets a few bytes claim gigabytes; refusing it: save a contiguous copy in the state dict "
+                    "(tensor.contiguous())")
+        reach += stride * (size - 1)
+    return None
+
+
+def _materialise(loaded: Any, buffers: Mapping[str, bytes], byteorder: str) -> Any:
+    """``loaded`` with each pending tensor copied out of its storage's bytes in ``buffers``."""
     return _map_tree(loaded, lambda x: _tensor_from_buffer(buffers[x.storage.key], x, byteorder)
                      if isinstance(x, _PendingTensor) else x)
 
 
 def _tensor_from_buffer(buffer: bytes, tensor: _PendingTensor, byteorder: str) -> np.ndarray:
-    """Copies a strided view out of a storage's bytes (bounds-checked: as_strided itself checks nothing)."""
+    """Copies a strided view out of a storage's bytes (checked by ``_view_problem``: as_strided checks nothing)."""
     flat = np.frombuffer(buffer, dtype=tensor.dtype)
     if byteorder != sys.byteorder and tensor.dtype.itemsize > 1:
         flat = flat.byteswap()
-    start = tensor.storage.offset + tensor.offset
-    if len(tensor.size) != len(tensor.stride) or min((start, *tensor.size, *tensor.stride)) < 0:
-        raise ValueError(f"invalid tensor geometry size={tensor.size} stride={tensor.stride}")
     if math.prod(tensor.size) == 0:
         array = np.zeros(tensor.size, tensor.dtype)
     else:
-        last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
-        if last >= flat.size:
-            raise ValueError(f"a tensor of size {tensor.size} reads past its storage ({flat.size} elements)")
-        array = np.lib.stride_tricks.as_strided(flat[start:], shape=tensor.size,
+        array = np.lib.stride_tricks.as_strided(flat[tensor.storage.offset + tensor.offset:], shape=tensor.size,
                                                 strides=[s * flat.itemsize for s in tensor.stride]).copy()
     return array.astype(np.float32) if tensor.dtype == _DTYPES["bfloat16"] else array
 
