@@ -1,4 +1,5 @@
-"""Files that are either whole or absent: JSON written atomically, valid by the standard (no bare NaN)."""
+"""Files that are either whole or absent: bytes and JSON written atomically, JSON valid by the standard (no bare
+NaN)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ def json_digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Writes ``payload`` as JSON to ``path`` atomically: readers see the old file or the new one, never a part."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (a temporary file in the same directory, flushed to disk, then renamed
+    over ``path``): readers see the old file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    text = json.dumps(json_compatible(payload), indent=2, sort_keys=True, allow_nan=False)
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".tmp-", suffix=".json", delete=False) as f:
+    with tempfile.NamedTemporaryFile("wb", dir=directory, prefix=".tmp-", delete=False) as f:
         try:
-            f.write(text + "\n")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         except BaseException:
@@ -48,3 +49,9 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
             raise
     os.chmod(f.name, 0o644)  # temporary files are created private
     os.replace(f.name, path)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Writes ``payload`` as JSON to ``path`` atomically (``write_bytes``)."""
+    text = json.dumps(json_compatible(payload), indent=2, sort_keys=True, allow_nan=False)
+    write_bytes(path, (text + "\n").encode())

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import io
 import json
+import math
 import os
+import zipfile
 from typing import Any, Iterable, Sequence, cast
 
 import flax
@@ -41,13 +45,16 @@ from qwix._src.core import dot_general as qwix_dot
 from qwix._src.core import qarray
 from qwix._src.utils import flax_util
 
+from attrjax.files import write_bytes, write_json
 from attrjax.models.adapters import as_split_model
 from attrjax.models.split import Linearization, SplitModel, Variables
+from attrjax.paths import path_name
 from attrjax.pruning.counting import storage_bytes
 
 BITS = {8: jnp.int8, 4: jnp.int4}
 """The supported bit widths and the integer type each stores its weights as."""
 QUANT_STATS = "quant_stats"  # the collection of the calibrated activation ranges
+DEPLOYED_FORMAT = "attrjax-deployed-2"  # the metadata of DeployedModel.save: bit width, each array's SHA-256
 # The methods of a linen module that run layers (attrjax's VGG splits through features/head).
 _METHODS = ("__call__", "features", "head")
 
@@ -174,6 +181,19 @@ def _uncalibrated(quant_stats) -> list[str]:
     return sorted("/".join(path[:-1]) for path, value in flat.items() if path[-1] == "count" and int(value) == 0)
 
 
+def _dead_ranges(quant_stats) -> list[str]:
+    """``"<quantizer path>: <range>"`` for every calibrated activation range (qwix's running mean of each
+    calibration image's max |x|) that is zero or not finite: its quantizer maps every input to 0 or NaN."""
+    flat = flax.traverse_util.flatten_dict(quant_stats) if quant_stats else {}
+    dead = []
+    for path, total in sorted(flat.items()):
+        if path[-1].startswith("sum_of_"):
+            value = np.asarray(total, np.float64) / int(flat[path[:-1] + ("count",)])
+            if not (np.all(np.isfinite(value)) and np.all(value != 0)):
+                dead.append(f"{'/'.join(path[:-1])}: {value.ravel().tolist()}")
+    return dead
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedModel(SplitModel):
     """A float linen classifier with quantized convs and dense layers (see the module docstring); a split model, so
@@ -197,6 +217,12 @@ class QuantizedModel(SplitModel):
         if missing:
             raise ValueError(f"the activation ranges of {', '.join(missing)} were never calibrated; build the "
                              "model with attrjax.quantization.calibrate")
+        dead = _dead_ranges(self.quant_stats)
+        if dead:
+            raise ValueError("calibration gave zero or non-finite activation ranges (quantizer: range), so the "
+                             "quantized network would compute nothing (or NaN) there:\n  " + "\n  ".join(dead)
+                             + "\nCalibrate on the normalised training images the float model computes finite, "
+                             "varied activations on, and check that its variables are finite")
 
     @functools.cached_property
     def module(self) -> nn.Module:
@@ -226,12 +252,31 @@ class QuantizedModel(SplitModel):
         return self._inner.linearize_layers(self._with_ranges(variables), images, layers, train=train, rng=rng)
 
 
+def _check_calibration_batch(batch: jax.Array, index: int) -> None:
+    """Raises ValueError unless ``batch`` is (B,S,S,C) with B >= 1, floating point, finite and not constant."""
+    if batch.ndim != 4 or not len(batch):
+        raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
+    if not jnp.issubdtype(batch.dtype, jnp.floating):
+        raise ValueError(f"calibration batch {index} is {batch.dtype}: calibration images must be floating point and "
+                         "normalised as the model's training images were (e.g. uint8 images: divide by 255, then "
+                         "normalise them with the dataset's mean and standard deviation)")
+    low, high = float(jnp.min(batch)), float(jnp.max(batch))  # NaN and inf reach both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"calibration batch {index} holds non-finite values (min {low}, max {high}): calibrate on "
+                         "finite, normalised training images")
+    if low == high:
+        raise ValueError(f"calibration batch {index} is constant (every value is {low}): ranges calibrated on it "
+                         "would be zero; calibrate on real, normalised training images")
+
+
 def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array],
               quantization: Quantization = Quantization()) -> QuantizedModel:
     """The quantized ``model`` with activation ranges calibrated on ``images`` (an iterable of (B,S,S,3) batches,
     e.g. training images), run through the float weights in eval mode.
 
-    Raises ValueError when ``images`` yields no batch."""
+    Raises ValueError when ``images`` yields no batch; when a batch is not floating point (e.g. uint8 images not yet
+    normalised), holds a NaN or inf, or is constant; and when a calibrated range comes out zero or non-finite
+    (naming its quantizer)."""
     model = _check_linen(model)
     variables = _float_variables(variables)
     module = _quantized_module(model, StraightThroughProvider(quantization.rules()))
@@ -242,10 +287,9 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
         _, updated = module.apply({**variables, QUANT_STATS: stats}, batch, mutable=[QUANT_STATS])
         return updated[QUANT_STATS]
 
-    for batch in images:
+    for index, batch in enumerate(images):
         batch = jnp.asarray(batch)
-        if batch.ndim != 4 or not len(batch):
-            raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
+        _check_calibration_batch(batch, index)
         if stats is None:
             example = batch[:1]
             stats = jax.jit(lambda images: module.init(jax.random.key(0), images)[QUANT_STATS])(example)
@@ -292,14 +336,23 @@ class DeployedModel:
         return storage_bytes(self.variables)
 
     def save(self, path: str) -> None:
-        """Writes ``path`` (.npz: every array, int4 stored as int8) and ``path`` + ``.json`` (the bit width)."""
+        """Writes ``path`` (.npz: every array, int4 stored as int8), then ``path`` + ``.json`` (the format, the bit
+        width and each array's dtype, shape and SHA-256), each atomically: a reader sees whole files, and a pair
+        that a crash left half-replaced fails ``load_deployed``'s checksums."""
         leaves = jax.tree.leaves(jax.device_get(self.variables))
         arrays: dict[str, Any] = {f"{index:05d}": np.asarray(leaf.astype(jnp.int8) if leaf.dtype == jnp.int4 else leaf)
-                  for index, leaf in enumerate(leaves)}
-        np.savez(path, **arrays)
-        with open(path + ".json", "w") as f:
-            json.dump({"format": "attrjax-deployed-1", **dataclasses.asdict(self.quantized.quantization),
-                       "arrays": len(leaves)}, f)
+                                  for index, leaf in enumerate(leaves)}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes(path, buffer.getvalue())
+        write_json(path + ".json", {"format": DEPLOYED_FORMAT, **dataclasses.asdict(self.quantized.quantization),
+                                    "arrays": {key: _array_record(array) for key, array in arrays.items()}})
+
+
+def _array_record(array: np.ndarray) -> dict:
+    """``{"dtype", "shape", "sha256"}`` of an array as stored: the SHA-256 of its bytes in C order."""
+    return {"dtype": array.dtype.name, "shape": list(array.shape),
+            "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
 
 
 def deploy(quantized: QuantizedModel, variables: Variables) -> DeployedModel:
@@ -311,35 +364,86 @@ def deploy(quantized: QuantizedModel, variables: Variables) -> DeployedModel:
     return DeployedModel(quantized, {**variables, "params": params})
 
 
-def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
-    """A ``DeployedModel`` that ``DeployedModel.save`` wrote, for the architecture and bit widths of ``quantized``.
+_REWRITE = "rewrite it with DeployedModel.save (in the experiments: rerun experiments.quantize)"
 
-    Raises ValueError when the file holds another kind of network (a float checkpoint, other bit widths, another
-    architecture)."""
+
+def _read_metadata(path: str) -> dict:
+    """The metadata ``DeployedModel.save`` wrote beside ``path``; raises ValueError when it is missing, damaged or
+    of an older format (without checksums)."""
     meta_path = path + ".json"
     if not os.path.exists(meta_path):
         raise ValueError(f"{path} has no {os.path.basename(meta_path)}: it is not a deployed quantized network "
                          "(DeployedModel.save writes both)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{meta_path} is damaged ({error}); {_REWRITE}") from error
+    if not isinstance(meta, dict) or meta.get("format") != DEPLOYED_FORMAT or not isinstance(meta.get("arrays"), dict):
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path} is not of format {DEPLOYED_FORMAT} (it says {found!r}), so the arrays of "
+                         f"{path} cannot be checked against checksums; {_REWRITE}")
+    return meta
+
+
+def _read_arrays(path: str, records: dict) -> dict[str, np.ndarray]:
+    """The arrays of the .npz ``path`` by name, each equal to its entry of ``records`` (``_array_record``: dtype,
+    shape, SHA-256); raises ValueError naming ``path`` when it cannot be read or differs from them."""
+    try:
+        with np.load(path) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is damaged and cannot be read ({error}); {_REWRITE}") from error
+    if sorted(arrays) != sorted(records):
+        raise ValueError(f"{path} holds arrays {sorted(arrays)}, but {path}.json lists {sorted(records)}: one of "
+                         f"the two was replaced; {_REWRITE}")
+    for key, array in arrays.items():
+        if _array_record(array) != records[key]:
+            raise ValueError(f"{path}: array {key} does not match its checksum (SHA-256, dtype and shape) in "
+                             f"{path}.json: the file was changed or damaged after it was saved; {_REWRITE}")
+    return arrays
+
+
+def _check_values(path: str, name: str, array: np.ndarray, dtype) -> None:
+    """Raises ValueError naming leaf ``name`` unless ``array`` (the stored form of a leaf of ``dtype``) is finite
+    when ``dtype`` is a float, and within ``dtype``'s range when it is an integer (int4, stored as int8: [-8, 7])."""
+    if jnp.issubdtype(dtype, jnp.floating) and not np.all(np.isfinite(array)):
+        raise ValueError(f"{path}: {name} holds {np.sum(~np.isfinite(array))} non-finite values (NaN or inf); a "
+                         "deployed network must be finite: deploy it again from finite variables")
+    if jnp.issubdtype(dtype, jnp.integer) and array.size:
+        info = jnp.iinfo(dtype)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise ValueError(f"{path}: {name} holds {low if low < info.min else high}, outside the range "
+                             f"[{info.min}, {info.max}] of its {jnp.dtype(dtype).name} weights; {_REWRITE}")
+
+
+def load_deployed(path: str, quantized: QuantizedModel) -> DeployedModel:
+    """A ``DeployedModel`` that ``DeployedModel.save`` wrote, for the architecture and bit widths of ``quantized``.
+
+    Raises ValueError when the file holds another kind of network (a float checkpoint, other bit widths, another
+    architecture), was written by an older attrjax (no checksums), differs from the checksums saved with it, or
+    holds a NaN or inf, or an integer outside its bit width (naming the file, and the leaf for the last two)."""
+    meta = _read_metadata(path)
     saved = Quantization(meta["bits"])
     if saved != quantized.quantization:
         raise ValueError(f"{path} holds a {saved.name} network, but the model is {quantized.quantization.name}")
+    arrays = _read_arrays(path, meta["arrays"])
     fresh = jax.jit(quantized.init)(jax.random.key(0), quantized.example_images)
     template = deploy(quantized, fresh).variables  # (qwix's PTQ conversion needs concrete ranges)
-    leaves, treedef = jax.tree.flatten(template)
-    with np.load(path) as arrays:
-        if len(arrays.files) != len(leaves):
-            raise ValueError(f"{path} holds {len(arrays.files)} arrays, this architecture's deployed network "
-                             f"{len(leaves)}: it was saved from another architecture")
-        loaded = []
-        for key, spec in zip(sorted(arrays.files), leaves):
-            array = arrays[key]
-            stored = jnp.int8 if spec.dtype == jnp.int4 else spec.dtype
-            if array.shape != spec.shape or array.dtype != stored:
-                raise ValueError(f"{path}: array {key} is {array.dtype}{list(array.shape)}, this architecture's "
-                                 f"deployed network needs {jnp.dtype(stored)}{list(spec.shape)}")
-            loaded.append(jnp.asarray(array).astype(spec.dtype))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    if len(arrays) != len(leaves):
+        raise ValueError(f"{path} holds {len(arrays)} arrays, this architecture's deployed network {len(leaves)}: it "
+                         "was saved from another architecture")
+    loaded = []
+    for key, (leaf_path, spec) in zip(sorted(arrays), leaves):
+        array = arrays[key]
+        stored = jnp.int8 if spec.dtype == jnp.int4 else spec.dtype
+        if array.shape != spec.shape or array.dtype != stored:
+            raise ValueError(f"{path}: array {key} is {array.dtype}{list(array.shape)}, this architecture's "
+                             f"deployed network needs {jnp.dtype(stored)}{list(spec.shape)}")
+        _check_values(path, path_name(leaf_path), array, spec.dtype)
+        loaded.append(jnp.asarray(array).astype(spec.dtype))
     return DeployedModel(quantized, jax.tree.unflatten(treedef, loaded))
 
 

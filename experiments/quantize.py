@@ -11,8 +11,11 @@ per tensor):
   ``num_steps`` with the task loss, through straight-through quantizers (the ranges stay the calibrated ones);
 - ``qat_match``: the same with + lambda * matching to the float teacher (eval mode, at ``config.matching_layer``);
   ``stochastic_drop_rate`` > 0 adds ``qat_match_stochastic``.
-Each writes ``<run>/deployed.npz``: the integer network (``attrjax.quantization.DeployedModel``). Needs
-``experiments.train_teacher`` to have run in the same work directory.
+Each writes ``<run>/deployed.npz``: the integer network (``attrjax.quantization.DeployedModel``), with the SHA-256
+of its arrays beside it. Every run's directory is bound to its settings (``quantized/run_config.json``;
+``<run>/checkpoints/run_config.json`` for QAT) before any deployed network is written, so a rerun with other
+settings is refused with every deployed network as it was (or, with ``--config.on_config_change=restart``, sets the
+old directories aside). Needs ``experiments.train_teacher`` to have run in the same work directory.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import ml_collections
 
 from attrjax import distributed
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
-from attrjax.train import make_optimizer
+from attrjax.train import bind_run_config, check_run_config, make_optimizer, run_record
 from experiments import common
 
 PTQ = "quantized"
@@ -49,6 +52,37 @@ def run_settings(config) -> dict:
     return {"setting": "qat", **config.quantization.to_dict()}
 
 
+def ptq_settings(config) -> dict:
+    """The quantization settings the PTQ run's directory is bound to (``common.run_config`` adds the seed, the data
+    and the teacher's digest)."""
+    settings = config.quantization
+    return {"setting": "ptq", "bits": settings.bits, "calibration_images": settings.calibration_images}
+
+
+def run_binding(name: str, run, config, workdir: str, teacher_variables: dict) -> tuple[str, dict]:
+    """The directory that run ``name`` is bound to and its record: for PTQ the run's own directory (a restart sets
+    its deployed network aside with it); for QAT its checkpoint directory, with the record that
+    ``attrjax.train.train`` binds it to."""
+    if not run.trained:
+        return os.path.join(workdir, name), common.run_config(name, ptq_settings(config), config, workdir,
+                                                              with_teacher=True)
+    settings = config.quantization
+    return common.checkpoint_dir(name, workdir), run_record(
+        settings.num_steps, common.compression_objective(config, run), teacher_variables["params"],
+        common.run_config(name, run_settings(config), config, workdir, with_teacher=True))
+
+
+def bind_runs(runs: dict, config, workdir: str, teacher_variables: dict) -> None:
+    """Binds the directory of every run in ``runs`` (``run_binding``) before anything is written into any of them.
+
+    Raises ``RunConfigMismatchError`` when one was written with other settings, unless ``config.on_config_change``
+    is ``"restart"`` (then it is set aside)."""
+    for name, quantization_run in runs.items():
+        directory, record = run_binding(name, quantization_run, config, workdir, teacher_variables)
+        with distributed.primary_first(f"binding {directory} to its run record"):
+            bind_run_config(directory, record, on_config_change=config.on_config_change)
+
+
 def calibrated(config, train_split, teacher, teacher_variables: dict) -> QuantizedModel:
     """The quantized teacher, its ranges calibrated on the first ``calibration_images`` of the training stream
     (deterministic: the run's seed fixes the crops)."""
@@ -60,9 +94,15 @@ def calibrated(config, train_split, teacher, teacher_variables: dict) -> Quantiz
 
 
 def load(name: str, run, config, workdir: str, quantized: QuantizedModel, teacher_variables: dict) -> dict:
-    """The variables of a finished quantization run: the teacher's for PTQ, the fine-tuned ones for QAT (raises if
-    it has not been trained)."""
+    """The variables of a finished quantization run: the teacher's for PTQ, the fine-tuned ones for QAT.
+
+    Raises FileNotFoundError when the run has not been made, ``RunConfigMismatchError`` when it was made with other
+    settings."""
     if not run.trained:
+        directory, record = run_binding(name, run, config, workdir, teacher_variables)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory} holds no run of {name!r}; run experiments.quantize first")
+        check_run_config(directory, record)
         return teacher_variables
     settings = config.quantization
     return common.restore_finished(name, teacher_variables, make_optimizer(settings.optimizer, settings.num_steps),
@@ -92,12 +132,15 @@ def validate(config) -> None:
 
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Calibrates, fine-tunes (or resumes) every quantization run into ``workdir/<name>`` and writes its deployed
-    network; returns the seconds spent per run."""
+    network; returns the seconds spent per run.
+
+    Every run's directory is bound first (``bind_runs``): a refused rerun leaves every deployed network as it was."""
     runs = quantization_runs(config)
     if not runs:
         return {}
     splits = common.load_splits(config, workdir) if splits is None else splits
     teacher, teacher_variables = common.load_teacher(config, workdir)
+    bind_runs(runs, config, workdir, teacher_variables)
     started = time.perf_counter()
     quantized = calibrated(config, splits["train"], teacher, teacher_variables)
     print(f"[{PTQ}] {quantized.quantization.name}: activation ranges calibrated on "
@@ -113,7 +156,6 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
                                    teacher_variables=teacher_variables)
         deployed = deploy(quantized, variables)
         if distributed.is_primary():
-            os.makedirs(os.path.join(workdir, name), exist_ok=True)
             deployed.save(os.path.join(workdir, name, "deployed.npz"))
         seconds[name] = time.perf_counter() - started
     return seconds

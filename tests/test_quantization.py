@@ -1,8 +1,11 @@
 """Quantized networks: PTQ against an independent NumPy integer computation, the straight-through derivatives of the
 matching loss against forward-mode autodiff of the frozen-noise surrogate, QAT staying on the grid, the deployed
-checkpoint, attribution of a quantized network, bad input."""
+checkpoint (and what it refuses to load), attribution of a quantized network, bad input, a refused rerun of
+experiments.quantize."""
 
 import functools
+import json
+import re
 
 import chex
 import flax.linen as nn
@@ -16,8 +19,10 @@ from tests import draws
 from attrjax import quantization as quant
 from attrjax.attribution import lrp
 from attrjax.matching import matching_loss
+from attrjax.paths import path_name
 from attrjax.pruning import storage_bytes
-from attrjax.train import Objective, TrainState, gradcam_map, make_train_step
+from attrjax.train import Objective, RunConfigMismatchError, TrainState, bind_run_config, gradcam_map, make_train_step
+from experiments import common, quantize
 
 
 class TinyCNN(nn.Module):
@@ -269,3 +274,95 @@ def test_bad_input_is_refused(tiny):
         quant.QuantizedModel(model, quant.Quantization(), fresh, IMAGES[:1])
     with pytest.raises(TypeError, match="Flax linen"):
         quant.calibrate(lambda v, x: x, variables, [IMAGES])
+
+
+def _replace_leaves(variables, is_target, replace):
+    """``variables`` with every leaf ``is_target(path name, leaf)`` selects replaced by ``replace(leaf)``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: replace(leaf) if is_target(path_name(path), leaf) else leaf, variables)
+
+
+def test_a_deployed_file_that_was_changed_or_holds_impossible_values_is_refused(tiny, tmp_path):
+    model, variables = tiny
+    quantized = quant.calibrate(model, variables, [IMAGES])
+    deployed = quant.deploy(quantized, variables)
+    path = str(tmp_path / "int8.npz")
+    deployed.save(path)
+    meta = json.loads((tmp_path / "int8.npz.json").read_text())
+    assert meta["format"] == quant.DEPLOYED_FORMAT and len(meta["arrays"]["00000"]["sha256"]) == 64
+    original = (tmp_path / "int8.npz").read_bytes()
+    # Negated integer weights: a valid file of the right shapes, but not the one that was saved.
+    with np.load(path) as npz:
+        arrays = {key: -npz[key] if npz[key].dtype == np.int8 else npz[key] for key in npz.files}
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=re.escape(path) + ": array .* does not match its checksum"):
+        quant.load_deployed(path, quantized)
+    # A changed byte inside the archive.
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    (tmp_path / "int8.npz").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=re.escape(path) + " (is damaged|: array .* does not match its checksum)"):
+        quant.load_deployed(path, quantized)
+    # A NaN saved with its checksum is refused by name, not loaded as a finite number.
+    quant.DeployedModel(quantized, _replace_leaves(deployed.variables, lambda name, _: name == "params/conv1/bias",
+                                                   lambda leaf: leaf.at[0].set(jnp.nan))).save(path)
+    with pytest.raises(ValueError, match="params/conv1/bias holds 1 non-finite values"):
+        quant.load_deployed(path, quantized)
+    # An int4 weight of 100 (stored as int8) is refused, not wrapped to 4.
+    int4 = quant.calibrate(model, variables, [IMAGES], quant.Quantization(4))
+    quant.DeployedModel(int4, _replace_leaves(quant.deploy(int4, variables).variables,
+                                              lambda name, leaf: name == "params/fc/kernel/array/qvalue",
+                                              lambda leaf: leaf.astype(jnp.int8).at[0, 0].set(100))).save(path)
+    with pytest.raises(ValueError, match=re.escape("params/fc/kernel/array/qvalue holds 100, outside the range [-8, "
+                                                   "7]")):
+        quant.load_deployed(path, int4)
+    # A file of the format before checksums.
+    (tmp_path / "int8.npz").write_bytes(original)
+    (tmp_path / "int8.npz.json").write_text(json.dumps({"format": "attrjax-deployed-1", "bits": 8, "arrays": 12}))
+    with pytest.raises(ValueError, match="cannot be checked against checksums"):
+        quant.load_deployed(path, quantized)
+
+
+def test_calibration_refuses_inputs_that_would_give_a_dead_network(tiny):
+    model, variables = tiny
+    for images, message in ((jnp.zeros_like(IMAGES), "calibration batch 1 is constant"),
+                            (jnp.full_like(IMAGES, jnp.nan), "calibration batch 1 holds non-finite values"),
+                            (IMAGES.at[0, 0, 0, 0].set(jnp.inf), "calibration batch 1 holds non-finite values"),
+                            (np.uint8(255) * (np.asarray(IMAGES) > 0), "calibration batch 1 is uint8.*divide by 255")):
+        with pytest.raises(ValueError, match=message):
+            quant.calibrate(model, variables, [IMAGES, images])
+    # conv1 outputs relu(-1) = 0 everywhere: the block's input range is zero, whatever the images.
+    dead = _replace_leaves(variables, lambda name, _: name.startswith("params/conv1/"),
+                           lambda leaf: jnp.zeros_like(leaf) if leaf.ndim > 1 else jnp.full_like(leaf, -1.0))
+    with pytest.raises(ValueError, match=r"zero or non-finite activation ranges.*\n  block/conv_general_dilated0_lhs: "
+                                         r"\[0.0\]"):
+        quant.calibrate(model, dead, [IMAGES])
+
+
+def test_a_refused_quantization_rerun_leaves_every_deployed_network_as_it_was(tiny, tmp_path, monkeypatch):
+    """Through experiments.quantize (post-training quantization of a stand-in teacher, nothing trained): a rerun
+    with other bits is refused before anything is written; with on_config_change=restart the old run, its deployed
+    network included, is set aside."""
+    model, variables = tiny
+    monkeypatch.setattr(common, "load_teacher", lambda config, workdir: (model, variables))
+    workdir = str(tmp_path)
+    bind_run_config(common.checkpoint_dir(common.TEACHER, workdir), {"teacher": "a stand-in"})
+    settings = ["data.image_size=12", "data.batch_size=6", "quantization.calibration_images=6", "runs=quantized"]
+    images = np.asarray(jax.random.randint(jax.random.key(6), (6, 12, 12, 3), 0, 256), np.uint8)
+    splits = {"train": {"image": images, "mask": np.zeros((6, 12, 12), np.uint8), "labels": np.eye(6, dtype=bool)}}
+    quantize.run(common.load_config("quick", settings), workdir, splits)
+    run = tmp_path / quantize.PTQ
+    written = {name: (run / name).read_bytes() for name in ("deployed.npz", "deployed.npz.json", "run_config.json")}
+    assert json.loads(written["run_config.json"])["config"]["settings"] == {"setting": "ptq", "bits": 8,
+                                                                             "calibration_images": 6}
+    int4 = common.load_config("quick", settings + ["quantization.bits=4"])
+    with pytest.raises(RunConfigMismatchError, match="settings.bits: 8 -> 4"):
+        quantize.run(int4, workdir, splits)
+    assert {name: (run / name).read_bytes() for name in written} == written
+    with pytest.raises(RunConfigMismatchError, match="settings.bits: 8 -> 4"):  # nor is it evaluated as int4
+        quantize.load(quantize.PTQ, quantize.quantization_runs(int4)[quantize.PTQ], int4, workdir, None, variables)
+    quantize.run(common.load_config("quick", settings + ["quantization.bits=4", "on_config_change=restart"]),
+                 workdir, splits)
+    aside, = tmp_path.glob(f"{quantize.PTQ}.replaced-*")
+    assert {name: (aside / name).read_bytes() for name in written} == written
+    assert json.loads((run / "deployed.npz.json").read_text())["bits"] == 4
