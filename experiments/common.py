@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from attrjax import data as attr_data
 from attrjax import distributed
 from attrjax.data import tfds_datasets, voc
+from attrjax.locking import DirectoryInUseError, exclusive_directory
 from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
                             resnet50, resnet_small, vgg)
 from attrjax.pruning import keep_pruned_at_zero
@@ -199,11 +200,13 @@ def main_for(run: Callable, doc: str, validate: Callable | None = None):
         distributed.check_same_everywhere("config", config.to_dict())
         if validate is not None:
             validate(config)
-        run(config, args.workdir)
+        # One writer per work directory (process 0 holds it for all the processes of a multi-process run).
+        with exclusive_directory(args.workdir) if distributed.is_primary() else contextlib.nullcontext():
+            run(config, args.workdir)
     except RunConfigMismatchError as error:
         sys.exit(f"error: {error}\n(on the command line: --config.on_config_change=restart)")
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad settings, missing runs, divergence
-        sys.exit(f"error: {error}")
+    except (ValueError, FileNotFoundError, FloatingPointError, DirectoryInUseError) as error:
+        sys.exit(f"error: {error}")  # bad settings, missing runs, divergence, another writer
 
 
 def check_count(name: str, value, *, minimum: int = 1) -> None:

@@ -60,6 +60,11 @@ def tidy_rows(outcomes: dict, points: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def failed_runs(rows: list[dict]) -> list[tuple[str, int]]:
+    """``(point, seed)`` of every run that failed."""
+    return [(row["point"], row["seed"]) for row in rows if row["status"] == "failed"]
+
+
 def _value(row: dict | None, key: str) -> float:
     value = None if row is None else row.get(key)
     return math.nan if value is None else float(value)
@@ -89,12 +94,15 @@ def statistics(rows: list[dict]) -> dict:
     return {"seeds": seeds, "models": models, "differences": differences}
 
 
-def _interval(entry: dict, digits: int = 3) -> str:
+def _interval(entry: dict, asked: int, digits: int = 3) -> str:
+    """``mean [low, high]``, with ``(n=k)`` where fewer than the ``asked`` seeds are behind it (failed runs,
+    undefined values)."""
     if math.isnan(entry["mean"]):
-        return "n/a"
+        return f"n/a (n={entry['n']})"
+    count = f" (n={entry['n']})" if entry["n"] < asked or math.isnan(entry["low"]) else ""
     if math.isnan(entry["low"]):
-        return f"{entry['mean']:.{digits}f} (n={entry['n']})"
-    return f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
+        return f"{entry['mean']:.{digits}f}{count}"
+    return f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]{count}"
 
 
 def model_table(stats: dict, point: str, method: str) -> str:
@@ -102,7 +110,8 @@ def model_table(stats: dict, point: str, method: str) -> str:
     models = list(dict.fromkeys(model for model, _ in entries))
     lines = ["| model | " + " | ".join(title for _, title in REPORTED) + " |", "|---" * (len(REPORTED) + 1) + "|"]
     for model in models:
-        lines.append(f"| {model} | " + " | ".join(_interval(entries[model, metric]) for metric, _ in REPORTED) + " |")
+        lines.append(f"| {model} | " + " | ".join(_interval(entries[model, metric], len(stats["seeds"]))
+                                                  for metric, _ in REPORTED) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +123,7 @@ def difference_table(stats: dict, point: str, method: str) -> str:
              "| distinguishable from 0 |", "|---|---|---|---|---|---|---|"]
     for e in entries:
         p_value = "n/a" if math.isnan(e["p_value"]) else f"{e['p_value']:.3f}"
-        lines.append(f"| {e['setting']} | {e['variant']} | {e['metric']} | {_interval(e)} | "
+        lines.append(f"| {e['setting']} | {e['variant']} | {e['metric']} | {_interval(e, len(stats['seeds']))} | "
                      f"{e['positive']} / {e['negative']} of {e['n']} | {p_value} | "
                      f"{'yes' if e['excludes_zero'] else 'no'} |")
     return "\n".join(lines)
@@ -131,8 +140,8 @@ def summary_table(stats: dict, point: str, method: str) -> str:
     entries = {(e["model"], e["metric"]): e for e in stats["models"] if e["point"] == point and e["method"] == method}
     models = list(dict.fromkeys(model for model, _ in entries))
     lines = ["| model | " + " | ".join(title for _, title in SUMMARY) + " |", "|---" * (len(SUMMARY) + 1) + "|"]
-    lines += [f"| {model} | " + " | ".join(_interval(entries[model, key], 2) for key, _ in SUMMARY) + " |"
-              for model in models]
+    lines += [f"| {model} | " + " | ".join(_interval(entries[model, key], len(stats["seeds"]), 2) for key, _ in SUMMARY)
+              + " |" for model in models]
     return "\n".join(lines)
 
 
@@ -163,6 +172,7 @@ def bar_figure(stats: dict, point: str, method: str, path: str) -> None:
                ("sample_map", "sample mAP")]
     entries = {(e["model"], e["metric"]): e for e in stats["models"] if e["point"] == point and e["method"] == method}
     models = list(dict.fromkeys(model for model, _ in entries))
+    asked = len(stats["seeds"])
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
     for ax, (metric, title) in zip(axes, metrics):
         means = [entries[model, metric]["mean"] for model in models]
@@ -172,10 +182,12 @@ def bar_figure(stats: dict, point: str, method: str, path: str) -> None:
                    (entries[model, metric] for model in models)]]
         colors = ["0.4" if m == "teacher" else ("tab:orange" if "_match" in m else "tab:blue") for m in models]
         ax.bar(range(len(models)), means, yerr=errors, capsize=3, color=colors)
-        ax.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=8)
+        labels = [model + (f" (n={entries[model, metric]['n']})" if entries[model, metric]["n"] < asked else "")
+                  for model in models]
+        ax.set_xticks(range(len(models)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1.05)
-    figure.suptitle(f"{point}, {method}: mean over {len(stats['seeds'])} seeds, 95% intervals", fontsize=10)
+    figure.suptitle(f"{point}, {method}: mean over {asked} seeds (n where fewer), 95% intervals", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -228,20 +240,27 @@ def write(sweep_dir: str, rows: list[dict], *, grid: dict, command: str, log=pri
     stats = statistics(rows)
     write_json(os.path.join(sweep_dir, "statistics.json"), stats)
     failed = [row for row in rows if row["status"] == "failed"]
-    text = [f"# Sweep: {len(stats['seeds'])} seeds" + (f", grid {grid}" if grid else ""), "",
+    runs = {(row["point"], row["seed"]) for row in rows}
+    asked = len(stats["seeds"])
+    text = [f"# Sweep: {asked} seeds" + (f", grid {grid}" if grid else "")
+            + (f"; {len(failed)} of {len(runs)} runs failed" if failed else ""), "",
             f"Made by `{command}`. Means over seeds with 95% t intervals; differences are paired by seed (same "
-            "teacher, same data order). Pointing and mask AUC are given on the paper's pair set (the pairs each "
-            "model predicts) and on one pair set for all models (every present pair).", ""]
+            "teacher, same data order). A value behind fewer than the sweep's seeds (a failed run, an undefined "
+            "metric) says how many with (n=k). Pointing and mask AUC are given on the paper's pair set (the pairs "
+            "each model predicts) and on one pair set for all models (every present pair).", ""]
     if failed:
         text += [f"**{len(failed)} run(s) failed** (left out; see their log.txt):", ""]
         text += [f"- {row['point']} seed {row['seed']}: {row['error']}" for row in failed] + [""]
     scored = [row for row in rows if row["status"] != "failed"]
     methods = list(dict.fromkeys(row["method"] for row in scored))
     for point in dict.fromkeys(row["point"] for row in scored):
+        finished = len({row["seed"] for row in scored if row["point"] == point})
+        partial = ([f"**{finished} of {asked} seeds finished**: this point's statistics are over those.", ""]
+                   if finished < asked else [])
         for method in methods:
             figure = f"bars_{point}_{method}.png".replace(",", "_").replace("=", "-")
             bar_figure(stats, point, method, os.path.join(sweep_dir, figure))
-            text += [f"## {point}, {method}", "", summary_table(stats, point, method), "",
+            text += [f"## {point}, {method}", "", *partial, summary_table(stats, point, method), "",
                      "Matched minus naive (difference [95% interval], seeds higher / seeds), bold where the interval "
                      "excludes zero:", "", summary_difference_table(stats, point, method), "",
                      "Every metric:", "", model_table(stats, point, method), "",

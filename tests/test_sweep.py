@@ -116,3 +116,109 @@ def test_model_names_map_to_settings_and_variants():
     assert sweep_report.setting_and_variant("structured_match") == ("structured", "matched")
     assert sweep_report.setting_and_variant("unstructured") == ("unstructured", "naive")
     assert sweep_report.setting_and_variant("teacher") == ("teacher", "teacher")
+
+
+def _fake_demo(monkeypatch, fail_seeds=()):
+    """``demo.run`` replaced by one that trains nothing: it writes a model directory and results.json as a run
+    does, records which runs it made, and fails for ``fail_seeds``."""
+    calls = []
+
+    def run(config, workdir):
+        calls.append((workdir, config.students.kd.objective.temperature))
+        if config.seed in fail_seeds:
+            raise RuntimeError(f"seed {config.seed} broke")
+        os.makedirs(os.path.join(workdir, "kd", "checkpoints"), exist_ok=True)
+        with open(os.path.join(workdir, "kd", "checkpoints", "weights"), "a") as f:
+            f.write(f"trained by {workdir}\n")
+        summary = {"map_cosine": 0.5 + 0.1 * config.seed, "pointing_accuracy": 0.7}
+        results = {"teacher": {"sample_map": 0.9, "methods": {"gradcam": summary}},
+                   "kd": {"sample_map": 0.8 + 0.01 * config.seed, "methods": {"gradcam": summary}}}
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({"results": results}, f)
+        return results
+
+    monkeypatch.setattr(sweep.demo, "run", run)
+    return calls
+
+
+def _config_file(path, temperature):
+    path.write_text("from experiments.configs import quick\n\n\ndef get_config():\n    config = quick.get_config()\n"
+                    f"    config.students.kd.objective.temperature = {temperature}\n    return config\n")
+    return str(path)
+
+
+def test_a_sweep_never_reads_back_runs_made_with_other_settings_or_code(tmp_path, monkeypatch):
+    calls = _fake_demo(monkeypatch)
+    config_path, sweep_dir, lines = _config_file(tmp_path / "mine.py", 4.0), str(tmp_path / "sweep"), []
+    sweep.run_sweep(config_path, SETTINGS, {}, 2, sweep_dir, log=lines.append)
+    assert [temperature for _, temperature in calls] == [4.0, 4.0]
+    # The config file is edited, then the sweep extended: refused before anything runs, naming the key.
+    _config_file(tmp_path / "mine.py", 2.0)
+    with pytest.raises(RunConfigMismatchError, match=r"students\.kd\.objective\.temperature: 4\.0 -> 2\.0"):
+        sweep.run_sweep(config_path, SETTINGS, {}, 3, sweep_dir, log=lines.append)
+    assert len(calls) == 2
+    # A code update (a preset or the library changed): refused as well, naming the code.
+    _config_file(tmp_path / "mine.py", 4.0)
+    monkeypatch.setattr(sweep, "code_version", lambda: {"attrjax": "0.1.0", "sources": "changed"})
+    with pytest.raises(RunConfigMismatchError, match=r"code\.sources"):
+        sweep.run_sweep(config_path, SETTINGS, {}, 2, sweep_dir, log=lines.append)
+    # Restart runs the changed runs again and sets the old ones aside; the report is over the new runs only.
+    rows = sweep.run_sweep(config_path, [*SETTINGS, "on_config_change=restart"], {}, 2, sweep_dir, log=lines.append)
+    assert len(calls) == 4 and {row["status"] for row in rows} == {"ran"}
+    assert sorted(os.listdir(os.path.join(sweep_dir, "base"))) == [
+        "seed0", "seed0.replaced-" + _digest(sweep_dir, "seed0.replaced-"), "seed1",
+        "seed1.replaced-" + _digest(sweep_dir, "seed1.replaced-")]
+
+
+def _digest(sweep_dir, prefix):
+    (name,) = [n for n in os.listdir(os.path.join(sweep_dir, "base")) if n.startswith(prefix)]
+    return name[len(prefix):]
+
+
+def test_a_reusing_sweep_copies_the_other_sweeps_models_and_never_writes_into_it(tmp_path, monkeypatch):
+    _fake_demo(monkeypatch)
+    source, other = str(tmp_path / "a"), str(tmp_path / "b")
+    sweep.run_sweep("quick", SETTINGS, {}, 1, source, log=lambda _: None)
+    before = {path: open(path, "rb").read() for path in _files(source)}
+    sweep.run_sweep("quick", [*SETTINGS, "eval.tolerance=1"], {}, 1, other, reuse=source, log=lambda _: None)
+    copied = os.path.join(other, "base", "seed0", "kd")
+    assert not os.path.islink(copied)
+    assert open(os.path.join(copied, "checkpoints", "weights")).read().count("trained by") == 2  # copied, then ran
+    assert {path: open(path, "rb").read() for path in _files(source)} == before
+
+
+def _files(directory):
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(directory) for name in names
+                  if not name.startswith("."))
+
+
+def test_a_partial_sweep_says_how_many_seeds_it_has_and_exits_non_zero(tmp_path, monkeypatch):
+    _fake_demo(monkeypatch, fail_seeds=(1,))
+    rows = sweep.run_sweep("quick", SETTINGS, {}, 3, str(tmp_path), log=lambda _: None, command="partial")
+    assert sweep_report.failed_runs(rows) == [("base", 1)]
+    report = (tmp_path / "report.md").read_text()
+    assert "# Sweep: 3 seeds; 1 of 3 runs failed" in report and "**2 of 3 seeds finished**" in report
+    assert "| kd | 0.81 [" in report and "(n=2)" in report  # every cell over 2 of the 3 seeds says so
+    stats = json.loads((tmp_path / "statistics.json").read_text())
+    entry = next(e for e in stats["models"] if e["model"] == "kd" and e["metric"] == "map_cosine")
+    assert (entry["n"], entry["n_undefined"]) == (2, 1) and math.isclose(entry["mean"], 0.6)
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: rows)
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed \(base seed 1\).*--allow-failed"):
+        sweep.main(["--workdir", str(tmp_path)])
+    sweep.main(["--workdir", str(tmp_path), "--allow-failed"])  # accepted: no exit
+
+
+def test_grid_values_that_type_to_one_value_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="matching_weight=10 and matching_weight=10.0 are the same config"):
+        sweep.run_sweep("quick", SETTINGS, {"students.kd_match.objective.matching_weight": ["10", "10.0", "1e1"]}, 1,
+                        str(tmp_path))
+    assert not os.path.exists(tmp_path / "sweep.json")
+
+
+def test_two_sweeps_on_one_directory_are_refused_naming_the_holder(tmp_path, monkeypatch):
+    _fake_demo(monkeypatch)
+    from attrjax.locking import DirectoryInUseError, exclusive_directory
+    with exclusive_directory(tmp_path):
+        with pytest.raises(DirectoryInUseError, match=f"in use by pid {os.getpid()} on "):
+            sweep.run_sweep("quick", SETTINGS, {}, 1, str(tmp_path), log=lambda _: None)

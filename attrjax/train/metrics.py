@@ -49,7 +49,8 @@ class MetricWriter:
         os.makedirs(directory, exist_ok=True)
         self.directory, self.step_offset = directory, step_offset
         self._summary_writer = SummaryWriter
-        self._events = None  # opened at the first write: a run that logs nothing leaves no empty event file
+        # Opened at the first write: a run that logs nothing leaves no empty event file.
+        self._events: SummaryWriter | None = None
         self._purge_step: int | None = None
         self._csv_path = os.path.join(directory, CSV_NAME)
         # Empty too when a run was killed between creating the file and its first flush: the header goes first.
@@ -107,10 +108,10 @@ def _drop_csv_rows_after(path: str, step: int) -> None:
     if len(kept) == len(rows):
         return
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".tmp-", suffix=".csv", newline="",
-                                     delete=False) as f:
-        csv.writer(f).writerows(kept)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
+                                     delete=False) as temporary:
+        csv.writer(temporary).writerows(kept)
+    os.chmod(temporary.name, 0o644)
+    os.replace(temporary.name, path)
 
 
 def _masked_crc32c(data: bytes) -> int:

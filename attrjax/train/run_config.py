@@ -15,6 +15,7 @@ import shutil
 from typing import Any, Callable, Mapping
 
 from attrjax.files import json_compatible, json_digest, write_json
+from attrjax.locking import LOCK_FILE
 
 RUN_CONFIG_FILE = "run_config.json"
 ON_CONFIG_CHANGE = ("refuse", "restart")
@@ -76,7 +77,7 @@ def _mismatch_message(directory: str, record: dict | None, run_config: Mapping[s
 
 
 def _has_content(directory: str) -> bool:
-    return os.path.isdir(directory) and any(name != RUN_CONFIG_FILE for name in os.listdir(directory))
+    return os.path.isdir(directory) and any(name not in (RUN_CONFIG_FILE, LOCK_FILE) for name in os.listdir(directory))
 
 
 def check_run_config(directory: str, run_config: Mapping[str, Any]) -> None:
