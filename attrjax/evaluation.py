@@ -27,6 +27,8 @@ from attrjax.metrics import (class_average_precision, curve_auc, deletion_curve,
                              summarize_localization, top_k_iou)
 from attrjax.metrics.localization import mean_or_nan
 from attrjax.models import ModelLike, logits_fn
+from attrjax.models.split import check_images
+from attrjax.train.objective import check_labels
 from attrjax.train.sharding import batch_sharding, data_mesh, replicated
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
@@ -107,6 +109,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, *, f1_threshol
       the remaining images as if the run were sound. A mean with nothing to average is NaN too.
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
+    check_labels(labels, logits.shape, "multilabel")
     positive = labels > 0
     nonfinite = ~np.all(np.isfinite(logits), axis=-1)
 
@@ -155,7 +158,7 @@ class ClassificationEvaluator:
         """Logits (N,K) and labels (N,K) of the batches' ``valid`` rows; in a multi-process run, of every process's
         batches (its share of the split, ``eval_batches(..., shard=process_shard())``), in process order."""
         variables = self.placement.variables(variables)
-        rows = [{"logits": np.asarray(self.predict_fn(variables, *self.placement.rows(batch["image"]))),
+        rows = [{"logits": np.asarray(self.predict_fn(variables, *self.placement.rows(_images(batch)))),
                  "labels": np.asarray(batch["labels"]), "valid": np.asarray(batch["valid"])} for batch in batches]
         if not rows:
             raise ValueError("no batches to evaluate: pass at least one eval batch")
@@ -255,7 +258,7 @@ class AttributionEvaluator:
         kept: list[dict[str, np.ndarray]] = []
         raw_per_batch: list[np.ndarray] = []
         for index, batch in enumerate(batches):
-            images, masks = self.placement.rows(batch["image"], batch["mask"])
+            images, masks = self.placement.rows(_images(batch), batch["mask"])
             raw_maps, logits = self.attribute(variables, images)
             maps, scores = self.score_batch(raw_maps, logits, masks, reference_maps_of(index, images, raw_maps))
             if keep_raw_maps:
@@ -305,6 +308,12 @@ class AttributionEvaluator:
             maps_fn = jax.jit(_all_class_maps(model, self.layer, self.method, self.method_options))
             self._reference_attributions[id(model)] = (model, maps_fn)
         return self._reference_attributions[id(model)][1]
+
+
+def _images(batch: dict):
+    """The batch's images (B,S,S,3), refused unless floating point."""
+    check_images(batch["image"], "eval batch")
+    return batch["image"]
 
 
 def _concatenated(batches: list):

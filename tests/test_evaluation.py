@@ -235,3 +235,19 @@ def test_an_evaluator_built_once_scores_any_variables_of_its_model():
         evaluator.evaluate(teacher, [])
     with pytest.raises(ValueError, match="reference must be"):
         evaluator.evaluate(teacher, _batches(images, masks, 4), reference="teacher")
+
+
+def test_evaluators_refuse_integer_images_and_class_index_labels():
+    model, images, masks = _tiny_setup()
+    variables = init_variables(model, jax.random.key(4))
+    pixels = {"image": np.zeros((4, 16, 16, 3), np.uint8), "mask": masks[:4], "labels": np.eye(3)[[0, 1, 2, 0]],
+              "valid": np.ones(4, bool)}
+    message = r"eval batch: images must be floating point \(normalised floats\), got uint8"
+    with pytest.raises(ValueError, match=message):
+        ClassificationEvaluator(model).predictions(variables, [pixels])
+    with pytest.raises(ValueError, match=message):
+        AttributionEvaluator(model, layer="conv2_1", prediction_rule="top1").evaluate(variables, [pixels])
+    indices = {"image": images[:3], "labels": np.array([0, 1, 2]), "valid": np.ones(3, bool)}  # B == K
+    with pytest.raises(ValueError, match=r"labels must be \(B, K\) multi-hot for logits \(3, 3\) \(B, K\), got labels "
+                                         r"of shape \(3,\).*one-hot them \(jax.nn.one_hot\(labels, 3\)"):
+        dict(ClassificationEvaluator(model).run(variables, [indices]))

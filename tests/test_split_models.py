@@ -344,3 +344,88 @@ def test_an_inverted_mode_keyword_is_not_offered_as_the_train_argument():
     # mode, so the error asks for a wrapper instead.
     with pytest.raises(ValueError, match=r"wrap the module .*'deterministic' is True in eval mode"):
         LinenSplitModel(DeterministicKeywordCNN(), IMAGES[:1])
+
+
+class ChannelsFirst(nn.Module):
+    """An NCHW transpose: with 8 channels on 8 x 8 images its output has the shape of a (B,H,W,C) map."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+
+class TokenHeads(nn.Module):
+    """A feature map, per-head attention projections of it (as tokens (B,T,D) and on the 4-D map) and NCHW."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(8, (3, 3), name="conv")(x)
+        query = nn.DenseGeneral((2, 3), name="query")(a.reshape(a.shape[0], -1, 8))  # kernel (D, heads, head_dim)
+        query_4d = nn.DenseGeneral((2, 3), axis=(-2, -1), name="query_4d")(a)  # (B,H,heads,head_dim)
+        nchw = ChannelsFirst(name="nchw")(a)
+        pooled = jnp.mean(query, axis=(1, 2)) + jnp.mean(query_4d, axis=(1, 2)) + jnp.mean(nchw, axis=(2, 3))[:, :3]
+        return nn.Dense(3, name="fc")(pooled)
+
+
+def test_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refused_by_name():
+    model = TokenHeads()
+    split = LinenSplitModel(model, IMAGES[:1])
+    chex.assert_equal(split.layers, ("conv",))
+    variables = jax.eval_shape(split.init, jax.random.key(1), IMAGES)  # refused before anything is computed
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(1, 64, 2, 3\) with axes \(batch, mixed, mixed, "
+                                         r"mixed\), not a feature map \(batch, height, width, channels\)"):
+        class_maps(model, variables, IMAGES, "gradcam", layer="query")
+    with pytest.raises(ValueError, match=r"layer 'query_4d' outputs \(1, 8, 2, 3\) with axes \(batch, height, "
+                                         r"mixed, mixed\)"):
+        split.linearize(variables, IMAGES, "query_4d")
+    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(1, 8, 8, 8\) with axes \(batch, channels, height, "
+                                         r"width\).*transpose a channels-first output"):
+        class_maps(model, variables, IMAGES, "gradcam", layer="nchw")
+
+
+class NNXChannelsFirst(nnx.Module):
+    def __call__(self, x):
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+
+class NNXTokenHeads(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.query = nnx.LinearGeneral(8, (2, 3), rngs=rngs)  # kernel (D, heads, head_dim)
+        self.nchw = NNXChannelsFirst()
+        self.fc = nnx.Linear(3, 3, rngs=rngs)
+
+    def __call__(self, x):
+        a = self.conv(x)
+        query = self.query(a.reshape(a.shape[0], -1, 8))
+        return self.fc(jnp.mean(query, axis=(1, 2)) + jnp.mean(self.nchw(a), axis=(2, 3))[:, :3])
+
+
+def test_nnx_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refused_by_name():
+    split = NNXSplitModel.from_module(NNXTokenHeads(nnx.Rngs(0)), IMAGES)
+    chex.assert_equal(split.layers, ("conv",))
+    variables = split.init(None, IMAGES)
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(1, 64, 2, 3\) with axes \(batch, mixed"):
+        class_maps(split, variables, IMAGES, "gradcam", layer="query")
+    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(1, 8, 8, 8\) with axes \(batch, channels"):
+        split.linearize(variables, IMAGES, "nchw")
+
+
+class MapZoo(nn.Module):
+    """Layers that keep the (B,H,W,C) layout through reshapes, pools, grouped and transposed convolutions."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.GroupNorm(num_groups=2, name="gn")(nn.Conv(8, (3, 3), name="conv")(x))  # splits C into groups
+        x = nn.avg_pool(x, (2, 2), (2, 2)) + nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.Conv(8, (3, 3), feature_group_count=8, name="depthwise")(x)
+        x = jnp.concatenate([x, nn.Dense(4, name="pointwise")(x)], axis=-1)
+        x = nn.ConvTranspose(4, (2, 2), strides=(2, 2), name="up")(x)
+        squeeze = nn.Dense(4, name="squeeze")(jnp.mean(x, axis=(1, 2), keepdims=True))  # (B,1,1,C): not spatial
+        return nn.Dense(3)(jnp.mean(x * squeeze, axis=(1, 2)))
+
+
+def test_layers_that_keep_the_map_layout_are_listed():
+    split = LinenSplitModel(MapZoo(), IMAGES[:1])
+    chex.assert_equal(split.layers, ("conv", "gn", "depthwise", "pointwise", "up"))
+    assert "(batch, constant, constant, channels)" in split.not_feature_maps["squeeze"]

@@ -228,3 +228,28 @@ def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
     np.testing.assert_allclose([value for _, value in events["train/loss"]],
                                [record["loss"] for record in first[:2] + replayed], rtol=1e-6)
     assert len([name for name in os.listdir(curves) if name.startswith("events")]) == 2
+
+
+def test_integer_images_and_class_index_labels_are_refused_and_single_labels_still_train():
+    _, student = _models()
+    variables = init_variables(student, jax.random.key(1))
+
+    def run(objective, **changes):
+        def batches(start_step):
+            yield {**next(_batches(batch_size=4)(start_step)), **changes}
+        return train(student, variables, sgd(0.05), objective, batches, 1, rng=jax.random.key(0), log=lambda _: None,
+                     teacher=student, teacher_variables=variables)
+
+    with pytest.raises(ValueError, match=r"batch of step 1: images must be floating point \(normalised floats\), got "
+                                         r"uint8; convert them, e.g. images.astype\(np.float32\) / 255"):
+        run(Objective(), image=np.zeros((4, 16, 16, 3), np.uint8))
+    indices = np.array([0, 1, 2, 3])  # B == K: (B,) would broadcast against the (B,K) logits
+    with pytest.raises(ValueError, match=r"multilabel labels must be \(B, K\) multi-hot for logits \(4, 4\) \(B, K\), "
+                                         r"got labels of shape \(4,\) .*look like class indices: one-hot them"):
+        run(Objective(), labels=indices)
+    with pytest.raises(ValueError, match=r"got labels of shape \(4,\)"):
+        run(Objective(kd="binary"), labels=indices)  # binary KD mixes in the multi-label loss
+    batch = {**next(_batches(batch_size=4)(0)), "labels": indices}  # single-label objectives take class indices
+    loss, _ = jax.eval_shape(make_loss_fn(student, Objective(labels="single")), variables["params"],
+                             variables["batch_stats"], {}, batch, jax.random.key(2))
+    chex.assert_shape(loss, ())

@@ -32,7 +32,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from attrjax.models.layout import IMAGE_AXES, describe, is_feature_map, traced_axes
 
 Variables = Mapping[str, Any]
 # Keywords that switch a linen module's training mode under another name than ``train`` (named in errors); the
@@ -95,10 +98,19 @@ class SplitModel(abc.ABC):
         return LayerLinearization(lin.activations[layer], lin.logits, lambda cotangent: lin.vjp(cotangent)[layer],
                                   lin.state)
 
+    @property
+    def not_feature_maps(self) -> Mapping[str, str]:
+        """Submodules whose output has rank 4 but is not a feature map (B,H,W,C), so they are not ``layers``: name ->
+        why (``check_layer``'s error)."""
+        return {}
+
     def check_layer(self, layer: str) -> None:
-        """Raises ValueError, listing the layers, unless ``layer`` is one of them."""
-        if layer not in self.layers:
-            raise ValueError(f"unknown layer {layer!r}; this model has: {', '.join(self.layers)}")
+        """Raises ValueError unless ``layer`` is one of ``layers``: why it is not a feature map, or the layers."""
+        if layer in self.layers:
+            return
+        if layer in self.not_feature_maps:
+            raise ValueError(self.not_feature_maps[layer])
+        raise ValueError(f"unknown layer {layer!r}; this model has: {', '.join(self.layers)}")
 
     def check_layers(self, layers: Sequence[str]) -> tuple[str, ...]:
         """``layers`` without repeats, after ``check_layer`` on each; at least one is needed."""
@@ -112,6 +124,16 @@ class SplitModel(abc.ABC):
     def activation_shape(self, variables: Variables, images: jax.Array, layer: str) -> tuple[int, ...]:
         """The (B,H,W,C) shape of the activations at ``layer`` for ``images`` (nothing is computed)."""
         return jax.eval_shape(lambda v, x: self.linearize(v, x, layer).activations, variables, images).shape
+
+
+def check_images(images, where: str) -> None:
+    """Raises ValueError unless ``images`` (B,S,S,3) are floating point: the normalised floats a network takes,
+    never raw 8-bit pixels. Reads the dtype only (no transfer, no sync)."""
+    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{where}: images must be floating point (normalised floats), got {dtype}; convert them, "
+                         "e.g. images.astype(np.float32) / 255, then apply the dataset's normalisation (subtract its "
+                         "mean, divide by its std)")
 
 
 def _check_activations(layer: str, activations) -> None:
@@ -186,9 +208,11 @@ class LinenSplitModel(SplitModel):
 
     Its layers are its submodules that output one feature map (B,H,W,C), named by their paths (``stage3``,
     ``layer4.1``, ``backbone.block2.conv``; see ``module_path``), found by tracing one call with
-    ``flax.linen.intercept_methods``. Linearising at a layer adds a zero perturbation to that submodule's output in
-    an ordinary forward pass, so the gradient there is exact, the pass runs once (dropout and BatchNorm statistics
-    are those of this very pass) and ``jax.grad`` differentiates through it.
+    ``flax.linen.intercept_methods``; a rank-4 output that is not a map (an attention projection, an NCHW
+    transpose) is not a layer, and ``check_layer`` says why (``_feature_map_layers``). Linearising at a layer adds
+    a zero perturbation to that submodule's output in an ordinary forward pass, so the gradient there is exact, the
+    pass runs once (dropout and BatchNorm statistics are those of this very pass) and ``jax.grad`` differentiates
+    through it.
 
     Attributes:
       module: the linen module.
@@ -234,22 +258,32 @@ class LinenSplitModel(SplitModel):
         return out if train else (out, {})
 
     @functools.cached_property
-    def layers(self) -> tuple[str, ...]:
-        """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed."""
-        names: dict[str, None] = {}  # an ordered set
+    def _traced_layers(self) -> "_Layers":
+        calls: list[tuple[str, jax.Array]] = []
 
         def record(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path and getattr(out, "ndim", 0) == 4:
-                names[module_path(context.module)] = None
+                calls.append((module_path(context.module), out))
             return out
 
-        def forward(images):
+        def forward(images, variables):
             with nn.intercept_methods(record):
-                return self._call(self.init(jax.random.key(0), images), images, False, None)[0]
+                self._call(variables, images, False, None)
+            return [out for _, out in calls]
 
-        jax.eval_shape(forward, self.example_images)
-        return tuple(names)
+        variables = jax.eval_shape(self.init, jax.random.key(0), self.example_images)
+        return _feature_map_layers(forward, self.example_images, variables, calls)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed (see
+        ``_feature_map_layers``)."""
+        return self._traced_layers.names
+
+    @property
+    def not_feature_maps(self) -> Mapping[str, str]:
+        return self._traced_layers.not_feature_maps
 
     def init(self, rng, images):
         init_rngs = {"params": rng, self.rng_collection: jax.random.fold_in(rng, 1)}
@@ -289,6 +323,33 @@ class LinenSplitModel(SplitModel):
             return logits, (outputs, state)
 
         return _linearize_by_perturbation(forward, layers)
+
+
+class _Layers(NamedTuple):
+    names: tuple[str, ...]  # the submodules that output a feature map, in forward order
+    not_feature_maps: dict[str, str]  # the other submodules with a rank-4 output -> why they are not layers
+
+
+def _feature_map_layers(forward: Callable, images: jax.Array, variables: Variables,
+                        calls: list[tuple[str, jax.Array]]) -> _Layers:
+    """The layers of a network: ``forward(images (B,S,S,3), variables) -> outputs`` runs it once, appending
+    ``(submodule name, output)`` to ``calls`` for every rank-4 output and returning those outputs. A submodule is a
+    layer when every output of it is a feature map: its axes, traced from the images through the network's jaxpr
+    (``attrjax.models.layout``), are the images' batch, height and width and, last, channels. A per-head attention
+    projection (B,T,heads,head_dim) or a channels-first (B,C,H,W) output has rank 4 but is not one."""
+    axes = traced_axes(forward, images, variables)
+    refused: dict[str, str] = {}
+    for (name, out), out_axes in zip(calls, axes):
+        if not is_feature_map(out_axes) and name not in refused:
+            refused[name] = (
+                f"layer {name!r} outputs {tuple(out.shape)} with axes {describe(out_axes)}, not a feature map "
+                f"{describe(IMAGE_AXES)}: its axes, traced from the images through the network, are not the images' "
+                "batch, height and width with channels last, so a map of it would be read along the wrong axes. "
+                "Split at a layer that keeps the images' layout (a convolution, or a normalisation or activation "
+                "after one); transpose a channels-first output to channels-last in the model; per-head attention "
+                "projections and token sequences are not feature maps")
+    names = tuple(dict.fromkeys(name for name, _ in calls if name not in refused))
+    return _Layers(names, refused)
 
 
 def _single_outputs(outputs: dict[str, list]) -> dict[str, Any]:
@@ -442,24 +503,33 @@ class NNXSplitModel(SplitModel):
         return logits, _single_outputs(outputs), state
 
     @functools.cached_property
-    def layers(self) -> tuple[str, ...]:
-        def forward(variables, images):
+    def _traced_layers(self) -> "_Layers":
+        calls: list[tuple[str, jax.Array]] = []
+
+        def forward(images, variables):
             model = self._merged(variables, False, None)
             paths = {id(module): _nnx_path(path) for path, module in model.iter_modules() if path}
-            order = []
 
             def record(module, out):
                 if getattr(out, "ndim", 0) == 4:
-                    order.append(paths[id(module)])
+                    calls.append((paths[id(module)], out))
                 return out
 
             with _calls_observed([module for path, module in model.iter_modules() if path], record):
                 model(images)
-            return order
+            return [out for _, out in calls]
 
-        order: list[str] = []
-        jax.eval_shape(lambda v, x: order.extend(forward(v, x)), self.initial_variables, self.example_images)
-        return tuple(dict.fromkeys(order))
+        return _feature_map_layers(forward, self.example_images, self.initial_variables, calls)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The submodules whose output is one feature map (B,H,W,C), in the order they run (see
+        ``_feature_map_layers``)."""
+        return self._traced_layers.names
+
+    @property
+    def not_feature_maps(self) -> Mapping[str, str]:
+        return self._traced_layers.not_feature_maps
 
     def init(self, rng, images):
         del rng, images  # an NNX module is created initialised: its variables came with it

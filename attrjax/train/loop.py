@@ -17,6 +17,7 @@ import optax
 
 from attrjax.distributed import check_same_everywhere, is_primary, primary_first
 from attrjax.models import ModelLike
+from attrjax.models.split import check_images
 from attrjax.paths import path_name
 from attrjax.progress import Progress
 from attrjax.train import checkpoint
@@ -35,7 +36,9 @@ STEP_INPUTS = ("image", "labels")  # what the step reads; other keys (e.g. masks
 
 
 def check_batch(batch: dict, step: int):
-    """Host-side input validation: images and labels must be finite (NaN/inf would silently poison the weights)."""
+    """Host-side input validation: images must be floating point (normalised, not raw uint8 pixels), and images and
+    labels finite (NaN/inf would silently poison the weights)."""
+    check_images(batch["image"], f"batch of step {step}")
     for key in STEP_INPUTS:
         values = np.asarray(batch[key])
         if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):

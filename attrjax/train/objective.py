@@ -113,6 +113,21 @@ class LossTerm(abc.ABC):
             raise ValueError(f"the weight of loss term {self.name!r} must be a number >= 0, got {self.weight!r}")
 
 
+def check_labels(labels, logits_shape: tuple[int, ...], kind: str) -> None:
+    """Raises ValueError unless ``labels`` fit logits (B,K): ``multilabel`` labels are (B,K) exactly (multi-hot,
+    never broadcast), ``single`` labels (B,) integer class indices or (B,K) one-hot. Reads shapes and dtypes only."""
+    shape, integer = tuple(labels.shape), jnp.issubdtype(labels.dtype, jnp.integer)
+    if shape == tuple(logits_shape) or (kind == "single" and integer and shape == tuple(logits_shape[:1])):
+        return
+    expected = "(B, K) multi-hot" if kind == "multilabel" else "(B,) integer class indices or (B, K) one-hot"
+    hint = ""
+    if kind == "multilabel" and integer and len(shape) == 1:
+        hint = (f"; these look like class indices: one-hot them (jax.nn.one_hot(labels, {logits_shape[-1]}), or "
+                f"np.eye({logits_shape[-1]})[labels]), or train with single labels (labels='single', kd='softmax')")
+    raise ValueError(f"{kind} labels must be {expected} for logits {tuple(logits_shape)} (B, K), got labels of "
+                     f"shape {shape} and dtype {labels.dtype}{hint}")
+
+
 def _function_name(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
@@ -141,6 +156,7 @@ class TaskLoss(LossTerm):
         self._check_weight()
 
     def __call__(self, inputs):
+        check_labels(inputs.labels, inputs.student.logits.shape, self.labels)
         if self.labels == "single":
             return distill.softmax_cross_entropy(inputs.student.logits, inputs.labels)
         return distill.multilabel_soft_margin_loss(inputs.student.logits, inputs.labels)
@@ -176,6 +192,7 @@ class DistillationLoss(LossTerm):
         return True
 
     def __call__(self, inputs):
+        check_labels(inputs.labels, inputs.student.logits.shape, "multilabel" if self.kind == "binary" else "single")
         loss = distill.binary_kd_loss if self.kind == "binary" else distill.softmax_kd_loss
         return loss(inputs.student.logits, inputs.teacher.logits, inputs.labels, temperature=self.temperature,
                     alpha=self.alpha)
