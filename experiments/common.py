@@ -9,6 +9,8 @@ import dataclasses
 import functools
 import os
 import sys
+import time
+import traceback
 import zlib
 from typing import Callable
 
@@ -207,6 +209,21 @@ def main_for(run: Callable, doc: str, validate: Callable | None = None):
         sys.exit(f"error: {error}\n(on the command line: --config.on_config_change=restart)")
     except (ValueError, FileNotFoundError, FloatingPointError, DirectoryInUseError) as error:
         sys.exit(f"error: {error}")  # bad settings, missing runs, divergence, another writer
+    except OSError as error:  # a checkpoint, curve or result that could not be written: one line, the rest logged
+        sys.exit(f"error: {error}{traceback_saved(args.workdir)}")
+
+
+def traceback_saved(workdir: str) -> str:
+    """Writes the exception being handled's traceback to ``<workdir>/logs/error-<time>.txt``; returns
+    ``" (traceback in PATH)"``, or ``""`` where it cannot be written (the disk that is full)."""
+    path = os.path.join(workdir, "logs", f"error-{time.strftime('%Y%m%d-%H%M%S')}.txt")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(traceback.format_exc())
+    except OSError:
+        return ""
+    return f" (traceback in {path})"
 
 
 def check_count(name: str, value, *, minimum: int = 1) -> None:

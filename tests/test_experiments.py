@@ -16,7 +16,7 @@ import pytest
 from attrjax.attribution.methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
 from attrjax.quantization import load_deployed
-from attrjax.train import RunConfigMismatchError, make_optimizer, read_events
+from attrjax.train import CheckpointWriteError, RunConfigMismatchError, make_optimizer, read_events
 from experiments import common, demo, distill, prune, quantize, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
@@ -271,3 +271,19 @@ def test_the_resnet_grid_runs_with_one_switch(tmp_path):
     assert results["structured_match"]["params"] == student_params < results["teacher"]["params"] / 3
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and -1.0 <= row["methods"]["gradcam"]["map_cosine"] <= 1.0
+
+
+def test_a_write_failure_ends_an_experiment_with_one_line_and_its_traceback_in_the_log(tmp_path, monkeypatch):
+    def run(config, workdir):
+        raise CheckpointWriteError(f"could not write checkpoint 40 into {workdir}/teacher/checkpoints "
+                                   "(PermissionError: Operation not permitted); the newest intact checkpoint, step 20, "
+                                   "is untouched")
+
+    monkeypatch.setattr(demo, "run", run)
+    monkeypatch.setattr("sys.argv", ["demo", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: could not write checkpoint 40") and "\n" not in message
+    (log,) = (tmp_path / "logs").iterdir()
+    assert message.endswith(f"(traceback in {log})") and "Traceback" in log.read_text()

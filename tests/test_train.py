@@ -4,6 +4,8 @@ processes: tests/test_multihost.py)."""
 import csv
 import os
 import shutil
+import subprocess
+import time
 
 import chex
 import jax
@@ -13,8 +15,9 @@ import optax
 import pytest
 
 from attrjax.models import init_variables, vgg
-from attrjax.train import (MetricWriter, Objective, TrainState, data_mesh, jit_train_step, learning_rate_schedule,
-                           make_loss_fn, make_train_step, read_events, replicate, sgd, shard_batch, train)
+from attrjax.train import (CheckpointWriteError, MetricWriter, Objective, TrainState, data_mesh, jit_train_step,
+                           learning_rate_schedule, make_loss_fn, make_train_step, read_events, replicate, sgd,
+                           shard_batch, train)
 
 KWARGS = dict(num_classes=4, image_size=16, attribution_layer="pool2")
 
@@ -253,3 +256,35 @@ def test_integer_images_and_class_index_labels_are_refused_and_single_labels_sti
     loss, _ = jax.eval_shape(make_loss_fn(student, Objective(labels="single")), variables["params"],
                              variables["batch_stats"], {}, batch, jax.random.key(2))
     chex.assert_shape(loss, ())
+
+
+def _immutable(directory, on: bool) -> bool:
+    """``chattr +i`` / ``-i``: a directory nobody may write, root included; False where the file system or the
+    process cannot do it."""
+    return subprocess.run(["chattr", "+i" if on else "-i", str(directory)], capture_output=True).returncode == 0
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_it_resumes_exactly(tmp_path):
+    _, student = _models()
+    directory = tmp_path / "checkpoints"
+
+    def run(directory, batches=_batches()):
+        return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), batches, 6,
+                     rng=jax.random.key(0), checkpoint_dir=str(directory), checkpoint_every=2, log=lambda _: None)[0]
+
+    def directory_made_unwritable_at_step_3(start_step):
+        for step, batch in enumerate(_batches()(start_step), start_step + 1):
+            if step == 3 and not _immutable(directory, True):
+                pytest.skip("chattr +i is not available here")
+            yield batch
+
+    started = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint 4 into .*checkpoints \(Perm.*"
+                           r"the newest intact checkpoint, step 2, is untouched and a rerun"):
+            run(directory, directory_made_unwritable_at_step_3)
+    finally:
+        _immutable(directory, False)
+    assert time.perf_counter() - started < 60  # orbax's background threads used to wait 300 s here
+    chex.assert_trees_all_equal(jax.device_get(run(directory).params),
+                                jax.device_get(run(tmp_path / "uninterrupted").params))

@@ -1,6 +1,7 @@
 """Train state, objectives as loss terms, the jit step, sharding, checkpoints, metric files and the loop."""
 
-from attrjax.train.checkpoint import CorruptCheckpointError, NonFiniteStateError, checkpoint_manager, restore_latest
+from attrjax.train.checkpoint import (CheckpointWriteError, CorruptCheckpointError, NonFiniteStateError,
+                                      checkpoint_manager, restore_latest)
 from attrjax.train.loop import run_record, train
 from attrjax.train.metrics import MetricWriter, read_events
 from attrjax.train.run_config import RunConfigMismatchError, bind_run_config, check_run_config, read_run_config
@@ -13,7 +14,8 @@ from attrjax.train.step import jit_train_step, make_loss_fn, make_train_step
 __all__ = ["AttributionMatching", "DistillationLoss", "LossTerm", "NetworkOutputs", "PropagationMatching", "TaskLoss",
            "TermInputs",
            "activation_map", "gradcam_map"]
-__all__ += ["CorruptCheckpointError", "MetricWriter", "NonFiniteStateError", "Objective", "RunConfigMismatchError",
+__all__ += ["CheckpointWriteError", "CorruptCheckpointError", "MetricWriter", "NonFiniteStateError", "Objective",
+           "RunConfigMismatchError",
            "TrainState",
            "bind_run_config", "check_run_config", "checkpoint_manager", "data_mesh", "jit_train_step",
            "learning_rate_schedule", "make_loss_fn", "make_optimizer", "make_train_step", "optimizer_schedule",

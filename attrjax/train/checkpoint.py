@@ -33,6 +33,11 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint whose files are missing, unreadable or do not match their manifest."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (permissions, a full disk, a vanished directory); the older ones are
+    intact."""
+
+
 def check_step_count(name: str, value) -> None:
     """Raises ValueError unless ``value`` is a positive integer number of steps (bools are not)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -42,11 +47,15 @@ def check_step_count(name: str, value) -> None:
 def checkpoint_manager(directory: str, *, save_every: int, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A manager that saves every ``save_every`` steps (and on ``force=True``) and keeps the newest few.
 
-    Close it (``manager.close()``) on every exit path: an open manager prints orbax's background-thread errors at
-    interpreter exit.
+    Saves are synchronous: a save that fails (an unwritable directory, a full disk) raises at once in the training
+    loop, where asynchronous saves left orbax's background threads waiting minutes for a step directory that never
+    came. The demo's and the paper's states save in well under a second.
+
+    Close it (``manager.close()``) on every exit path: an open manager prints orbax's errors at interpreter exit.
     """
     check_step_count("save_every", save_every)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=max_to_keep,
+                                           enable_async_checkpointing=False)
     handlers = {STATE: ocp.StandardCheckpointHandler(), MANIFEST: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
@@ -83,6 +92,7 @@ def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, forc
     Raises:
       NonFiniteStateError: ``state`` holds NaN or inf; nothing is written, so the newest checkpoint stays the last
         finite one.
+      CheckpointWriteError: the files could not be written; it names the cause and the newest intact checkpoint.
     """
     step = int(state.step) if step is None else step
     if not (force or manager.should_save(step)):
@@ -92,9 +102,27 @@ def save(manager: ocp.CheckpointManager, state, *, step: int | None = None, forc
     if bad:
         raise NonFiniteStateError(f"refusing to checkpoint step {step}: {len(bad)} state arrays hold NaN or inf "
                                   f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
-    manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                  MANIFEST: ocp.args.JsonSave(manifest(host_state))}), force=force)
+    newest = manager.latest_step()
+    try:
+        manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                      MANIFEST: ocp.args.JsonSave(manifest(host_state))}), force=force)
+    except OSError as error:
+        intact = (f"the newest intact checkpoint, step {newest}, is untouched and a rerun of the same command resumes "
+                  "from it" if newest is not None else "there is no earlier checkpoint, so a rerun starts afresh")
+        raise CheckpointWriteError(f"could not write checkpoint {step} into {manager.directory} "
+                                   f"({type(error).__name__}: {error.strerror or error}); {intact} once the cause "
+                                   "is fixed (permissions, free disk space)") from error
     return True
+
+
+def close(manager: ocp.CheckpointManager, *, failing: bool) -> None:
+    """Closes ``manager``. ``failing``: another error is on its way out (a failed save, a diverged step), and what
+    closing raises on top of it, its echo, is dropped so that the first error is the one reported."""
+    try:
+        manager.close()
+    except Exception:
+        if not failing:
+            raise
 
 
 def _structure_mismatch(expected: dict, found: dict) -> list[str]:

@@ -8,6 +8,7 @@ on divergence stops naming the first non-finite step, the term that went non-fin
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -137,6 +138,8 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
       FloatingPointError: a step went non-finite (names the step, the term and the likely cause); nothing
         non-finite was checkpointed.
       attrjax.train.run_config.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
+      attrjax.train.CheckpointWriteError: a checkpoint could not be written (permissions, a full disk); the run
+        stops at once, naming the newest intact checkpoint, which a rerun resumes from.
     """
     checkpoint.check_step_count("num_steps", num_steps)
     checkpoint.check_step_count("log_every", log_every)
@@ -161,8 +164,8 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
                           terms=as_terms(objective), log_every=log_every, name=name, log=log,
                           metric_writer=metric_writer, learning_rate=learning_rate)
     finally:
-        if manager is not None:
-            manager.close()  # waits for the last save; an unclosed manager floods stderr at exit
+        if manager is not None:  # an unclosed manager floods stderr at exit
+            checkpoint.close(manager, failing=sys.exc_info()[0] is not None)
 
 
 def _run_steps(step_fn, state, teacher_variables, batches, num_steps, *, rng, manager, mesh, terms, log_every,

@@ -96,8 +96,12 @@ class MetricWriter:
     def __enter__(self) -> "MetricWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc_type is None:
+                raise  # else the error on its way out says what went wrong; a failed flush (a full disk) is its echo
 
 
 def _drop_csv_rows_after(path: str, step: int) -> None:
