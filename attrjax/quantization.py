@@ -31,7 +31,7 @@ import json
 import math
 import os
 import zipfile
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Iterable, Mapping, Sequence, cast
 
 import flax
 import flax.linen as nn
@@ -47,7 +47,7 @@ from qwix._src.utils import flax_util
 
 from attrjax.files import write_bytes, write_json
 from attrjax.models.adapters import as_split_model
-from attrjax.models.split import Linearization, SplitModel, Variables
+from attrjax.models.split import Linearization, SplitModel, Variables, check_images
 from attrjax.paths import path_name
 from attrjax.pruning.counting import storage_bytes
 
@@ -239,6 +239,10 @@ class QuantizedModel(SplitModel):
     def layers(self) -> tuple[str, ...]:
         return self._inner.layers
 
+    @property
+    def not_feature_maps(self) -> Mapping[str, str]:
+        return self._inner.not_feature_maps
+
     def init(self, rng, images):
         return {name: value for name, value in self._inner.init(rng, images).items() if name != QUANT_STATS}
 
@@ -256,10 +260,7 @@ def _check_calibration_batch(batch: jax.Array, index: int) -> None:
     """Raises ValueError unless ``batch`` is (B,S,S,C) with B >= 1, floating point, finite and not constant."""
     if batch.ndim != 4 or not len(batch):
         raise ValueError(f"calibration batches must be images (B,S,S,C) with B >= 1, got shape {batch.shape}")
-    if not jnp.issubdtype(batch.dtype, jnp.floating):
-        raise ValueError(f"calibration batch {index} is {batch.dtype}: calibration images must be floating point and "
-                         "normalised as the model's training images were (e.g. uint8 images: divide by 255, then "
-                         "normalise them with the dataset's mean and standard deviation)")
+    check_images(batch, f"calibration batch {index}")
     low, high = float(jnp.min(batch)), float(jnp.max(batch))  # NaN and inf reach both
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"calibration batch {index} holds non-finite values (min {low}, max {high}): calibrate on "

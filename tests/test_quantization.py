@@ -178,7 +178,8 @@ class _FrozenNoise(quant.StraightThroughProvider):
                 self.recorded.append(out - x)
             return out
         self.recorded.append(None)  # every forward pass (the layer-finding one too) calls the quantizers in order
-        return x + self.errors[(len(self.recorded) - 1) % len(self.errors)]
+        error = self.errors[(len(self.recorded) - 1) % len(self.errors)]
+        return x + error[:len(x)]  # the layer-finding trace runs a batch of 2
 
 
 def _matching_loss_at_conv1(split, variables, params, teacher_maps, target):
@@ -328,7 +329,7 @@ def test_calibration_refuses_inputs_that_would_give_a_dead_network(tiny):
     for images, message in ((jnp.zeros_like(IMAGES), "calibration batch 1 is constant"),
                             (jnp.full_like(IMAGES, jnp.nan), "calibration batch 1 holds non-finite values"),
                             (IMAGES.at[0, 0, 0, 0].set(jnp.inf), "calibration batch 1 holds non-finite values"),
-                            (np.uint8(255) * (np.asarray(IMAGES) > 0), "calibration batch 1 is uint8.*divide by 255")):
+                            (np.uint8(255) * (np.asarray(IMAGES) > 0), "batch 1: images must be fl.*uint8.*/ 255")):
         with pytest.raises(ValueError, match=message):
             quant.calibrate(model, variables, [IMAGES, images])
     # conv1 outputs relu(-1) = 0 everywhere: the block's input range is zero, whatever the images.

@@ -372,13 +372,13 @@ def test_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refused_
     split = LinenSplitModel(model, IMAGES[:1])
     chex.assert_equal(split.layers, ("conv",))
     variables = jax.eval_shape(split.init, jax.random.key(1), IMAGES)  # refused before anything is computed
-    with pytest.raises(ValueError, match=r"layer 'query' outputs \(1, 64, 2, 3\) with axes \(batch, mixed, mixed, "
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, mixed, mixed, "
                                          r"mixed\), not a feature map \(batch, height, width, channels\)"):
         class_maps(model, variables, IMAGES, "gradcam", layer="query")
-    with pytest.raises(ValueError, match=r"layer 'query_4d' outputs \(1, 8, 2, 3\) with axes \(batch, height, "
+    with pytest.raises(ValueError, match=r"layer 'query_4d' outputs \(B, 8, 2, 3\) with axes \(batch, height, "
                                          r"mixed, mixed\)"):
         split.linearize(variables, IMAGES, "query_4d")
-    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(1, 8, 8, 8\) with axes \(batch, channels, height, "
+    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(B, 8, 8, 8\) with axes \(batch, channels, height, "
                                          r"width\).*transpose a channels-first output"):
         class_maps(model, variables, IMAGES, "gradcam", layer="nchw")
 
@@ -405,9 +405,9 @@ def test_nnx_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refu
     split = NNXSplitModel.from_module(NNXTokenHeads(nnx.Rngs(0)), IMAGES)
     chex.assert_equal(split.layers, ("conv",))
     variables = split.init(None, IMAGES)
-    with pytest.raises(ValueError, match=r"layer 'query' outputs \(1, 64, 2, 3\) with axes \(batch, mixed"):
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, mixed"):
         class_maps(split, variables, IMAGES, "gradcam", layer="query")
-    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(1, 8, 8, 8\) with axes \(batch, channels"):
+    with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(B, 8, 8, 8\) with axes \(batch, channels"):
         split.linearize(variables, IMAGES, "nchw")
 
 

@@ -51,8 +51,12 @@ REGIONS = frozenset({"pad", "slice", "dynamic_slice"})  # a sub-region (or a pad
 
 def traced_axes(fn: Callable, images: jax.Array, *args) -> list[Axes]:
     """The axes of each output of ``fn(images, *args) -> list of arrays``, traced from the images (labelled
-    ``IMAGE_AXES``); ``args`` (variables) have no labels. Nothing is computed."""
-    closed = jax.make_jaxpr(fn)(images, *args)
+    ``IMAGE_AXES``); ``args`` (variables) have no labels. Nothing is computed.
+
+    The images are traced as a batch of at least two: along an axis of size 1 a value cannot be told from one
+    broadcast along it, so a batch of one (an example image) would lose its batch axis at the first reshape."""
+    batch = jax.ShapeDtypeStruct((max(2, images.shape[0]), *images.shape[1:]), images.dtype)
+    closed = jax.make_jaxpr(fn)(batch, *args)
     inputs: list[Axes] = [IMAGE_AXES] + [None] * (len(closed.jaxpr.invars) - 1)
     return jaxpr_axes(closed.jaxpr, inputs)
 

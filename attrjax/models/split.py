@@ -342,7 +342,8 @@ def _feature_map_layers(forward: Callable, images: jax.Array, variables: Variabl
     for (name, out), out_axes in zip(calls, axes):
         if not is_feature_map(out_axes) and name not in refused:
             refused[name] = (
-                f"layer {name!r} outputs {tuple(out.shape)} with axes {describe(out_axes)}, not a feature map "
+                f"layer {name!r} outputs (B, {', '.join(map(str, out.shape[1:]))}) with axes {describe(out_axes)}, "
+                "not a feature map "
                 f"{describe(IMAGE_AXES)}: its axes, traced from the images through the network, are not the images' "
                 "batch, height and width with channels last, so a map of it would be read along the wrong axes. "
                 "Split at a layer that keeps the images' layout (a convolution, or a normalisation or activation "
