@@ -195,8 +195,10 @@ def main_for(run: Callable, doc: str, validate: Callable | None = None):
         join_processes(args)
     except (ValueError, RuntimeError) as error:
         sys.exit(f"error: {error}")
-    # Identical programs (each round of iterative pruning, models of one shape, re-runs) compile once.
+    # Identical programs (each round of iterative pruning, the evaluation of models of one shape, re-runs) compile
+    # once, however fast: the demo compiles a few hundred small programs, half of them twice (naive and matched twins).
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
         config = load_config(args.config, overrides)
         distributed.check_same_everywhere("config", config.to_dict())

@@ -9,6 +9,8 @@ import os
 # compare runs of the same compiler.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=1",
                                     "--xla_llvm_disable_expensive_passes=true"]).strip()
+# The experiments' XLA flags (YNN fusions off) as well, whatever test module starts the backend first.
+import experiments  # noqa: E402,F401
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -147,7 +147,10 @@ def test_config_overrides_and_errors():
     with pytest.raises(ValueError, match="is not a list literal"):
         common.load_config("quick", ["pruning.structured.rates=0.7"])
     assert common.load_config("quick:resnet").to_dict() == common.load_config("quick_resnet").to_dict()
-    with pytest.raises(ValueError, match="the quick preset has the variants vgg and resnet, not 'resnet18'"):
+    long = common.load_config("quick:long")  # the schedules the README's evidence ran with
+    assert (long.teacher.num_steps, long.students.kd_match.num_steps, long.pruning.structured.num_steps,
+            long.pruning.unstructured.steps_per_round, long.quantization.num_steps) == (1200, 900, 150, 50, 100)
+    with pytest.raises(ValueError, match="the quick preset has the variants vgg, long and resnet, not 'resnet18'"):
         common.load_config("quick:resnet18")
     with pytest.raises(ValueError, match="takes 0 positional arguments"):
         common.load_config("pet:resnet")

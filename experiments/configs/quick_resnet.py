@@ -15,7 +15,7 @@ from experiments.configs import quick
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = quick.get_config()
+    config = quick.get_config("long")  # the schedules the ResNet grid was measured with
     config.matching_layer = "layer4_0"
     config.eval_layer = "layer4_0"
     optimizer = config.teacher.optimizer.to_dict()
