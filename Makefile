@@ -10,7 +10,6 @@ ARGS ?=
 # The demo needs the library alone; the tests add the linters and the docs builder.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
 	touch $@
 

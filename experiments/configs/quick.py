@@ -21,8 +21,8 @@ Grad-CAM to the teacher's (cosine 0.82 vs 0.48 for plain KD).
 Schedules: `make demo` must finish in 10 minutes on 2 cores. On a 2-core AVX2 EPYC the longer schedules it ran
 before (``--config quick:long``: teacher 1,200 steps, students 900, structured fine-tuning 150, unstructured 3 x 50,
 QAT 100; the README's multi-seed evidence ran with those) took 11.5 minutes even with XLA's own convolutions, so the
-demo now runs teacher 900 steps (sample mAP 0.956 there, 0.987 at 1,200), students 600, structured 100, unstructured
-3 x 35 and QAT 60. A 56 px variant of the same grid (pool3 7x7, as the paper's pool5) was faster still but its
+demo now runs teacher 900 steps (sample mAP 0.956 there, 0.987 at 1,200), students 500, structured 100, unstructured
+3 x 35 and QAT 40. A 56 px variant of the same grid (pool3 7x7, as the paper's pool5) was faster still but its
 1,000-step teacher reached only 0.85.
 
 Pruning (docs/method.md#training-objectives-per-setting):
@@ -75,7 +75,7 @@ def get_config(variant: str = "vgg") -> ml_collections.ConfigDict:
     optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
     config.teacher = dict(arch="vgg", layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
                           num_steps=900, optimizer=optimizer)
-    student = dict(arch="vgg", layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=600,
+    student = dict(arch="vgg", layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=500,
                    optimizer=optimizer)
     kd = dict(kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
@@ -92,7 +92,7 @@ def get_config(variant: str = "vgg") -> ml_collections.ConfigDict:
     )
     # Quantizing the teacher (docs/method.md#quantization): int8 weights and activations (bits=4 for int4), ranges
     # calibrated on training images; QAT fine-tunes through straight-through quantizers like pruning does.
-    config.quantization = dict(bits=8, calibration_images=512, num_steps=60, optimizer=finetune, matching_weight=10.0)
+    config.quantization = dict(bits=8, calibration_images=512, num_steps=40, optimizer=finetune, matching_weight=10.0)
     # Stochastic matching (docs/method.md#stochastic-matching) as a switch: adds a third student whose teacher maps
     # drop this fraction of channels each step (the paper's README uses 0.3).
     config.stochastic_drop_rate = 0.0
