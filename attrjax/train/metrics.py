@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import os
 import struct
-import tempfile
 from typing import Mapping, Protocol
+
+from attrjax.files import write_bytes
 
 CSV_NAME = "metrics.csv"
 
@@ -111,11 +113,9 @@ def _drop_csv_rows_after(path: str, step: int) -> None:
     kept = rows[:1] + [row for row in rows[1:] if int(row[0]) <= step]
     if len(kept) == len(rows):
         return
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".tmp-", suffix=".csv", newline="",
-                                     delete=False) as temporary:
-        csv.writer(temporary).writerows(kept)
-    os.chmod(temporary.name, 0o644)
-    os.replace(temporary.name, path)
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(kept)
+    write_bytes(path, text.getvalue().encode())
 
 
 def _masked_crc32c(data: bytes) -> int:
