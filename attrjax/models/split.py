@@ -202,8 +202,28 @@ def module_path(module: nn.Module) -> str:
     return ".".join(str(part) for part in module.path)
 
 
+class _TracedLayersModel(SplitModel):
+    """A split model whose layers are found by tracing one forward pass (``_traced_layers``, computed once by each
+    subclass: linen and NNX modules)."""
+
+    @property
+    @abc.abstractmethod
+    def _traced_layers(self) -> "_Layers":
+        """The layers and the refused rank-4 outputs, from one traced forward pass."""
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed (see
+        ``_feature_map_layers``)."""
+        return self._traced_layers.names
+
+    @property
+    def not_feature_maps(self) -> Mapping[str, str]:
+        return self._traced_layers.not_feature_maps
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class LinenSplitModel(SplitModel):
+class LinenSplitModel(_TracedLayersModel):
     """Any Flax linen classifier ``module(images, **{train_argument: train}) -> logits`` as a split model.
 
     Its layers are its submodules that output one feature map (B,H,W,C), named by their paths (``stage3``,
@@ -274,16 +294,6 @@ class LinenSplitModel(SplitModel):
 
         variables = jax.eval_shape(self.init, jax.random.key(0), self.example_images)
         return _feature_map_layers(forward, self.example_images, variables, calls)
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The submodules whose output is one feature map (B,H,W,C), in the order those outputs are computed (see
-        ``_feature_map_layers``)."""
-        return self._traced_layers.names
-
-    @property
-    def not_feature_maps(self) -> Mapping[str, str]:
-        return self._traced_layers.not_feature_maps
 
     def init(self, rng, images):
         init_rngs = {"params": rng, self.rng_collection: jax.random.fold_in(rng, 1)}
@@ -441,7 +451,7 @@ def _nnx_path(path: tuple) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class NNXSplitModel(SplitModel):
+class NNXSplitModel(_TracedLayersModel):
     """Any Flax NNX classifier ``module(images) -> logits`` as a split model.
 
     Variables are ``{"params": nnx.State of the nnx.Param leaves, "batch_stats": nnx.State of the nnx.BatchStat
@@ -521,16 +531,6 @@ class NNXSplitModel(SplitModel):
             return [out for _, out in calls]
 
         return _feature_map_layers(forward, self.example_images, self.initial_variables, calls)
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The submodules whose output is one feature map (B,H,W,C), in the order they run (see
-        ``_feature_map_layers``)."""
-        return self._traced_layers.names
-
-    @property
-    def not_feature_maps(self) -> Mapping[str, str]:
-        return self._traced_layers.not_feature_maps
 
     def init(self, rng, images):
         del rng, images  # an NNX module is created initialised: its variables came with it
