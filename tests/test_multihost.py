@@ -5,6 +5,7 @@ disagreements."""
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def test_two_processes_train_as_one_and_resume_after_both_are_killed(tmp_path):
     assert jax.device_count() == 1
     multihost_child.main(str(tmp_path / "single"), 4)  # the reference: one process (this one), one device
     killed = _run(tmp_path / "multi", 2, 2, 4, 3)
-    assert [process.returncode for process in killed] == [-9, -9]
+    # Each process SIGKILLs itself before step 3. The one that gets there second may be aborted first (SIGABRT) by
+    # JAX's distributed runtime, which ends a process whose peer has vanished: either way both die hard, mid-run.
+    codes = [process.returncode for process in killed]
+    assert set(codes) <= {-signal.SIGKILL, -signal.SIGABRT} and -signal.SIGKILL in codes, codes
     for process_id, process in enumerate(killed):  # the cross-process checks, before training starts
         assert "check: the processes disagree on the probe value: processes [1] differ from process 0" in process.stdout
         assert ("process 0 raised its own error" if process_id == 0
