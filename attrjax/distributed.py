@@ -1,7 +1,7 @@
 """Multi-process runs on JAX's multi-controller runtime: one process per host, all running the same program.
 
 Every process calls ``initialize`` first (before any other JAX call), then builds the same mesh over all devices
-(``attrjax.train.data_mesh``). Each process feeds only its rows of every global batch (``process_rows``), reads
+(``attrjax.training.data_mesh``). Each process feeds only its rows of every global batch (``process_rows``), reads
 only its share of an evaluation split (``attrjax.data.eval_batches(..., shard=process_shard())``) and gathers
 per-example results with ``gather_rows``. Files shared by all processes (datasets, run records, tables, figures)
 are written by process 0 (``is_primary``), before the others read them (``primary_first``). In a single-process
@@ -20,12 +20,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from attrjax.files import json_digest
+from attrjax._files import json_digest
 
 # Environment variables that describe a multi-process run by hand (e.g. several GPU hosts without a cluster manager);
 # the first is JAX's own.
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+__all__ = ["MODES", "barrier", "check_same_everywhere", "detected_cluster", "gather_rows", "initialize", "is_primary",
+           "primary_first", "process_shard"]
+
 MODES = ("auto", "on", "off")
+"""The values of ``initialize``'s ``mode``."""
 
 
 def detected_cluster() -> str | None:
@@ -174,8 +179,10 @@ def primary_first(name: str) -> Iterator[None]:
 
 def _tell_others(succeeded: bool | None) -> bool:
     """Process 0's ``succeeded``, on every process (a collective that every process must reach)."""
-    flag = np.asarray(bool(succeeded))
-    return bool(multihost_utils.broadcast_one_to_all(flag, is_source=is_primary()))
+    # An all-gather, read at process 0's row: jax 0.12's broadcast_one_to_all can hang on CPU (gloo) when it is the
+    # first broadcast after an all-gather.
+    everyone = multihost_utils.process_allgather(np.asarray([bool(succeeded)]))  # (processes, 1)
+    return bool(np.asarray(everyone)[0, 0])
 
 
 def check_same_everywhere(what: str, value: Any) -> None:

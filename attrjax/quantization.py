@@ -45,11 +45,11 @@ from qwix._src.core import dot_general as qwix_dot
 from qwix._src.core import qarray
 from qwix._src.utils import flax_util
 
-from attrjax.files import write_bytes, write_json
-from attrjax.models.adapters import as_split_model
-from attrjax.models.split import Linearization, SplitModel, Variables, check_images
-from attrjax.paths import path_name
-from attrjax.pruning.counting import storage_bytes
+from attrjax._files import write_bytes, write_json
+from attrjax.models._adapters import as_split_model
+from attrjax.models._split import Linearization, SplitModel, Variables, check_images
+from attrjax._paths import path_name
+from attrjax.pruning._counting import storage_bytes
 
 BITS = {8: jnp.int8, 4: jnp.int4}
 """The supported bit widths and the integer type each stores its weights as."""

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax.attribution import grad_cam, grad_cam_all_classes
-from attrjax.evaluation import make_attribution_fn
+from attrjax._evaluation import make_attribution_fn
 from attrjax.models import VGG, init_variables, last_conv_layer, layer_spatial_size, vgg
 from benchmarks import common
 

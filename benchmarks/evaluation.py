@@ -7,9 +7,9 @@ per-image, per-class loop of the same computation.
 For each method, two ways to compute the same evaluation maps (B,K,S,S) (the method's raw map, bilinearly
 upsampled to the image and min-max normalised, docs/method.md#localisation-metrics), each jitted and compiled before
 timing:
-  batched: ``attrjax.evaluation.make_attribution_fn``, the call ``experiments/evaluate`` makes per batch (Grad-CAM:
+  batched: ``attrjax._evaluation.make_attribution_fn``, the call ``experiments/evaluate`` makes per batch (Grad-CAM:
            one vjp for all classes; the other methods: classes in groups of ``--class-chunk``, vmapped within a
-           group, the forward pass shared; ``attrjax.chunking``);
+           group, the forward pass shared; ``attrjax._chunking``);
   loop:    B*K calls of one function on one image and one class (the reference code's evaluation order).
 Reported per method: images x classes per second of both, their ratio (``speedup``), compile times and the largest
 difference between the two results (they agree up to float rounding, which RAP's normalisations amplify near zero
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax.attribution import weighted_collapse
-from attrjax.attribution.methods import PER_CLASS_METHODS, resolve_methods
-from attrjax.evaluation import evaluation_maps, make_attribution_fn
+from attrjax.attribution._methods import PER_CLASS_METHODS, resolve_methods
+from attrjax._evaluation import evaluation_maps, make_attribution_fn
 from attrjax.models import as_split_model, last_conv_layer, resnet_small, vgg
 from benchmarks import common
 

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrjax import data as attr_data
-from attrjax.attribution.methods import class_maps
+from attrjax.attribution._methods import class_maps
 from attrjax.metrics import map_cosine
-from attrjax.metrics.statistics import paired_difference
-from attrjax.train import LossTerm, make_loss_fn
+from attrjax.metrics._statistics import paired_difference
+from attrjax.training import LossTerm, make_loss_fn
 from benchmarks import common as bench_common
 from experiments import common
 from experiments.distill import student_runs

@@ -23,9 +23,9 @@ import numpy as np
 
 from attrjax.models import VGG, init_variables, layer_spatial_size, vgg
 from attrjax.pruning import count_params_and_flops
-from attrjax.train.sharding import data_mesh, replicate, shard_batch
-from attrjax.train.state import TrainState, sgd
-from attrjax.train import Objective, jit_train_step, make_loss_fn, make_train_step
+from attrjax.training._sharding import data_mesh, replicate, shard_batch
+from attrjax.training._state import TrainState, sgd
+from attrjax.training import Objective, jit_train_step, make_loss_fn, make_train_step
 from benchmarks import common
 
 STOCHASTIC_DROP_RATE = 0.3  # the paper preset's stochastic_drop_rate

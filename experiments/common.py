@@ -26,16 +26,16 @@ from ml_collections import config_flags
 
 from attrjax import data as attr_data
 from attrjax import distributed
-from attrjax.data import tfds_datasets, voc
-from attrjax.locking import DirectoryInUseError, exclusive_directory
+from attrjax.data import _tfds_datasets as tfds_datasets, voc
+from attrjax._locking import DirectoryInUseError, exclusive_directory
 from attrjax.models import (VGG, as_split_model, import_resnet, import_vgg, load_state_dict, resnet18, resnet34,
                             resnet50, resnet_small, vgg)
 from attrjax.pruning import keep_pruned_at_zero
-from attrjax.train import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
+from attrjax.training import (MetricWriter, Objective, RunConfigMismatchError, TrainState, check_run_config,
                            checkpoint_manager, data_mesh, make_optimizer, optimizer_schedule, process_rows,
                            read_run_config, replicate, restore_latest, run_record, train)
-from attrjax.train.sharding import host_value
-from attrjax.train.run_config import ON_CONFIG_CHANGE
+from attrjax.training._sharding import host_value
+from attrjax.training._run_config import ON_CONFIG_CHANGE
 
 
 def quiet_tfds():
@@ -494,7 +494,7 @@ def checkpoint_dir(name: str, workdir: str) -> str:
 
 def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher: bool) -> dict:
     """The settings that decide run ``name``'s result besides its steps, objective and parameter shapes (which
-    ``attrjax.train.train`` records itself): seed, data, the run's own ``settings`` (model or pruning config) and,
+    ``attrjax.training.train`` records itself): seed, data, the run's own ``settings`` (model or pruning config) and,
     for runs trained against the teacher, the digest of the teacher run they learnt from."""
     data = {key: value for key, value in config.data.to_dict().items() if key not in NOT_PART_OF_A_RUN}
     record = {"run": name, "seed": config.seed, "data": data, "settings": settings}
@@ -510,8 +510,8 @@ def run_config(name: str, settings: dict, config, workdir: str, *, with_teacher:
 
 
 def metrics_dir(name: str, workdir: str) -> str:
-    """Where run ``name``'s curves go (``attrjax.train.MetricWriter``); the rounds of a run (``unstructured/round02``)
-    share their run's."""
+    """Where run ``name``'s curves go (``attrjax.training.MetricWriter``); the rounds of a run
+    (``unstructured/round02``) share their run's."""
     return os.path.join(workdir, name.split("/")[0], "metrics")
 
 

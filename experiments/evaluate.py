@@ -8,7 +8,7 @@ several methods are evaluated).
     python -m experiments.evaluate --workdir runs/demo --config.eval.methods=gradcam,lrp \\
         --config.eval.faithfulness_steps=16
 
-``eval.methods`` is a comma-separated list of ``attrjax.attribution.methods.METHODS`` names, ``"paper"`` (Grad-CAM,
+``eval.methods`` is a comma-separated list of ``attrjax.attribution._methods.METHODS`` names, ``"paper"`` (Grad-CAM,
 LRP, RAP, EBP) or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all)
 bounds the localisation images, ``eval.method_options`` passes options to a method (e.g. integrated gradients'
 steps), and ``eval.faithfulness_steps`` > 0 adds deletion and insertion AUC (``evaluation.AttributionEvaluator``).
@@ -26,13 +26,13 @@ import numpy as np
 
 from attrjax import data as attr_data
 from attrjax import distributed
-from attrjax.attribution.methods import resolve_methods
-from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
-from attrjax.files import write_json
-from attrjax.progress import Progress
+from attrjax.attribution._methods import resolve_methods
+from attrjax._evaluation import AttributionEvaluator, ClassificationEvaluator
+from attrjax._files import write_json
+from attrjax._progress import Progress
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
-from attrjax.train.metrics import CSV_NAME
+from attrjax.training._metrics import CSV_NAME
 from experiments import common, prune, quantize
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid, method_grid
@@ -44,7 +44,7 @@ COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("kbyte
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
 LOCALIZATION_KEYS = ("pointing_accuracy", "mean_auc", "num_counted", "map_cosine", "same_peak")
-# With eval.faithfulness_steps > 0: deletion / insertion AUC of each image's top class (attrjax.metrics.faithfulness).
+# With eval.faithfulness_steps > 0: deletion / insertion AUC of each image's top class (attrjax.metrics._faithfulness).
 AGREEMENT_COLUMNS = [("spearman", "Spearman to teacher", "{:.3f}"), ("top10_iou", "top-10% IoU with teacher", "{:.3f}")]
 FAITHFULNESS_COLUMNS = [("deletion_auc", "deletion AUC (lower = better)", "{:.3f}"),
                         ("insertion_auc", "insertion AUC (higher = better)", "{:.3f}")]

@@ -21,10 +21,10 @@ import time
 import ml_collections
 
 from attrjax.models import VGG
-from attrjax.progress import Progress
+from attrjax._progress import Progress
 from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
                              prune_resnet_filters)
-from attrjax.train import Objective, make_optimizer
+from attrjax.training import Objective, make_optimizer
 from experiments import common
 
 SETTINGS = ("structured", "unstructured")

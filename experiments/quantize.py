@@ -28,7 +28,7 @@ import ml_collections
 
 from attrjax import distributed
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
-from attrjax.train import bind_run_config, check_run_config, make_optimizer, run_record
+from attrjax.training import bind_run_config, check_run_config, make_optimizer, run_record
 from experiments import common
 
 PTQ = "quantized"
@@ -62,7 +62,7 @@ def ptq_settings(config) -> dict:
 def run_binding(name: str, run, config, workdir: str, teacher_variables: dict) -> tuple[str, dict]:
     """The directory that run ``name`` is bound to and its record: for PTQ the run's own directory (a restart sets
     its deployed network aside with it); for QAT its checkpoint directory, with the record that
-    ``attrjax.train.train`` binds it to."""
+    ``attrjax.training.train`` binds it to."""
     if not run.trained:
         return os.path.join(workdir, name), common.run_config(name, ptq_settings(config), config, workdir,
                                                               with_teacher=True)

@@ -25,8 +25,8 @@ import numpy as np
 
 from attrjax import distributed
 from attrjax.attribution import input_x_gradient, lrp, propagation_maps, rap, rap_composite
-from attrjax.attribution.rap import RapHidden
-from attrjax.data.pipeline import normalize
+from attrjax.attribution._rap import RapHidden
+from attrjax.data._pipeline import normalize
 from attrjax.models import logits_fn
 from experiments import common, evaluate
 from experiments.distill import student_runs

@@ -45,10 +45,10 @@ from jax.experimental.compilation_cache import compilation_cache as persistent_c
 
 import attrjax
 from attrjax import distributed
-from attrjax.files import json_digest
-from attrjax.locking import DirectoryInUseError, exclusive_directory
-from attrjax.progress import Progress
-from attrjax.train import RunConfigMismatchError, bind_run_config, check_run_config
+from attrjax._files import json_digest
+from attrjax._locking import DirectoryInUseError, exclusive_directory
+from attrjax._progress import Progress
+from attrjax.training import RunConfigMismatchError, bind_run_config, check_run_config
 from experiments import common, demo, sweep_report
 
 # Config keys whose change makes another teacher; points that differ only elsewhere share the seed's teacher.

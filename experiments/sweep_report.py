@@ -3,7 +3,7 @@
     python -m experiments.sweep_report --workdir runs/sweep     # rewrite the report of a finished sweep
 
 Rows are tidy: one per (grid point, seed, model, attribution method) with every metric, plus one row per failed
-run. Statistics (``attrjax.metrics.statistics``): per point, model and method, the mean of each metric over seeds
+run. Statistics (``attrjax.metrics._statistics``): per point, model and method, the mean of each metric over seeds
 with its 95% t interval; per compression setting, the paired difference matched - naive (same seed, same teacher)
 with its interval, the paired t-test's p-value and the number of seeds on each side of zero.
 """
@@ -21,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from attrjax.files import write_json  # noqa: E402
-from attrjax.metrics.statistics import excludes_zero, mean_interval, paired_difference  # noqa: E402
+from attrjax._files import write_json  # noqa: E402
+from attrjax.metrics._statistics import excludes_zero, mean_interval, paired_difference  # noqa: E402
 
 # The metrics the report tabulates (results.json has more; the CSV keeps them all).
 REPORTED = [("sample_map", "sample mAP"), ("f1", "F1"), ("pointing_accuracy", "pointing (predicted pairs)"),

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.test_train import MATCHED, _batches, _models  # noqa: E402
 
 from attrjax.models import init_variables  # noqa: E402
-from attrjax.train import sgd, train  # noqa: E402
+from attrjax.training import sgd, train  # noqa: E402
 
 
 def kill_self():

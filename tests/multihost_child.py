@@ -18,11 +18,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from attrjax import distributed  # noqa: E402
 from attrjax.data import SHAPES_NORMALIZATION, eval_batches  # noqa: E402
-from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
-from attrjax.files import write_json  # noqa: E402
+from attrjax._evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
+from attrjax._files import write_json  # noqa: E402
 from attrjax.models import init_variables  # noqa: E402
-from attrjax.train import data_mesh, process_rows, sgd, shard_batch, train  # noqa: E402
-from attrjax.train.sharding import host_value  # noqa: E402
+from attrjax.training import data_mesh, process_rows, sgd, shard_batch, train  # noqa: E402
+from attrjax.training._sharding import host_value  # noqa: E402
 from tests.test_train import MATCHED, _batches, _models  # noqa: E402
 
 BATCH_SIZE = 8

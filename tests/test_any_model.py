@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from attrjax.models import NNXSplitModel, resnet_small
-from attrjax.train import Objective, sgd, train
+from attrjax.training import Objective, sgd, train
 from tests.test_split_models import UserNNX
 
 IMAGE_SIZE, NUM_CLASSES = 8, 3
@@ -77,7 +77,7 @@ def test_any_model_on_four_devices_equals_one_device():
     """Runs in a subprocess: the virtual device count must be set before JAX starts."""
     script = textwrap.dedent("""
         import chex, jax, numpy as np
-        from attrjax.train import TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
+        from attrjax.training import TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
         from tests.test_any_model import batches, objective, pair
         assert jax.device_count() == 4, jax.devices()
         for kind in ("nnx",):  # VGG and ResNet-like linen models: tests/test_multihost.py
@@ -100,7 +100,7 @@ def test_any_model_on_four_devices_equals_one_device():
             np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
             print(kind, "OK")
         # Evaluation splits each batch over the process's devices (all four by default): the same numbers as on one.
-        from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
+        from attrjax._evaluation import AttributionEvaluator, ClassificationEvaluator
         from tests.summaries import assert_summaries_close
         batch = {**next(batches(0)), "valid": np.array([True, True, True, False])}
         batch["mask"] = (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 4).astype(np.uint8)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from attrjax import chunking
+from attrjax import _chunking as chunking
 
 
 @pytest.fixture(params=[True, False], ids=["unrolled", "lax"])

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.data import builder, pipeline, shapes
+from attrjax.data import builder, _pipeline as pipeline, _shapes as shapes
 from tests import damage
 
 TINY_SIZES = {"num_train": 16, "num_val": 8, "num_localization": 8}
@@ -228,7 +228,7 @@ def _build_killed_at_split(data_dir, split: str) -> subprocess.CompletedProcess:
     """Runs build_shapes(data_dir, **TINY) in a process SIGKILLed (as by the OOM killer) when `split` starts."""
     script = f"""
 import os, signal
-from attrjax.data import builder, shapes
+from attrjax.data import builder, _shapes as shapes
 generate = builder.AttrjaxShapes._generate_examples
 def generate_or_die(self, split):
     if split == {split!r}:

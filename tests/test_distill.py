@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests import draws
-from attrjax.distill import binary_kd_loss, multilabel_soft_margin_loss, softmax_cross_entropy, softmax_kd_loss
+from attrjax._distill import binary_kd_loss, multilabel_soft_margin_loss, softmax_cross_entropy, softmax_kd_loss
 
 
 def _sigmoid(x):

@@ -52,7 +52,7 @@ def test_every_page_of_the_navigation_is_built(site):
 
 
 def _target(dotted: str):
-    """The module a ``::: dotted`` block documents, or the object (``attrjax.attribution.rap.rap``: a function)."""
+    """The module a ``::: dotted`` block documents, or the object (``attrjax.attribution._rap.rap``: a function)."""
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError:
@@ -72,7 +72,7 @@ def test_every_public_name_has_its_entry(site, page):
             continue
         for name in members or _public_names(dotted):
             # Or an entry under its defining module on the same page: a name that is also a submodule's
-            # (``attrjax.attribution.rap``), or one the package exports lazily (``attrjax.data``'s builder).
+            # (``attrjax.attribution._rap``), or one the package exports lazily (``attrjax.data``'s builder).
             assert any(anchor.endswith(f".{name}") for anchor in anchors), \
                 f"{dotted}.{name} has no entry in {page} (no docstring?)"
 

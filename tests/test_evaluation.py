@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attrjax.attribution import grad_cam, minmax_normalize, resize_maps
-from attrjax.evaluation import (AttributionEvaluator, ClassificationEvaluator, classification_report,
+from attrjax._evaluation import (AttributionEvaluator, ClassificationEvaluator, classification_report,
                                 localization_report)
 from attrjax.metrics import curve_auc, mask_auc, pointing_game
 from attrjax.models import VGG, init_variables, vgg

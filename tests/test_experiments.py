@@ -13,10 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from attrjax.attribution.methods import METHODS, resolve_methods
+from attrjax.attribution._methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
 from attrjax.quantization import load_deployed
-from attrjax.train import CheckpointWriteError, RunConfigMismatchError, make_optimizer, read_events
+from attrjax.training import CheckpointWriteError, RunConfigMismatchError, make_optimizer, read_events
 from experiments import common, demo, distill, prune, quantize, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attrjax.data import LabeledImages
-from attrjax.evaluation import predict
+from attrjax._evaluation import predict
 from attrjax.models import export_vgg, init_variables, save_state_dict
 from experiments import common, demo, evaluate, train_teacher
 from tests import voc_fixture

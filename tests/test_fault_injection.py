@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.files import write_json
+from attrjax._files import write_json
 from attrjax.models import init_variables, vgg
-from attrjax.train import (NonFiniteStateError, Objective, RunConfigMismatchError, TrainState, checkpoint_manager,
+from attrjax.training import (NonFiniteStateError, Objective, RunConfigMismatchError, TrainState, checkpoint_manager,
                            restore_latest, sgd, train)
-from attrjax.train.checkpoint import restore_step, save
+from attrjax.training._checkpoint import restore_step, save
 from tests import fault_child
 from tests.test_train import MATCHED, _batches, _models
 

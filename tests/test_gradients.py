@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import draws
-from attrjax.attribution.gradients import (guided_backprop, guided_logits_fn, guided_relu, input_gradients,
+from attrjax.attribution._gradients import (guided_backprop, guided_logits_fn, guided_relu, input_gradients,
                                            input_x_gradient, integrated_gradients, saliency, smooth_grad,
                                            sum_channels)
 from attrjax.models import init_variables, vgg

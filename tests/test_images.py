@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from attrjax.data import VOC_NORMALIZATION, normalize
-from attrjax.data.images import (VOID, LabeledImages, encode_png, present_classes, random_resized_crop_batches,
+from attrjax.data._images import (VOID, LabeledImages, encode_png, present_classes, random_resized_crop_batches,
                                  random_resized_crop_box, resize_split)
 
 

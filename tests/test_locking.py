@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from attrjax.locking import LOCK_FILE, DirectoryInUseError, exclusive_directory
+from attrjax._locking import LOCK_FILE, DirectoryInUseError, exclusive_directory
 from experiments import demo
 
 
@@ -23,7 +23,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_gets_it_once_released(
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import os, signal, sys\nfrom attrjax.locking import exclusive_directory\n"
+        [sys.executable, "-c", "import os, signal, sys\nfrom attrjax._locking import exclusive_directory\n"
          f"with exclusive_directory({str(tmp_path)!r}):\n    print('held', flush=True)\n    sys.stdin.read()\n"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests import draws
-from attrjax.matching import matching_loss, normalize_maps, stochastic_channel_keep
+from attrjax._matching import matching_loss, normalize_maps, stochastic_channel_keep
 from attrjax.models import init_variables, vgg
-from attrjax.train import Objective, make_loss_fn
+from attrjax.training import Objective, make_loss_fn
 
 
 def test_matching_loss_matches_numpy():

@@ -8,8 +8,8 @@ import pytest
 from tests import draws
 from attrjax.attribution import (excitation_backprop, grad_cam, guided_backprop, input_x_gradient,
                                  integrated_gradients, lrp, rap, saliency, smooth_grad)
-from attrjax.attribution.methods import METHODS, class_maps
-from attrjax.evaluation import localization_report
+from attrjax.attribution._methods import METHODS, class_maps
+from attrjax._evaluation import localization_report
 from attrjax.models import VGG, init_variables, vgg
 
 LAYER = "conv2_1"

@@ -10,11 +10,11 @@ from flax import nnx
 
 from tests import draws
 from attrjax.attribution import lrp
-from attrjax.matching import matching_loss
+from attrjax._matching import matching_loss
 from attrjax.models import vgg
-from attrjax.models.split import LinenSplitModel, NNXSplitModel
-from attrjax.models.vgg import vgg_split_model
-from attrjax.train import (AttributionMatching, DistillationLoss, Objective, PropagationMatching, TaskLoss,
+from attrjax.models._split import LinenSplitModel, NNXSplitModel
+from attrjax.models._vgg import vgg_split_model
+from attrjax.training import (AttributionMatching, DistillationLoss, Objective, PropagationMatching, TaskLoss,
                            activation_map, gradcam_map, make_loss_fn, read_run_config, sgd, train)
 from tests.test_split_models import IMAGES, UserCNN, UserNNX
 
@@ -147,7 +147,7 @@ def test_composed_terms_train_and_are_recorded_with_the_run(tmp_path):
     assert "step 1/2, about " in lines[0] and "step 2/2  " in lines[-1]
     recorded = read_run_config(str(tmp_path / "run"))["config"]["objective"]["terms"]
     assert recorded[1] == {"term": "AttributionMatching", "layer": "trunk", "weight": 10.0,
-                           "attribution": "attrjax.train.objective.gradcam_map", "drop_rate": 0.5,
+                           "attribution": "attrjax.training._objective.gradcam_map", "drop_rate": 0.5,
                            "name": "matching_loss"}
     with pytest.raises(ValueError, match="objective.terms"):  # another weight is another run
         train(teacher, student_variables, sgd(0.05), [terms[0], AttributionMatching("trunk", 20.0, drop_rate=0.5)],

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attrjax.paths import path_name
-from attrjax.train.loop import param_shapes
+from attrjax._paths import path_name
+from attrjax.training._loop import param_shapes
 
 
 class LinenNet(nn.Module):

@@ -1,4 +1,4 @@
-"""attrjax.progress: the time-left estimate against hand-computed paces, the bar on a (fake) terminal with printed
+"""attrjax._progress: the time-left estimate against hand-computed paces, the bar on a (fake) terminal with printed
 lines kept whole above it, and plain lines everywhere else."""
 
 import io
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from attrjax import progress as progress_lib
-from attrjax.progress import Progress, format_duration, track
+from attrjax import _progress as progress_lib
+from attrjax._progress import Progress, format_duration, track
 
 
 class FakeTerminal(io.StringIO):

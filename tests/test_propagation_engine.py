@@ -27,8 +27,8 @@ from flax import nnx
 from jax import lax
 
 from attrjax.attribution import excitation_backprop, lrp, propagation_graph, rap
-from attrjax.attribution.graph import Affine, Sum, UnsupportedOp, trace_graph
-from attrjax.attribution.rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule, WSquare,
+from attrjax.attribution._graph import Affine, Sum, UnsupportedOp, trace_graph
+from attrjax.attribution._rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule, WSquare,
                                        ZBox)
 from attrjax.models import as_split_model, init_variables, resnet_small
 from tests.test_propagation import _dense_relevance, _images, _model

@@ -12,8 +12,8 @@ from flax import nnx
 from attrjax.models import init_variables, vgg
 from attrjax.pruning import (apply_masks, conv_kernels, iterative_sparsity, keep_pruned_at_zero, magnitude_masks,
                              sparsity_summary)
-from attrjax.train import Objective, TrainState, checkpoint_manager, restore_latest, sgd, train
-from attrjax.train.checkpoint import save
+from attrjax.training import Objective, TrainState, checkpoint_manager, restore_latest, sgd, train
+from attrjax.training._checkpoint import save
 
 MODEL = vgg(((8,), (8, 16)), num_classes=4, image_size=16, attribution_layer="pool2")
 

@@ -18,10 +18,11 @@ import pytest
 from tests import draws
 from attrjax import quantization as quant
 from attrjax.attribution import lrp
-from attrjax.matching import matching_loss
-from attrjax.paths import path_name
+from attrjax._matching import matching_loss
+from attrjax._paths import path_name
 from attrjax.pruning import storage_bytes
-from attrjax.train import Objective, RunConfigMismatchError, TrainState, bind_run_config, gradcam_map, make_train_step
+from attrjax.training import (Objective, RunConfigMismatchError, TrainState, bind_run_config, gradcam_map,
+                              make_train_step)
 from experiments import common, quantize
 
 

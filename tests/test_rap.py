@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attrjax.attribution.rap import rap
+from attrjax.attribution._rap import rap
 from attrjax.models import init_variables
 from tests.test_propagation import _col2im, _im2col, _images, _max_pool_relevance, _model, _numpy_trunk, _variables
 

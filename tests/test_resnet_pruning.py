@@ -10,7 +10,7 @@ import pytest
 
 from tests import draws
 from attrjax.models import ResNet, export_resnet, import_resnet, resnet_from_state_dict
-from attrjax.pruning.structured_resnet import prune_resnet_filters, resnet_kept_channels, resnet_masked_twin
+from attrjax.pruning._structured_resnet import prune_resnet_filters, resnet_kept_channels, resnet_masked_twin
 
 NUM_CLASSES = 3
 # Tiny layouts: layer1.0 has an identity shortcut in the basic one (the stem joins layer1's stream) and a

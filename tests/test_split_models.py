@@ -10,14 +10,15 @@ import pytest
 
 from tests import draws
 from attrjax.attribution import weighted_collapse
-from attrjax.attribution.methods import class_maps
-from attrjax.evaluation import localization_report, make_predict_fn
-from attrjax.matching import matching_loss
+from attrjax.attribution._methods import class_maps
+from attrjax._evaluation import localization_report, make_predict_fn
+from attrjax._matching import matching_loss
 from attrjax.attribution import lrp
 from attrjax.models import init_variables, vgg
-from attrjax.models.split import LinenSplitModel, NNXSplitModel, _calls_observed
-from attrjax.models.vgg import vgg_split_model
-from attrjax.train import Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd, shard_batch
+from attrjax.models._split import LinenSplitModel, NNXSplitModel, _calls_observed
+from attrjax.models._vgg import vgg_split_model
+from attrjax.training import (Objective, TrainState, data_mesh, jit_train_step, make_train_step, replicate, sgd,
+                              shard_batch)
 
 
 class Trunk(nn.Module):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from attrjax.metrics.statistics import excludes_zero, mean_interval, paired_difference
+from attrjax.metrics._statistics import excludes_zero, mean_interval, paired_difference
 
 T_975_4 = 2.7764451051977987  # Student's t, 97.5% quantile, 4 degrees of freedom (tables)
 T_975_3 = 3.1824463052842638

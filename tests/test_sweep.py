@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from attrjax.train import RunConfigMismatchError
+from attrjax.training import RunConfigMismatchError
 from experiments import sweep, sweep_report
 from tests.test_experiments import TINY
 
@@ -218,7 +218,7 @@ def test_grid_values_that_type_to_one_value_are_refused(tmp_path):
 
 def test_two_sweeps_on_one_directory_are_refused_naming_the_holder(tmp_path, monkeypatch):
     _fake_demo(monkeypatch)
-    from attrjax.locking import DirectoryInUseError, exclusive_directory
+    from attrjax._locking import DirectoryInUseError, exclusive_directory
     with exclusive_directory(tmp_path):
         with pytest.raises(DirectoryInUseError, match=f"in use by pid {os.getpid()} on "):
             sweep.run_sweep("quick", SETTINGS, {}, 1, str(tmp_path), log=lambda _: None)

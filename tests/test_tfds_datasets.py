@@ -1,4 +1,4 @@
-"""Tests for attrjax.data.tfds_datasets on tiny prepared copies of oxford_iiit_pet and caltech_birds2011.
+"""Tests for attrjax.data._tfds_datasets on tiny prepared copies of oxford_iiit_pet and caltech_birds2011.
 
 `tfds.testing.mock_data` is not used: in data-source mode it replaces `as_data_source` and the features'
 deserialisation with random examples, so neither the on-disk reading nor realistic masks would be tested. Instead
@@ -27,8 +27,8 @@ from PIL import Image
 from tensorflow_datasets.core.features import image_feature
 from tensorflow_datasets.image_classification import caltech_birds
 
-from attrjax.data.images import VOID, decode_mask
-from attrjax.data.tfds_datasets import cub_segmentation_to_mask, load_tfds_split, pet_trimap_to_mask
+from attrjax.data._images import VOID, decode_mask
+from attrjax.data._tfds_datasets import cub_segmentation_to_mask, load_tfds_split, pet_trimap_to_mask
 from tests import damage
 
 # (file stem, class index, split as in the archive's list files, (height, width)); none is in the pet builder's

@@ -18,8 +18,9 @@ import pytest
 import safetensors.numpy
 
 from tests import draws
-from attrjax.models import (export_vgg, import_vgg, init_variables, load_state_dict, read_pth_without_torch,
-                            save_state_dict, stage_widths_from_state_dict, torchvision, vgg)
+from attrjax.models import _torchvision as torchvision
+from attrjax.models import export_vgg, import_vgg, init_variables, load_state_dict, save_state_dict, vgg
+from attrjax.models._torchvision import read_pth_without_torch, stage_widths_from_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torchvision"
 CFG = (4, "M", 8, 8, "M")  # torchvision's make_layers notation, as in fixtures/make_torch_checkpoints.py

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from attrjax.models import init_variables, vgg
-from attrjax.train import (CheckpointWriteError, MetricWriter, Objective, TrainState, data_mesh, jit_train_step,
+from attrjax.training import (CheckpointWriteError, MetricWriter, Objective, TrainState, data_mesh, jit_train_step,
                            learning_rate_schedule, make_loss_fn, make_train_step, read_events, replicate, sgd,
                            shard_batch, train)
 

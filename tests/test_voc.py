@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attrjax.data import VOC_NORMALIZATION, prepared, voc
-from attrjax.data.images import VOID, decode_mask, decode_rgb, random_resized_crop_batches, resize_split
+from attrjax.data import VOC_NORMALIZATION, _prepared as prepared, voc
+from attrjax.data._images import VOID, decode_mask, decode_rgb, random_resized_crop_batches, resize_split
 from attrjax.data.voc import CLASS_NAMES, SPLITS, TARBALL, VocLayoutError, build_voc, load_voc, palette_colours
 from attrjax.data.voc import _builder as voc_builder
 from attrjax.data.voc import main as voc_main

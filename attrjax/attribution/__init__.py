@@ -1,32 +1,40 @@
 """Attribution transforms: inputs -> attribution maps, batched and differentiable.
 
-- ``gradcam``: Grad-CAM / weighted collapsed attributions at a layer (the paper's matched map), all classes at once.
-- ``gradients``: saliency, input x gradient, integrated gradients, SmoothGrad, guided backprop.
-- ``graph``, ``rules``, ``propagation``: the propagation engine (any model's forward pass as a canonical graph, rules
-  and composites) and LRP and Excitation Backprop on it.
-- ``rap``: Relative Attributing Propagation on the same engine.
-- ``methods``: every method by name, all classes of a batch at once (the evaluation's entry point).
+- Grad-CAM and weighted collapsed attributions at a layer (the map the matching loss compares), all classes at once.
+- The gradient family: saliency, input x gradient, integrated gradients, SmoothGrad, guided backprop.
+- The propagation engine (any model's forward pass as a graph of affine, activation and pooling nodes, with rules
+  and composites choosing each node's rule): LRP, Excitation Backprop and Relative Attributing Propagation.
+- ``class_maps``: every method by name, every class of a batch at once (the evaluators' entry point).
 """
 
-from attrjax.attribution.gradcam import (activation_collapse, grad_cam, grad_cam_all_classes,
-                                         grad_cam_all_classes_from_vjp, minmax_normalize,
-                                         resize_maps, sensitivities_and_logits, sensitivities_from_vjp, target_weights,
-                                         top1_target, weighted_collapse)
-from attrjax.attribution.gradients import (guided_backprop, guided_relu, input_gradients, input_x_gradient,
-                                           integrated_gradients, saliency, smooth_grad, sum_channels)
-from attrjax.attribution.graph import UnsupportedOp, trace_graph
-from attrjax.attribution.propagation import (excitation_backprop, lrp, propagate, propagation_graph,
-                                             propagation_maps)
-from attrjax.attribution.rap import rap, rap_composite
-from attrjax.attribution.rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule,
-                                       WinningProbability, WSquare, ZBox)
+from attrjax import _deprecation
+from attrjax.attribution._gradcam import (activation_collapse, grad_cam, grad_cam_all_classes, minmax_normalize,
+                                          resize_maps, sensitivities_and_logits, target_weights, top1_target,
+                                          weighted_collapse)
+from attrjax.attribution._gradients import (guided_backprop, input_gradients, input_x_gradient,
+                                            integrated_gradients, saliency, smooth_grad, sum_channels)
+from attrjax.attribution._graph import UnsupportedOp
+from attrjax.attribution._methods import METHODS, PAPER_METHODS, class_maps
+from attrjax.attribution._propagation import (excitation_backprop, lrp, propagate, propagation_graph,
+                                              propagation_maps)
+from attrjax.attribution._rap import rap, rap_composite
+from attrjax.attribution._rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule,
+                                        WinningProbability, WSquare, ZBox)
 
-__all__ = ["activation_collapse", "grad_cam", "grad_cam_all_classes", "grad_cam_all_classes_from_vjp",
-           "minmax_normalize", "resize_maps",
-           "sensitivities_and_logits", "sensitivities_from_vjp", "target_weights", "top1_target", "weighted_collapse",
-           "guided_backprop", "guided_relu", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
+__all__ = ["METHODS", "PAPER_METHODS", "class_maps",
+           "activation_collapse", "grad_cam", "grad_cam_all_classes", "minmax_normalize", "resize_maps",
+           "sensitivities_and_logits", "target_weights", "top1_target", "weighted_collapse",
+           "guided_backprop", "input_gradients", "input_x_gradient", "integrated_gradients", "saliency",
            "smooth_grad", "sum_channels",
-           "UnsupportedOp", "trace_graph", "excitation_backprop", "lrp", "propagate", "propagation_graph",
-           "propagation_maps", "rap", "rap_composite",
+           "UnsupportedOp", "excitation_backprop", "lrp", "propagate", "propagation_graph", "propagation_maps",
+           "rap", "rap_composite",
            "COMPOSITES", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "SumRule", "WinningProbability",
            "WSquare", "ZBox"]
+
+# Exported by 0.1 and private since 0.2: the old paths warn until 0.3. The old submodules are stand-ins.
+__getattr__ = _deprecation.package_getattr(__name__, {
+    "grad_cam_all_classes_from_vjp": "attrjax.attribution._gradcam",
+    "sensitivities_from_vjp": "attrjax.attribution._gradcam",
+    "guided_relu": "attrjax.attribution._gradients",
+    "trace_graph": "attrjax.attribution._graph",
+})

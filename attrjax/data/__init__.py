@@ -2,14 +2,15 @@
 
 import importlib
 
-from attrjax.data.images import (
+from attrjax import _deprecation
+from attrjax.data._images import (
     VOID,
     LabeledImages,
     present_classes,
     random_resized_crop_batches,
     resize_split,
 )
-from attrjax.data.pipeline import (
+from attrjax.data._pipeline import (
     IMAGENET_NORMALIZATION,
     SHAPES_NORMALIZATION,
     VOC_NORMALIZATION,
@@ -18,7 +19,7 @@ from attrjax.data.pipeline import (
     normalize,
     train_batches,
 )
-from attrjax.data.shapes import CLASS_NAMES, ShapesConfig, render_example, render_split
+from attrjax.data._shapes import CLASS_NAMES, ShapesConfig, render_example, render_split
 
 # The builder module is imported on first use rather than here: `python -m attrjax.data.builder` imports this
 # package first, and an eager import would load the builder twice (runpy warns, and TFDS would see the dataset
@@ -28,10 +29,13 @@ _BUILDER_EXPORTS = (
 )
 
 
+_moved = _deprecation.package_getattr(__name__)
+
+
 def __getattr__(name: str):
     if name in _BUILDER_EXPORTS:
         return getattr(importlib.import_module("attrjax.data.builder"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _moved(name)  # the 0.1 submodules, now private, as stand-ins that warn
 
 
 def __dir__() -> list[str]:

@@ -21,9 +21,9 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from attrjax.data import prepared
-from attrjax.data.shapes import ShapesConfig, render_example
-from attrjax.progress import track
+from attrjax.data import _prepared as prepared
+from attrjax.data._shapes import ShapesConfig, render_example
+from attrjax._progress import track
 
 SPLITS = ("train", "val", "localization")
 """The synthetic dataset's splits: training, validation (classification) and localisation (attribution scores)."""
@@ -69,7 +69,7 @@ class ShapesBuilderConfig(tfds.core.BuilderConfig):
 
 
 class AttrjaxShapes(tfds.core.GeneratorBasedBuilder):
-    """Synthetic multi-label shapes with per-pixel masks (see `attrjax.data.shapes`)."""
+    """Synthetic multi-label shapes with per-pixel masks (see `attrjax.data._shapes`)."""
 
     # Bump when the renderer changes what a (config, seed, index) renders to, so old builds are not reused.
     VERSION = tfds.core.Version("1.0.0")
