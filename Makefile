@@ -1,15 +1,28 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv as needed.
-PYTHON ?= python3
+#
+# .venv runs the newest supported JAX, which needs Python 3.12 or newer: make takes the first of python3.12,
+# python3.13 and pyenv's 3.12 / 3.13 that runs (or PYTHON=/path/to/python3.12). `make test-oldest` checks the oldest
+# supported versions (ci/oldest.txt) on Python 3.11 in .venv-oldest.
+CANDIDATES := python3.12 python3.13 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3) \
+              $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3)
+ifndef PYTHON
+PYTHON := $(firstword $(foreach p,$(CANDIDATES),$(shell $(p) -c 'import sys; sys.version_info >= (3, 12) and print("$(p)")' 2>/dev/null)))
+endif
+ifndef PYTHON_OLDEST
+PYTHON_OLDEST := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3),$(shell $(p) -c 'import sys; sys.version_info[:2] == (3, 11) and print("$(p)")' 2>/dev/null)))
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 ARGS ?=
 
-.PHONY: demo test docs bench clean
+.PHONY: demo test test-oldest docs bench clean
 
-# The demo needs the library alone; the tests add the linters and the docs builder.
+# The demo needs the library alone; the tests add the linters and the docs builder. A venv of another Python (an
+# older checkout's 3.11) is replaced.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "make needs Python 3.12 or newer: set PYTHON=/path/to/python3.12"; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q -e .
 	touch $@
 
@@ -25,6 +38,16 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist worksteal
 
+# The oldest supported versions on Python 3.11: install, import, and the tests marked `oldest` (a minute).
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/python -m pytest -q -n 2 -m oldest
+
+.venv-oldest/.installed: pyproject.toml ci/oldest.txt
+	@test -n "$(PYTHON_OLDEST)" || { echo "make test-oldest needs Python 3.11: set PYTHON_OLDEST=/path/to/python3.11"; exit 1; }
+	rm -rf .venv-oldest && $(PYTHON_OLDEST) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q -c ci/oldest.txt -e . "pytest>=8,<10" "pytest-xdist>=3.6,<4"
+	touch $@
+
 docs: $(VENV)/.installed-test
 	$(PY) -m mkdocs build --strict
 	@echo "the API reference: site/index.html"
@@ -36,4 +59,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.input_pipeline
 
 clean:
-	rm -rf $(VENV) runs site
+	rm -rf $(VENV) .venv-oldest runs site

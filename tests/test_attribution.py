@@ -32,6 +32,7 @@ def _closed_form(weights, features, class_weights, relu=True):
     return np.maximum(maps, 0) if relu else maps
 
 
+@pytest.mark.oldest
 def test_grad_cam_matches_closed_form_for_int_targets(linear_head):
     head, features, weights, feats_np = linear_head
     target = jnp.array([0, 3, 6])
@@ -69,6 +70,7 @@ def test_all_classes_at_once_equals_one_class_at_a_time(linear_head):
     chex.assert_trees_all_close(logits, head(features), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.oldest
 def test_maps_are_differentiable_through_the_head(linear_head):
     """d/dA of sum(relu=False map) for a linear head: sum_hw of map = sum_c alpha_c sum_hw A_c, so the gradient
     w.r.t. A[b,h,w,c] is alpha_{b,c} (alpha does not depend on A)."""

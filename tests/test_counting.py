@@ -94,6 +94,7 @@ def _conv(x, kernel):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@pytest.mark.oldest
 def test_a_plain_function_through_jit_and_scan():
     """stax-style params: a jitted conv 3->4, a scan over three stacked 3x3 4->4 convs (each sparse its own way), a
     dense layer whose weight is a product of two factors (computed from the params only: not counted)."""

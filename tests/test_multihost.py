@@ -52,6 +52,7 @@ def _final(workdir) -> dict:
         return dict(final)
 
 
+@pytest.mark.oldest
 def test_two_processes_train_as_one_and_resume_after_both_are_killed(tmp_path):
     assert jax.device_count() == 1
     multihost_child.main(str(tmp_path / "single"), 4)  # the reference: one process (this one), one device

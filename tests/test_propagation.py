@@ -207,6 +207,7 @@ def test_vgg_results_unchanged(head_pooling):
                                    recorded[f"{head_pooling}/rap/{layer}"], rtol=1e-4, atol=1e-6, err_msg=layer)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("head_pooling", ["flatten", "avg"])
 def test_conservation_bias_free(head_pooling):
     model = _model(head_pooling)

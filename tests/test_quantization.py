@@ -116,6 +116,7 @@ def _np_calibrate(params, batches, bits):
     return {layer: total / count / bound for layer, total in sums.items()}
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("bits", [8, 4])
 def test_ptq_equals_numpy_integer_network(tiny, bits):
     model, variables = tiny
@@ -140,6 +141,7 @@ def test_ptq_equals_numpy_integer_network(tiny, bits):
         chex.assert_trees_all_close(np.asarray(deployed.apply(IMAGES), np.float64), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.oldest
 def test_qat_steps_stay_on_the_grid(tiny):
     model, variables = tiny
     quantized = quant.calibrate(model, variables, [IMAGES])

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attrjax.models._resnet import resnet_module_path
 from attrjax.models import (ResNet, export_resnet, import_resnet, load_state_dict, resnet18, resnet34, resnet50,
-                            resnet_from_state_dict, resnet_layer_names, resnet_module_path, resnet_small,
+                            resnet_from_state_dict, resnet_layer_names, resnet_small,
                             save_state_dict)
 
 NUM_CLASSES = 5

@@ -79,6 +79,7 @@ class HeadOnly(nn.Module):
         return Head(name="head")(a, train)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("train", [False, True])
 def test_linen_linearization_equals_a_hand_written_vjp_of_the_head(train):
     variables = _user_variables()
@@ -247,6 +248,7 @@ def _nnx_split(width=4):
     return NNXSplitModel.from_module(UserNNX(width, nnx.Rngs(0)), IMAGES)
 
 
+@pytest.mark.oldest
 @pytest.mark.parametrize("train", [False, True])
 def test_nnx_linearization_equals_a_perturbed_forward_and_finite_differences(train):
     split = _nnx_split()
