@@ -32,6 +32,8 @@ from attrjax.training._objective import check_labels
 from attrjax.training._sharding import batch_sharding, data_mesh, replicated
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
+"""The agreement scores (with a reference's maps) that ``AttributionEvaluator.evaluate`` reports when given a
+``reference``."""
 
 
 class _LocalPlacement:
@@ -188,17 +190,17 @@ class AttributionEvaluator:
     maps (every class of every image, one compiled call) are computed once and serve all metrics.
 
     A pair (image, class) counts for pointing and mask AUC when the class is in the image's mask and the model
-    predicts it (``prediction_rule``, see ``metrics.localization.predicted_classes``: ``positive_logit`` (logit > 0)
+    predicts it (``prediction_rule``, see ``attrjax.metrics.predicted_classes``: ``positive_logit`` (logit > 0)
     for multi-label models, ``top1`` for single-label ones; required, since the wrong rule silently scores other
     pairs).
 
     Args:
       model: anything ``attrjax.models.as_split_model`` takes.
       layer: the layer Grad-CAM (and any layer-based method) attributes at.
-      method: the attribution method's name (``attribution.methods.class_maps``).
+      method: the attribution method's name (``attrjax.attribution.class_maps``).
       method_options: its keyword arguments.
       tolerance: the pointing game's tolerance in pixels.
-      faithfulness_steps: when > 0, also the deletion and insertion AUC (``metrics.faithfulness``, that many
+      faithfulness_steps: when > 0, also the deletion and insertion AUC (``attrjax.metrics.deletion_curve``, that many
         increments, the zero image as baseline, sigmoid scores) of each image's top-scoring class and its map:
         ``deletion_auc`` (lower = more faithful) and ``insertion_auc`` (higher), means over images, NaN as soon
         as one image's map or logits hold a NaN. Costs 2 x (steps + 1) forward passes per image.
@@ -236,7 +238,7 @@ class AttributionEvaluator:
             predicts: ``map_cosine`` (mean cosine similarity), ``same_peak`` (fraction of pairs whose maps peak at
             the same position), ``spearman`` (mean Spearman rank correlation of the pixels) and ``top10_iou`` (mean
             IoU of the two maps' top-10% pixels), all at the maps' own resolution. A pair where either map has a
-            NaN / inf pixel or is constant (e.g. all zero) has none of them (``metrics.agreement``): it is left out
+            NaN / inf pixel or is constant (e.g. all zero) has none of them (``attrjax.metrics``): it is left out
             of the means and counted in ``map_cosine_excluded``, ``same_peak_excluded``, ``spearman_excluded`` and
             ``top10_iou_excluded``; a mean over no pair is NaN. Or the reference's raw maps per batch,
             ``examples["raw_maps"]`` of an earlier evaluation over the same batches, so a teacher's maps are
@@ -324,7 +326,7 @@ def _concatenated(batches: list):
 def batch_scores(raw_maps: jax.Array, logits: jax.Array, segmentation: jax.Array, reference_maps: jax.Array | None,
                  *, tolerance: float, prediction_rule: str) -> tuple[jax.Array, dict]:
     """``(maps (B,K,S,S), scores)`` of one batch: raw maps (B,K,h,w) upsampled to the segmentation (B,S,S) and
-    min-max normalised, and per pair (B,K) the localisation scores (``metrics.localization_scores``) and, with
+    min-max normalised, and per pair (B,K) the localisation scores (``attrjax.metrics.localization_scores``) and, with
     reference maps (B,K,h,w), the agreement scores ``map_cosine``, ``same_peak``, ``spearman`` and ``top10_iou``."""
     maps = evaluation_maps(raw_maps, segmentation.shape[-1])
     scores = localization_scores(maps, segmentation, logits, tolerance=tolerance, prediction_rule=prediction_rule)

@@ -23,6 +23,7 @@ import time
 from typing import Iterator
 
 LOCK_FILE = ".attrjax.lock"
+"""The lock file ``exclusive_directory`` creates in the directory it locks; it records the last holder."""
 
 
 class DirectoryInUseError(RuntimeError):

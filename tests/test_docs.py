@@ -1,4 +1,5 @@
-"""The API reference builds without a warning, documents every public name, and its examples run as written."""
+"""The API reference builds without a warning, documents every public name, its examples run as written, and no
+page names a private module."""
 
 import glob
 import importlib
@@ -12,13 +13,36 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "api", "*.md")))
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+README = os.path.join(ROOT, "README.md")
+# The public namespaces, each with its page of the API reference (``attrjax`` itself: the front door).
+NAMESPACES = ("attrjax", "attrjax.attribution", "attrjax.models", "attrjax.training", "attrjax.evaluation",
+              "attrjax.metrics", "attrjax.pruning", "attrjax.quantization", "attrjax.data", "attrjax.distributed",
+              "attrjax.utils")
+# A dotted (or file) path into attrjax with a component that starts with one underscore: a private module or name.
+PRIVATE_PATH = re.compile(r"\battrjax(?:[./]\w+)*[./]_(?!_)\w*")
+
+
+def _directive_blocks(text: str) -> list[re.Match]:
+    """Every ``::: module`` block of a page's text, with its indented options (group 2)."""
+    return list(re.finditer(r"^::: (\S+)\n((?:    .*\n)*)", text, flags=re.M))
+
+
+def _python_blocks(text: str) -> list[re.Match]:
+    return list(re.finditer(r"```python\n(.*?)```", text, flags=re.S))
+
+
+def _page_path(page: str) -> str:
+    """The built page of ``docs/api/<name>.md`` under the site directory (``index.md`` is its folder's page)."""
+    name = os.path.basename(page)[:-3]
+    return os.path.join("api", "" if name == "index" else name, "index.html")
 
 
 def _directives(page: str) -> list[tuple[str, list[str] | None]]:
     """``(module, members or None)`` of every ``::: module`` block of a page."""
     text = open(page).read()
     found = []
-    for match in re.finditer(r"^::: (\S+)\n((?:    .*\n)*)", text, flags=re.M):
+    for match in _directive_blocks(text):
         members = re.search(r"members: \[(.*)\]", match.group(2))
         found.append((match.group(1), [m.strip() for m in members.group(1).split(",")] if members else None))
     return found
@@ -52,7 +76,7 @@ def test_every_page_of_the_navigation_is_built(site):
 
 
 def _target(dotted: str):
-    """The module a ``::: dotted`` block documents, or the object (``attrjax.attribution._rap.rap``: a function)."""
+    """The module a ``::: dotted`` block documents, or the object (``attrjax.models.vgg``: a function)."""
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError:
@@ -60,21 +84,62 @@ def _target(dotted: str):
         return getattr(importlib.import_module(module_name), name)
 
 
+def test_the_front_door_comes_first_and_every_namespace_has_its_page():
+    nav = re.findall(r":\s+(api/\S+\.md)$", open(os.path.join(ROOT, "mkdocs.yml")).read(), flags=re.M)
+    assert nav[0] == "api/index.md", nav
+    assert sorted(nav) == sorted(os.path.relpath(page, os.path.join(ROOT, "docs")) for page in PAGES)
+    documented = {dotted for page in PAGES for dotted, _ in _directives(page)}
+    assert not [namespace for namespace in NAMESPACES if namespace not in documented]
+    assert [dotted for dotted, _ in _directives(os.path.join(ROOT, "docs", "api", "index.md"))] == ["attrjax"]
+
+
 @pytest.mark.parametrize("page", PAGES, ids=os.path.basename)
 def test_every_public_name_has_its_entry(site, page):
-    html = open(os.path.join(site, "api", os.path.basename(page)[:-3], "index.html")).read()
+    html = open(os.path.join(site, _page_path(page))).read()
     anchors = set(re.findall(r'id="(attrjax[\w.]*)"', html))
     directives = _directives(page)
     assert directives, f"{page} documents no module"
+    modules = [dotted for dotted, _ in directives]
     for dotted, members in directives:
         if not inspect.ismodule(_target(dotted)):
             assert dotted in anchors, f"{dotted} has no entry in {page}"
             continue
         for name in members or _public_names(dotted):
-            # Or an entry under its defining module on the same page: a name that is also a submodule's
-            # (``attrjax.attribution._rap``), or one the package exports lazily (``attrjax.data``'s builder).
-            assert any(anchor.endswith(f".{name}") for anchor in anchors), \
+            # Under its public path, or under another module of the same page: the names ``attrjax.data``
+            # exports lazily from ``attrjax.data.builder`` are documented there.
+            assert any(f"{module}.{name}" in anchors for module in modules), \
                 f"{dotted}.{name} has no entry in {page} (no docstring?)"
+
+
+def _private_names(text: str, *, prose: bool) -> list[str]:
+    """``line N: ...`` for every private attrjax path in the page's ``python`` blocks and ``:::`` directives (and,
+    with ``prose``, anywhere in it), and every private name a block imports from attrjax."""
+    spans = [match.span(1) for match in _python_blocks(text)] + [match.span() for match in _directive_blocks(text)]
+    if prose:
+        spans = [(0, len(text))]
+    found = []
+    for start, end in spans:
+        part = text[start:end]
+        hits = [match.start() for match in PRIVATE_PATH.finditer(part)]
+        for match in re.finditer(r"\bfrom\s+attrjax[\w.]*\s+import\s+(\([^)]*\)|[^\n]*)", part):
+            names = [name.split(" as ")[0].strip() for name in match.group(1).strip("()").split(",")]
+            if any(name.startswith("_") for name in names):
+                hits.append(match.start())
+        for match in re.finditer(r"members:\s*\[([^\]]*)\]", part):
+            if any(name.strip().startswith("_") for name in match.group(1).split(",")):
+                hits.append(match.start())
+        for hit in sorted(set(hits)):
+            line = text.count("\n", 0, start + hit) + 1
+            found.append(f"line {line}: {text.splitlines()[line - 1].strip()}")
+    return found
+
+
+@pytest.mark.parametrize("page", DOCS + [README], ids=lambda page: os.path.relpath(page, ROOT))
+def test_no_page_names_a_private_module(page):
+    """Users read the public API only: no example imports from, and no ``:::`` block documents, a module or name
+    whose name starts with ``_``; nor does the documentation's prose cite one."""
+    found = _private_names(open(page).read(), prose=page != README)
+    assert not found, f"{os.path.relpath(page, ROOT)} names private attrjax modules:\n" + "\n".join(found)
 
 
 @pytest.mark.slow

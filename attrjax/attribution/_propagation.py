@@ -1,10 +1,10 @@
 """Propagation-based attributions of any model: LRP (Bach et al. 2015) and Excitation Backprop (Zhang et al. 2016).
 
 No hooks and no second model definition: the model's eval-mode forward pass is traced into a canonical graph
-(``attrjax.attribution._graph``: convs, dense layers and pools with BatchNorm and biases folded in, residual sums,
-activations, max-pools, layout ops), a composite assigns a rule to every affine layer
-(``attrjax.attribution._rules``), and ``propagate`` sends relevance back through the graph once, from the logits to
-the images or to a named layer. LRP, Excitation Backprop and RAP (``attrjax.attribution._rap``) are that one loop with
+(``propagation_graph``: convs, dense layers and pools with BatchNorm and biases folded in, residual sums,
+activations, max-pools, layout ops), a composite assigns a rule to every affine layer (``attrjax.attribution``'s
+rules and ``Composite``), and ``propagate`` sends relevance back through the graph once, from the logits to
+the images or to a named layer. LRP, Excitation Backprop and RAP (``attrjax.attribution.rap``) are that one loop with
 different rules and start signals. Everything is batched over images, jit-able and differentiable with respect to
 the variables: ``jax.jit(functools.partial(lrp, model, composite="composite"))(variables, images, target)``.
 """
@@ -32,7 +32,7 @@ def propagation_graph(model: ModelLike, variables: Mapping, images: jax.Array, *
       variables: its variables.
       images: (B,S,S,3).
       layer: ``input``, or one of the model's layers: the graph then marks that layer's output (``Graph.point``).
-      passthrough: extra elementwise primitives that relevance passes unchanged (``graph.trace_graph``).
+      passthrough: extra elementwise primitives that relevance passes unchanged.
     """
     split = as_split_model(model, images)
     if layer == "input":
@@ -47,7 +47,7 @@ def propagate(graph: Graph, values: dict[int, jax.Array], relevance: jax.Array, 
     """Sends ``relevance`` (shaped like the logits) back through ``graph`` with ``composite``'s rules.
 
     Args:
-      graph: from ``propagation_graph`` or ``graph.trace_graph``.
+      graph: from ``propagation_graph``.
       values: ``graph.forward(images)``.
       relevance: the relevance of the logits (B,K).
       composite: the rules.
@@ -109,9 +109,9 @@ def lrp(model: ModelLike, variables: Mapping, images: jax.Array, target: Target,
       model: anything ``as_split_model`` takes.
       variables: its variables.
       images: (B,S,S,3) float, normalised as the model expects.
-      target: (B,) int classes, (B,K) weights or a callable of the logits (``gradcam.target_weights``). The initial
+      target: (B,) int classes, (B,K) weights or a callable of the logits (``target_weights``). The initial
         relevance is ``weights * logits``: the target logit at the target class.
-      composite: a ``rules.Composite`` or a preset name of ``rules.COMPOSITES``. ``"paper"`` (default): z^B at the
+      composite: a ``Composite`` or a preset name of ``COMPOSITES``. ``"paper"`` (default): z^B at the
         input layer (each image's min and max as bounds), alpha1-beta0 elsewhere.
       layer: where to read relevance: ``input`` or any of the model's layers (e.g. a VGG's ``conv5_3``, read at its
         ReLU output, which holds the conv's relevance since ReLU passes it unchanged).
@@ -133,7 +133,7 @@ def excitation_backprop(model: ModelLike, variables: Mapping, images: jax.Array,
     """Excitation Backprop (Zhang et al. 2016): the marginal winning probability (B,H,W) at ``layer``.
 
     The top signal is the target weights themselves (a one-hot for int targets). Each affine layer passes
-    ``P_in = x * (W+^T (P_out / (x W+)))`` (``rules.WinningProbability``): only excitatory weights, normalised by the
+    ``P_in = x * (W+^T (P_out / (x W+)))`` (``WinningProbability``): only excitatory weights, normalised by the
     positive-weight response and masked to where it is positive; no biases. Activations pass P unchanged, max-pools
     to their winners. After a ReLU (x >= 0) this is LRP's alpha1-beta0 rule started from the one-hot instead of the
     logit. P is non-negative and its total is conserved wherever no output with probability mass has a zero positive

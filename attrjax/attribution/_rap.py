@@ -140,7 +140,7 @@ def rap(model: ModelLike, variables: Mapping, images: jax.Array, target: Target,
     Args:
       model: anything ``attrjax.models.as_split_model`` takes; variables: its variables.
       images: (B,S,S,3) float, normalised as the model expects.
-      target: (B,) int classes, (B,K) weights or a callable of the logits (``gradcam.target_weights``); the initial
+      target: (B,) int classes, (B,K) weights or a callable of the logits (``target_weights``); the initial
         relevance is these weights themselves (a one-hot for int targets).
       input_bounds: (low, high) pixel bounds for the input layer's z^B rule, scalars or arrays broadcastable to
         ``images``; None: each image's own min and max (the reference code).

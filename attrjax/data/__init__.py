@@ -1,6 +1,8 @@
-"""Datasets (the embedded synthetic shapes, as a TFDS array_record builder) and the NumPy input pipeline."""
+"""Datasets (the embedded synthetic shapes, as a TFDS array_record builder; PASCAL VOC, Oxford-IIIT Pet and CUB read
+from prepared array_record copies) and the NumPy input pipeline."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from attrjax import _deprecation
 from attrjax.data._images import (
@@ -27,14 +29,24 @@ from attrjax.data._shapes import CLASS_NAMES, ShapesConfig, render_example, rend
 _BUILDER_EXPORTS = (
     "SPLITS", "AttrjaxShapes", "ShapesBuilderConfig", "build_shapes", "load_split", "split_seed"
 )
+# The readers of prepared TFDS datasets import tensorflow_datasets, which `import attrjax.data` does not: they too are
+# imported on first use (name -> the module that defines it).
+_LAZY_EXPORTS = {
+    **dict.fromkeys(_BUILDER_EXPORTS, "attrjax.data.builder"),
+    **dict.fromkeys(("class_names", "load_tfds_split", "prepare_command"), "attrjax.data._tfds_datasets"),
+    **dict.fromkeys(("RecordFeature", "read_records"), "attrjax.data._prepared"),
+}
 
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time, __getattr__ imports them
+    from attrjax.data._prepared import RecordFeature, read_records
+    from attrjax.data._tfds_datasets import class_names, load_tfds_split, prepare_command
 
 _moved = _deprecation.package_getattr(__name__)
 
 
 def __getattr__(name: str):
-    if name in _BUILDER_EXPORTS:
-        return getattr(importlib.import_module("attrjax.data.builder"), name)
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     return _moved(name)  # the 0.1 submodules, now private, as stand-ins that warn
 
 
@@ -60,4 +72,9 @@ __all__ = [
     "render_split",
     "train_batches",
     *_BUILDER_EXPORTS,
+    "RecordFeature",
+    "class_names",
+    "load_tfds_split",
+    "prepare_command",
+    "read_records",
 ]

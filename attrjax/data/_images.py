@@ -2,7 +2,7 @@
 
 A split is a `LabeledImages`: encoded (JPEG/PNG) images, their sizes, multi-hot labels and optional encoded class
 masks. The images of a prepared dataset (`load_voc`, `load_tfds_split`) stay in its array_record files and are read
-one record at a time where a batch draws them (`attrjax.data._prepared.RecordFeature`): a split of any size costs
+one record at a time where a batch draws them (`attrjax.data.RecordFeature`): a split of any size costs
 the memory of its labels. Two ways out:
 
 - `random_resized_crop_batches`: training batches as torchvision's RandomResizedCrop(S) + RandomHorizontalFlip
@@ -42,7 +42,7 @@ class LabeledImages:
 
     Attributes:
       images: N encoded images (JPEG or PNG bytes), any size, RGB or greyscale: a list, or a sequence that reads
-        them from disk when indexed (`attrjax.data._prepared.RecordFeature`).
+        them from disk when indexed (`attrjax.data.RecordFeature`).
       sizes: (N, 2) int (height, width) of each image.
       labels: (N, K) bool multi-hot (one-hot for single-label datasets).
       names: N identifiers (file stems), for error messages and reports.
@@ -163,8 +163,8 @@ def random_resized_crop_batches(
     Every image is cropped to a RandomResizedCrop box, resized to `image_size` (bilinear, antialiased as PIL
     resizes) and flipped horizontally with probability 1/2. `rows`: the rows of every batch to decode (a
     process's, as in `train_batches`); the others' boxes are drawn and skipped. `workers` (processes) and
-    `threads` (batches decoded at once per process): how grain builds the batches ahead
-    (`attrjax.data._loader.step_stream`).
+    `threads` (batches decoded at once per process, and as many held ready): how grain builds the batches
+    ahead.
 
     Yields:
       dict with `image` float32 (R, S, S, 3) normalised and `labels` float32 (R, K), R the number of `rows`.

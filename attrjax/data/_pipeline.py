@@ -116,7 +116,7 @@ def train_batches(
     `rows`: the rows of every batch to produce, e.g. this process's (`attrjax.training.process_rows`) in a
     multi-process run. Every process draws the same order and augmentation, so the global batch is the same
     however many processes share it, and each builds only its rows. `workers`, `threads`: how grain builds the
-    batches ahead (`attrjax.data._loader.step_stream`).
+    batches ahead (`workers` processes; `threads` batches built at once in each, and as many held ready).
 
     Yields:
       dict with `image` float32 (R, H, W, 3) normalised, `labels` float32 (R, K), `mask` uint8 (R, H, W), R the

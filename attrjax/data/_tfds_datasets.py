@@ -7,7 +7,7 @@ TFDS knows both datasets, but preparing them downloads the archives and runs the
 TensorFlow (and opencv-python for caltech_birds2011): prepare them once on a machine that has internet and those,
 in the array_record format that is read here through `builder.as_data_source` (see `prepare_command`). Reading
 needs neither: images and masks stay encoded bytes, and only the masks are decoded, once, to move them to the
-convention of `attrjax.data._images`: 0 background, c + 1 for class c, 255 (`VOID`) for pixels of no class.
+convention of `attrjax.data`: 0 background, c + 1 for class c, 255 (`VOID`) for pixels of no class.
 
 - oxford_iiit_pet: the trimap (1 pet, 2 background, 3 the uncertain border around the pet) becomes label + 1 for
   the pet, 0 for the background and `VOID` for the border, which belongs to neither.
@@ -185,7 +185,7 @@ def load_tfds_split(name: str, split: str, data_dir: str | os.PathLike, *,
 
     Returns:
       LabeledImages in the dataset's record order: the stored JPEGs (read from disk when indexed:
-      `attrjax.data._prepared.RecordFeature`), (N, 2) (height, width), (N, K) one-hot labels, file stems as names and
+      `attrjax.data.RecordFeature`), (N, 2) (height, width), (N, K) one-hot labels, file stems as names and
       class masks (module docstring) as single-channel PNGs, held in memory.
     """
     builder = _builder(name, data_dir)

@@ -69,7 +69,7 @@ class ShapesBuilderConfig(tfds.core.BuilderConfig):
 
 
 class AttrjaxShapes(tfds.core.GeneratorBasedBuilder):
-    """Synthetic multi-label shapes with per-pixel masks (see `attrjax.data._shapes`)."""
+    """Synthetic multi-label shapes with per-pixel masks (see `attrjax.data.render_example`)."""
 
     # Bump when the renderer changes what a (config, seed, index) renders to, so old builds are not reused.
     VERSION = tfds.core.Version("1.0.0")

@@ -365,7 +365,7 @@ def multi_hot(objects_label, objects_difficult, include_difficult: bool) -> np.n
 def load_voc(data_dir: str | os.PathLike, split: str, *, config: str = "main",
              include_difficult: bool = True) -> LabeledImages:
     """Reads a built VOC split: labels, names and image sizes now, images (and masks) from disk when a batch needs
-    them (`attrjax.data._prepared.RecordFeature`). Images stay JPEG-encoded; no TensorFlow needed.
+    them (`attrjax.data.RecordFeature`). Images stay JPEG-encoded; no TensorFlow needed.
 
     Returns:
       LabeledImages with (N, 20) multi-hot labels from the annotations (difficult objects counted unless

@@ -345,7 +345,7 @@ def _feature_map_layers(forward: Callable, images: jax.Array, variables: Variabl
     """The layers of a network: ``forward(images (B,S,S,3), variables) -> outputs`` runs it once, appending
     ``(submodule name, output)`` to ``calls`` for every rank-4 output and returning those outputs. A submodule is a
     layer when every output of it is a feature map: its axes, traced from the images through the network's jaxpr
-    (``attrjax.models._layout``), are the images' batch, height and width and, last, channels. A per-head attention
+    (``traced_axes``), are the images' batch, height and width and, last, channels. A per-head attention
     projection (B,T,heads,head_dim) or a channels-first (B,C,H,W) output has rank 4 but is not one."""
     axes = traced_axes(forward, images, variables)
     refused: dict[str, str] = {}

@@ -265,7 +265,7 @@ __all__ = ["VGG", "VGG_LAYOUTS", "vgg", "scale_widths", "layer_names", "last_con
 
 
 def vgg_split_model(model: VGG) -> FunctionalSplitModel:
-    """``model`` as a split model (``attrjax.models._split``), split by its own ``features``/``head`` methods at any
+    """``model`` as a split model (``attrjax.models.SplitModel``), split by its own ``features``/``head`` methods at any
     of its layers."""
 
     def features(variables, images, layer, train, rng):

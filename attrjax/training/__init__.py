@@ -1,6 +1,9 @@
-"""Train state, objectives as loss terms, the jit step, sharding, checkpoints, metric files and the loop."""
+"""Train state, objectives as loss terms, the losses they compute (task, distillation, attribution matching), the
+jit step, sharding, checkpoints, metric files and the loop."""
 
 from attrjax import _deprecation
+from attrjax._distill import binary_kd_loss, multilabel_soft_margin_loss, softmax_cross_entropy, softmax_kd_loss
+from attrjax._matching import matching_loss, normalize_maps, stochastic_channel_keep
 from attrjax.training._checkpoint import (CheckpointWriteError, CorruptCheckpointError, NonFiniteStateError,
                                       checkpoint_manager, restore_latest)
 from attrjax.training._loop import run_record, train
@@ -15,6 +18,8 @@ from attrjax.training._step import jit_train_step, make_loss_fn, make_train_step
 __all__ = ["AttributionMatching", "DistillationLoss", "LossTerm", "NetworkOutputs", "PropagationMatching", "TaskLoss",
            "TermInputs",
            "activation_map", "gradcam_map"]
+__all__ += ["binary_kd_loss", "matching_loss", "multilabel_soft_margin_loss", "normalize_maps", "softmax_cross_entropy",
+            "softmax_kd_loss", "stochastic_channel_keep"]
 __all__ += ["CheckpointWriteError", "CorruptCheckpointError", "MetricWriter", "NonFiniteStateError", "Objective",
            "RunConfigMismatchError",
            "TrainState",

@@ -1,7 +1,7 @@
 """The training loop: one compiled step, progress lines, periodic checkpoints and exact resume.
 
 A run cannot lie about itself: its checkpoint directory is bound to the settings that wrote it
-(``attrjax.training._run_config``), and no state holding NaN or inf is ever checkpointed. The loop reads the step's
+(``attrjax.training.check_run_config``), and no state holding NaN or inf is ever checkpointed. The loop reads the step's
 finiteness flags at every log line and before every save (never every step, which would wait for the device), and
 on divergence stops naming the first non-finite step, the term that went non-finite first and the likely cause.
 """
@@ -119,7 +119,7 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
       variables: the student's initial ``{"params", "batch_stats"?}``.
       run_config: JSON-compatible settings of this run (data, seed, model, optimizer, ...) that ``checkpoint_dir`` is
         bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.
-        A rerun whose record differs is refused (``attrjax.training._run_config``).
+        A rerun whose record differs is refused (``attrjax.training.check_run_config``).
       on_config_change: ``"refuse"`` (default) or ``"restart"`` (set the old directory aside and train afresh).
       metric_writer: anything with ``write(step, {name: value})`` (``attrjax.training.MetricWriter``: TensorBoard event
         files and a CSV) receives every logged line as ``train/<loss term>``, ``train/images_per_s`` and, with
@@ -137,7 +137,7 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
     Raises:
       FloatingPointError: a step went non-finite (names the step, the term and the likely cause); nothing
         non-finite was checkpointed.
-      attrjax.training._run_config.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
+      attrjax.training.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
       attrjax.training.CheckpointWriteError: a checkpoint could not be written (permissions, a full disk); the run
         stops at once, naming the newest intact checkpoint, which a rerun resumes from.
     """

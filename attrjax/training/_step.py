@@ -1,5 +1,5 @@
 """One jit-compiled train step: the weighted sum of an objective's loss terms (task or KD + lambda * attribution
-matching, or any terms of ``attrjax.training._objective``).
+matching, or any loss terms of ``attrjax.training``).
 
 The teacher is a frozen second apply function (eval mode, ``stop_gradient``); its variables are a step argument,
 never constants baked into the compiled program and never part of the student's checkpoint. The student's
@@ -61,9 +61,9 @@ def _top1_weights(logits):
 def make_loss_fn(student, objective: Objective | Sequence[LossTerm], teacher=None) -> Callable:
     """``loss_fn(params, batch_stats, teacher_variables, batch, rng) -> (loss, (batch_stats, metrics))``.
 
-    ``student`` and ``teacher``: split models (``attrjax.models._split``), attrjax's VGG, or any Flax linen
+    ``student`` and ``teacher``: split models (``attrjax.models.SplitModel``), attrjax's VGG, or any Flax linen
     classifier (wrapped by ``attrjax.models.as_split_model``). ``objective``: an ``Objective`` or a sequence of loss
-    terms (``attrjax.training._objective``); the layers the terms name must be layers of both networks. ``loss`` is the
+    terms (``attrjax.training.LossTerm``); the layers the terms name must be layers of both networks. ``loss`` is the
     weighted sum of the terms, and ``metrics`` holds it as ``loss`` and each term's value under its name.
     """
     terms = as_terms(objective)
