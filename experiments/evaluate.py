@@ -8,7 +8,7 @@ several methods are evaluated).
     python -m experiments.evaluate --workdir runs/demo --config.eval.methods=gradcam,lrp \\
         --config.eval.faithfulness_steps=16
 
-``eval.methods`` is a comma-separated list of ``attrjax.attribution._methods.METHODS`` names, ``"paper"`` (Grad-CAM,
+``eval.methods`` is a comma-separated list of ``attrjax.METHODS`` names, ``"paper"`` (Grad-CAM,
 LRP, RAP, EBP) or ``"all"``; the first one fills the main table and figure. ``eval.localization_images`` (0 = all)
 bounds the localisation images, ``eval.method_options`` passes options to a method (e.g. integrated gradients'
 steps), and ``eval.faithfulness_steps`` > 0 adds deletion and insertion AUC (``evaluation.AttributionEvaluator``).
@@ -44,7 +44,8 @@ COLUMNS = [("params", "params", "{:,}"), ("mflops", "MFLOPs", "{:.1f}"), ("kbyte
            ("num_counted", "pairs", "{}"), ("map_cosine", "cos. to teacher", "{:.3f}"),
            ("same_peak", "same peak as teacher", "{:.3f}")]
 LOCALIZATION_KEYS = ("pointing_accuracy", "mean_auc", "num_counted", "map_cosine", "same_peak")
-# With eval.faithfulness_steps > 0: deletion / insertion AUC of each image's top class (attrjax.metrics._faithfulness).
+# With eval.faithfulness_steps > 0: deletion / insertion AUC of each image's top class
+# (attrjax.metrics.deletion_curve, insertion_curve).
 AGREEMENT_COLUMNS = [("spearman", "Spearman to teacher", "{:.3f}"), ("top10_iou", "top-10% IoU with teacher", "{:.3f}")]
 FAITHFULNESS_COLUMNS = [("deletion_auc", "deletion AUC (lower = better)", "{:.3f}"),
                         ("insertion_auc", "insertion AUC (higher = better)", "{:.3f}")]

@@ -3,8 +3,8 @@
     python -m experiments.sweep_report --workdir runs/sweep     # rewrite the report of a finished sweep
 
 Rows are tidy: one per (grid point, seed, model, attribution method) with every metric, plus one row per failed
-run. Statistics (``attrjax.metrics._statistics``): per point, model and method, the mean of each metric over seeds
-with its 95% t interval; per compression setting, the paired difference matched - naive (same seed, same teacher)
+run. Statistics (``attrjax.metrics.mean_interval``, ``paired_difference``): per point, model and method, the mean of
+each metric over seeds with its 95% t interval; per compression setting, the paired difference matched - naive (same seed, same teacher)
 with its interval, the paired t-test's p-value and the number of seeds on each side of zero.
 """
 

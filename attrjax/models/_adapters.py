@@ -30,7 +30,7 @@ def as_split_model(model: ModelLike, example_images: jax.Array) -> SplitModel:
     if isinstance(model, nnx.Module):
         return NNXSplitModel.from_module(model, example_images)
     raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen or NNX module or an "
-                    "attrjax.models._split.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
+                    "attrjax.models.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
 
 
 def logits_fn(model: ModelLike, variables: dict) -> Callable[[jax.Array], jax.Array]:

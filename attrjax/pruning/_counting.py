@@ -138,7 +138,7 @@ def _forward_fn(model) -> Callable:
     if callable(model):
         return model
     raise TypeError(f"cannot count a {type(model).__name__}: pass a function (variables, images) -> logits, a Flax "
-                    "linen module or an attrjax.models._split.SplitModel")
+                    "linen module or an attrjax.models.SplitModel")
 
 
 def count_params_and_flops(model: Callable | nn.Module | SplitModel, variables: Any,

@@ -4,7 +4,7 @@ masks from the trimaps (the uncertain border is void), ImageNet normalisation fo
     python -m experiments.train_teacher --config pet --workdir runs/pet \\
         --config.data.data_dir=/data/tfds --config.teacher.pretrained=/weights/vgg16_bn-6c64b313.pth
 
-The dataset must be prepared in `data.data_dir` in the array_record format (`attrjax.data._tfds_datasets`). The
+The dataset must be prepared in `data.data_dir` in the array_record format (`attrjax.data.load_tfds_split`). The
 test split (3,669 images) serves both classification and localisation, as the dataset has no validation split.
 `birds.py` is the same for CUB-200-2011.
 """
