@@ -4,8 +4,9 @@
 
 Rows are tidy: one per (grid point, seed, model, attribution method) with every metric, plus one row per failed
 run. Statistics (``attrjax.metrics.mean_interval``, ``paired_difference``): per point, model and method, the mean of
-each metric over seeds with its 95% t interval; per compression setting, the paired difference matched - naive (same seed, same teacher)
-with its interval, the paired t-test's p-value and the number of seeds on each side of zero.
+each metric over seeds with its 95% t interval; per compression setting, the paired difference matched - naive
+(same seed, same teacher) with its interval, the paired t-test's p-value and the number of seeds on each side of
+zero.
 """
 
 from __future__ import annotations
