@@ -38,7 +38,7 @@ from attrjax.pruning import (apply_masks, count_params_and_flops, keep_pruned_at
                              magnitude_masks, prune_filters, prune_resnet_filters)
 from attrjax.quantization import Quantization, calibrate, deploy, load_deployed  # noqa: E402
 from attrjax.training import (AttributionMatching, DistillationLoss, LossTerm, Objective,  # noqa: E402
-                           PropagationMatching, TaskLoss, TrainState, make_train_step, sgd, train)
+                           PropagationMatching, RunOptions, TaskLoss, TrainState, make_train_step, sgd, train)
 
 __version__ = "0.2.0"
 
@@ -55,7 +55,7 @@ __all__ = [
     "NNXSplitModel",
     # training: loss terms, the step, the loop
     "Objective", "LossTerm", "TaskLoss", "DistillationLoss", "AttributionMatching", "PropagationMatching",
-    "TrainState", "sgd", "make_train_step", "train",
+    "TrainState", "sgd", "make_train_step", "train", "RunOptions",
     # evaluation
     "ClassificationEvaluator", "AttributionEvaluator",
     # compression

@@ -36,6 +36,7 @@ from attrjax.training import (MetricWriter, Objective, RunConfigMismatchError, T
                            read_run_config, replicate, restore_latest, run_record, train)
 from attrjax.training._sharding import host_value
 from attrjax.training._run_config import ON_CONFIG_CHANGE
+from attrjax.training import RunOptions
 
 
 def quiet_tfds():
@@ -538,12 +539,12 @@ def fit(name: str, model, variables: dict, optimizer, objective: Objective, num_
     _, step_key = run_keys(name, config)
     batches = functools.partial(train_batches, train_split, config)
     with metric_writer(metrics_dir(name, workdir), step_offset=step_offset) as writer:
+        record = run_config(name, settings, config, workdir, with_teacher=teacher is not None)
+        run = RunOptions(checkpoint_dir=checkpoint_dir(name, workdir), checkpoint_every=config.checkpoint_every,
+                         run_config=record, on_config_change=config.on_config_change, log_every=config.log_every,
+                         name=name, metric_writer=writer, learning_rate=optimizer_schedule(optimizer, num_steps))
         state, _ = train(model, variables, tx, objective, batches, num_steps, rng=step_key, teacher=teacher,
-                         teacher_variables=teacher_variables, checkpoint_dir=checkpoint_dir(name, workdir),
-                         checkpoint_every=config.checkpoint_every, log_every=config.log_every, name=name,
-                         run_config=run_config(name, settings, config, workdir, with_teacher=teacher is not None),
-                         on_config_change=config.on_config_change, metric_writer=writer,
-                         learning_rate=optimizer_schedule(optimizer, num_steps))
+                         teacher_variables=teacher_variables, run=run)
     return jax.tree.map(host_value, state.variables)
 
 

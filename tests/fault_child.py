@@ -22,6 +22,7 @@ from tests.test_train import MATCHED, _batches, _models  # noqa: E402
 
 from attrjax.models import init_variables  # noqa: E402
 from attrjax.training import sgd, train  # noqa: E402
+from attrjax.training import RunOptions  # noqa: E402
 
 
 def kill_self():
@@ -59,7 +60,7 @@ def main(workdir: str, num_steps: int, mode: str = "", kill_step: int = 0):
     state, _ = train(student, init_variables(student, jax.random.key(1)), sgd(learning_rate), MATCHED, batches,
                      num_steps, rng=jax.random.key(5), teacher=teacher,
                      teacher_variables=init_variables(teacher, jax.random.key(0)),
-                     checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log=print)
+                     run=RunOptions(checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log=print))
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get((state.params, state.batch_stats, state.opt_state)))[0]
     np.savez(os.path.join(workdir, "final.npz"), **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})
 

@@ -23,6 +23,7 @@ from attrjax._files import write_json  # noqa: E402
 from attrjax.models import init_variables  # noqa: E402
 from attrjax.training import data_mesh, process_rows, sgd, shard_batch, train  # noqa: E402
 from attrjax.training._sharding import host_value  # noqa: E402
+from attrjax.training import RunOptions  # noqa: E402
 from tests.test_train import MATCHED, _batches, _models  # noqa: E402
 
 BATCH_SIZE = 8
@@ -81,7 +82,8 @@ def main(workdir: str, num_steps: int, kill_step: int = -1):
     state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, batches,
                            num_steps, rng=jax.random.key(5), teacher=teacher,
                            teacher_variables=init_variables(teacher, jax.random.key(0)), mesh=mesh,
-                           checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2, log_every=1)
+                           run=RunOptions(checkpoint_dir=os.path.join(workdir, "checkpoints"), checkpoint_every=2,
+                                          log_every=1))
     print(f"process {jax.process_index()}: rows {rows.start}:{rows.stop} of {BATCH_SIZE}, {len(history)} log lines")
     teacher_variables = init_variables(teacher, jax.random.key(0))
     report = evaluate(teacher, teacher_variables)

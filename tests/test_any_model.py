@@ -16,6 +16,7 @@ from flax import nnx
 
 from attrjax.models import NNXSplitModel, resnet_small
 from attrjax.training import Objective, sgd, train
+from attrjax.training import RunOptions
 from tests.test_split_models import UserNNX
 
 IMAGE_SIZE, NUM_CLASSES = 8, 3
@@ -53,8 +54,8 @@ def test_an_interrupted_run_of_any_model_resumes_bit_exactly(tmp_path, kind):
 
     def run(directory, batches_from=batches):
         return train(student, student_variables, sgd(0.05), objective(layer), batches_from, 6, rng=jax.random.key(5),
-                     teacher=teacher, teacher_variables=teacher_variables, checkpoint_dir=str(directory),
-                     checkpoint_every=2, log=lambda _: None)[0]
+                     teacher=teacher, teacher_variables=teacher_variables,
+                     run=RunOptions(checkpoint_dir=str(directory), checkpoint_every=2, log=lambda _: None))[0]
 
     def interrupted_at_step_4(start_step):
         for step, batch in enumerate(batches(start_step), start_step + 1):

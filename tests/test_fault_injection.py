@@ -18,6 +18,7 @@ from attrjax.models import init_variables, vgg
 from attrjax.training import (NonFiniteStateError, Objective, RunConfigMismatchError, TrainState, checkpoint_manager,
                            restore_latest, sgd, train)
 from attrjax.training._checkpoint import restore_step, save
+from attrjax.training import RunOptions
 from tests import fault_child
 from tests.test_train import MATCHED, _batches, _models
 
@@ -91,8 +92,8 @@ def test_overflowing_data_names_the_step_and_the_term(tmp_path, poisoned_step, c
     teacher, student = _models()
     with pytest.raises(FloatingPointError, match=f"step {poisoned_step} went non-finite \\(loss, task_loss.*{cause}"):
         train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(),
-              _overflowing_at(poisoned_step), 4, rng=jax.random.key(0), checkpoint_dir=str(tmp_path),
-              checkpoint_every=1, log=lambda _: None)
+              _overflowing_at(poisoned_step), 4, rng=jax.random.key(0),
+              run=RunOptions(checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None))
     manager = checkpoint_manager(str(tmp_path), save_every=1)
     assert (manager.latest_step() or 0) == poisoned_step - 1
     manager.close()
@@ -104,14 +105,15 @@ def test_a_broken_teacher_is_blamed_and_a_zero_kd_temperature_is_refused():
                                                                                                jax.random.key(0)))
     with pytest.raises(FloatingPointError, match="teacher's logits or maps are NaN"):
         train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, _batches(), 2,
-              rng=jax.random.key(0), teacher=teacher, teacher_variables=teacher_variables, log=lambda _: None)
+              rng=jax.random.key(0), teacher=teacher, teacher_variables=teacher_variables,
+              run=RunOptions(log=lambda _: None))
     for options in (dict(temperature=0.0), dict(temperature=float("nan")), dict(kd_alpha=1.5)):
         with pytest.raises(ValueError, match="temperature|kd_alpha"):
             Objective(kd="binary", **options)
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match="log_every must be a positive"):
             train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 2,
-                  rng=jax.random.key(0), log_every=bad)
+                  rng=jax.random.key(0), run=RunOptions(log_every=bad))
     with pytest.raises(ValueError, match="num_steps must be a positive"):
         train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 0,
               rng=jax.random.key(0))
@@ -137,9 +139,8 @@ def four_step_run(tmp_path_factory):
     """A finished 4-step run with checkpoints 2 and 4, and a template of its state."""
     directory = tmp_path_factory.mktemp("pristine")
     student = DAMAGED_MODEL
-    kwargs = dict(rng=jax.random.key(0), checkpoint_every=2, log=lambda _: None)
     train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
-          checkpoint_dir=str(directory), **kwargs)
+          rng=jax.random.key(0), run=RunOptions(checkpoint_dir=str(directory), checkpoint_every=2, log=lambda _: None))
     template = TrainState.create(init_variables(student, jax.random.key(1)), sgd(0.05))
     manager = checkpoint_manager(str(directory), save_every=2)
     assert manager.all_steps() == [2, 4]
@@ -201,8 +202,8 @@ def test_a_run_resumes_past_a_damaged_checkpoint(tmp_path, four_step_run):
     student = DAMAGED_MODEL
     lines = []
     state, _ = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
-                     rng=jax.random.key(0), checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=2,
-                     log=lines.append)
+                     rng=jax.random.key(0),
+                     run=RunOptions(checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=2, log=lines.append))
     assert any("skipping checkpoint" in line for line in lines)
     assert "[train] resuming from the checkpoint of step 2" in lines
     manager = checkpoint_manager(str(pristine), save_every=2)
@@ -214,10 +215,11 @@ def test_a_run_resumes_past_a_damaged_checkpoint(tmp_path, four_step_run):
 def test_a_directory_refuses_other_settings_or_restarts_when_asked(tmp_path):
     _, student = _models()
 
-    def run(num_steps, run_config, **kwargs):
+    def run(num_steps, run_config, on_config_change="refuse"):
         return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(),
-                     num_steps, rng=jax.random.key(0), checkpoint_dir=str(tmp_path / "run"), checkpoint_every=2,
-                     run_config=run_config, log=lambda _: None, **kwargs)[0]
+                     num_steps, rng=jax.random.key(0),
+                     run=RunOptions(checkpoint_dir=str(tmp_path / "run"), checkpoint_every=2, run_config=run_config,
+                                    on_config_change=on_config_change, log=lambda _: None))[0]
 
     shapes = {"seed": 0, "data": {"name": "shapes"}}
     run(2, shapes)

@@ -16,6 +16,7 @@ from attrjax.models._split import LinenSplitModel, NNXSplitModel
 from attrjax.models._vgg import vgg_split_model
 from attrjax.training import (AttributionMatching, DistillationLoss, Objective, PropagationMatching, TaskLoss,
                            activation_map, gradcam_map, make_loss_fn, read_run_config, sgd, train)
+from attrjax.training import RunOptions
 from tests.test_split_models import IMAGES, UserCNN, UserNNX
 
 LABELS = jnp.eye(3)[jnp.array([0, 1, 2, 0])]
@@ -141,8 +142,8 @@ def test_composed_terms_train_and_are_recorded_with_the_run(tmp_path):
 
     lines = []
     _, history = train(teacher, student_variables, sgd(0.05), terms, batches, 2, rng=jax.random.key(0),
-                       teacher=teacher, teacher_variables=teacher_variables, checkpoint_dir=str(tmp_path / "run"),
-                       log_every=1, log=lines.append)
+                       teacher=teacher, teacher_variables=teacher_variables,
+                       run=RunOptions(checkpoint_dir=str(tmp_path / "run"), log_every=1, log=lines.append))
     assert "matching_loss" in lines[-1] and history[-1]["matching_loss"] > 0
     assert "step 1/2, about " in lines[0] and "step 2/2  " in lines[-1]
     recorded = read_run_config(str(tmp_path / "run"))["config"]["objective"]["terms"]
@@ -152,7 +153,7 @@ def test_composed_terms_train_and_are_recorded_with_the_run(tmp_path):
     with pytest.raises(ValueError, match="objective.terms"):  # another weight is another run
         train(teacher, student_variables, sgd(0.05), [terms[0], AttributionMatching("trunk", 20.0, drop_rate=0.5)],
               batches, 2, rng=jax.random.key(0), teacher=teacher, teacher_variables=teacher_variables,
-              checkpoint_dir=str(tmp_path / "run"), log=lines.append)
+              run=RunOptions(checkpoint_dir=str(tmp_path / "run"), log=lines.append))
 
 
 def test_bad_terms_are_refused_with_what_to_change():

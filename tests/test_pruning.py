@@ -14,6 +14,7 @@ from attrjax.pruning import (apply_masks, conv_kernels, iterative_sparsity, keep
                              sparsity_summary)
 from attrjax.training import Objective, TrainState, checkpoint_manager, restore_latest, sgd, train
 from attrjax.training._checkpoint import save
+from attrjax.training import RunOptions
 
 MODEL = vgg(((8,), (8, 16)), num_classes=4, image_size=16, attribution_layer="pool2")
 
@@ -79,7 +80,8 @@ def test_pruned_weights_stay_exactly_zero_through_momentum_and_weight_decay():
             step += 1
 
     tx = keep_pruned_at_zero(sgd(0.1, momentum=0.9, weight_decay=1e-2), masks)
-    state, _ = train(MODEL, variables, tx, Objective(), batches, 30, rng=jax.random.key(1), log=lambda _: None)
+    state, _ = train(MODEL, variables, tx, Objective(), batches, 30, rng=jax.random.key(1),
+                     run=RunOptions(log=lambda _: None))
     for name in ("conv1_1", "conv2_1", "conv2_2"):
         kernel, keep = np.asarray(state.params[name]["kernel"]), np.asarray(masks[name]["kernel"])
         assert np.all(kernel[~keep] == 0.0)

@@ -18,6 +18,7 @@ from attrjax.models import init_variables, vgg
 from attrjax.training import (CheckpointWriteError, MetricWriter, Objective, TrainState, data_mesh, jit_train_step,
                            learning_rate_schedule, make_loss_fn, make_train_step, read_events, replicate, sgd,
                            shard_batch, train)
+from attrjax.training import RunOptions
 
 KWARGS = dict(num_classes=4, image_size=16, attribution_layer="pool2")
 
@@ -63,12 +64,10 @@ def test_step_compiles_once_and_learns():
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     teacher, student = _models()
     teacher_vars = init_variables(teacher, jax.random.key(0))
-    common = dict(rng=jax.random.key(5), teacher=teacher, teacher_variables=teacher_vars, log=lambda _: None,
-                  checkpoint_every=3)
-
     def run(directory, batches=_batches()):
         return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), MATCHED, batches, 7,
-                     checkpoint_dir=str(directory), **common)[0]
+                     rng=jax.random.key(5), teacher=teacher, teacher_variables=teacher_vars,
+                     run=RunOptions(checkpoint_dir=str(directory), checkpoint_every=3, log=lambda _: None))[0]
 
     def interrupted_at_step_5(start_step):
         for step, batch in enumerate(_batches()(start_step), start_step + 1):
@@ -88,10 +87,11 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
 def test_restoring_into_another_architecture_fails_clearly(tmp_path):
     teacher, student = _models()
     train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 2,
-          rng=jax.random.key(0), checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None)
+          rng=jax.random.key(0), run=RunOptions(checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None))
     with pytest.raises(ValueError, match=r"param_shapes\.conv1_1/kernel: \[3, 3, 3, 2\] -> \[3, 3, 3, 8\]"):
         train(teacher, init_variables(teacher, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 2,
-              rng=jax.random.key(0), checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None)
+              rng=jax.random.key(0),
+              run=RunOptions(checkpoint_dir=str(tmp_path), checkpoint_every=1, log=lambda _: None))
 
 
 def test_non_finite_inputs_are_rejected():
@@ -104,7 +104,7 @@ def test_non_finite_inputs_are_rejected():
 
     with pytest.raises(ValueError, match="non-finite"):
         train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), poisoned, 1,
-              rng=jax.random.key(0), log=lambda _: None)
+              rng=jax.random.key(0), run=RunOptions(log=lambda _: None))
 
 
 def test_bad_objectives_are_rejected():
@@ -143,7 +143,7 @@ def test_a_bfloat16_pair_hands_back_float32_losses_gradients_and_state():
 def test_objective_without_matching_trains_the_teacher_task():
     _, student = _models()
     state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(),
-                           4, rng=jax.random.key(0), log_every=2, log=lambda _: None)
+                           4, rng=jax.random.key(0), run=RunOptions(log_every=2, log=lambda _: None))
     assert [h["step"] for h in history] == [2, 4]
     assert all("matching_loss" not in h for h in history)
     assert jnp.isfinite(history[-1]["loss"])
@@ -154,7 +154,8 @@ def test_kd_without_matching_works_for_layouts_without_the_default_layer():
     teacher, student = _models()
     state, history = train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(kd="binary"),
                            _batches(), 2, rng=jax.random.key(0), teacher=teacher,
-                           teacher_variables=init_variables(teacher, jax.random.key(0)), log=lambda _: None)
+                           teacher_variables=init_variables(teacher, jax.random.key(0)),
+                           run=RunOptions(log=lambda _: None))
     assert int(state.step) == 2 and jnp.isfinite(history[-1]["loss"])
 
 
@@ -164,7 +165,7 @@ def test_a_student_built_from_the_teachers_own_device_arrays_trains_and_leaves_t
     before = jax.device_get(teacher_variables)
     objective = Objective(matching="weighted", matching_weight=1.0, matching_layer="pool2")
     state, _ = train(teacher, teacher_variables, sgd(0.05), objective, _batches(), 3, rng=jax.random.key(1),
-                     teacher=teacher, teacher_variables=teacher_variables, log=lambda _: None)
+                     teacher=teacher, teacher_variables=teacher_variables, run=RunOptions(log=lambda _: None))
     assert int(state.step) == 3
     chex.assert_trees_all_equal(jax.device_get(teacher_variables), before)  # still readable and unchanged
 
@@ -187,8 +188,9 @@ def test_logged_lines_are_tensorboard_events_and_a_csv_that_read_back(tmp_path):
     directory = str(tmp_path / "metrics")
     with MetricWriter(directory, step_offset=10) as writer:
         _, history = train(student, init_variables(student, jax.random.key(1)), optax.sgd(schedule), Objective(),
-                           _batches(), 6, rng=jax.random.key(0), log_every=3, log=lambda _: None,
-                           metric_writer=writer, learning_rate=schedule)
+                           _batches(), 6, rng=jax.random.key(0),
+                           run=RunOptions(log_every=3, log=lambda _: None, metric_writer=writer,
+                                          learning_rate=schedule))
     events = read_events(directory)
     assert set(events) == {"train/loss", "train/task_loss", "train/images_per_s", "train/learning_rate"}
     for name in ("loss", "learning_rate"):
@@ -216,8 +218,9 @@ def test_a_run_resumed_from_an_earlier_checkpoint_logs_each_step_once(tmp_path):
     def run():
         with MetricWriter(curves) as writer:
             return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), _batches(), 4,
-                         rng=jax.random.key(0), checkpoint_dir=checkpoints, checkpoint_every=2, log_every=1,
-                         log=lambda _: None, metric_writer=writer)[1]
+                         rng=jax.random.key(0),
+                         run=RunOptions(checkpoint_dir=checkpoints, checkpoint_every=2, log_every=1, log=lambda _: None,
+                                        metric_writer=writer))[1]
 
     first = run()
     # Killed after logging steps 3 and 4 but before their checkpoint landed: the rerun resumes from step 2.
@@ -241,8 +244,8 @@ def test_integer_images_and_class_index_labels_are_refused_and_single_labels_sti
     def run(objective, **changes):
         def batches(start_step):
             yield {**next(_batches(batch_size=4)(start_step)), **changes}
-        return train(student, variables, sgd(0.05), objective, batches, 1, rng=jax.random.key(0), log=lambda _: None,
-                     teacher=student, teacher_variables=variables)
+        return train(student, variables, sgd(0.05), objective, batches, 1, rng=jax.random.key(0),
+                     teacher=student, teacher_variables=variables, run=RunOptions(log=lambda _: None))
 
     with pytest.raises(ValueError, match=r"batch of step 1: images must be floating point \(normalised floats\), got "
                                          r"uint8; convert them, e.g. images.astype\(np.float32\) / 255"):
@@ -271,7 +274,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_it_resume
 
     def run(directory, batches=_batches()):
         return train(student, init_variables(student, jax.random.key(1)), sgd(0.05), Objective(), batches, 6,
-                     rng=jax.random.key(0), checkpoint_dir=str(directory), checkpoint_every=2, log=lambda _: None)[0]
+                     rng=jax.random.key(0),
+                     run=RunOptions(checkpoint_dir=str(directory), checkpoint_every=2, log=lambda _: None))[0]
 
     def directory_made_unwritable_at_step_3(start_step):
         for step, batch in enumerate(_batches()(start_step), start_step + 1):
@@ -289,3 +293,20 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_at_once_and_it_resume
     assert time.perf_counter() - started < 60  # orbax's background threads used to wait 300 s here
     chex.assert_trees_all_equal(jax.device_get(run(directory).params),
                                 jax.device_get(run(tmp_path / "uninterrupted").params))
+
+
+def test_the_0_1_bookkeeping_keywords_still_train_with_a_warning_that_names_run_options():
+    _, student = _models()
+    variables = init_variables(student, jax.random.key(1))
+    with pytest.warns(DeprecationWarning, match=r"train\(\.\.\., log_every=\.\.\., log=\.\.\.\) is deprecated .* pass "
+                                                r"run=attrjax\.training\.RunOptions\(log_every=\.\.\., log=\.\.\.\)"):
+        _, old = train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0),
+                       log_every=1, log=lambda _: None)
+    _, new = train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0),
+                   run=RunOptions(log_every=1, log=lambda _: None))
+    assert [row["loss"] for row in old] == [row["loss"] for row in new] and len(new) == 2
+    with pytest.raises(TypeError, match=r"pass \['log_every'\] inside run=RunOptions\(\.\.\.\), not beside it"):
+        train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0), log_every=1,
+              run=RunOptions())
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['checkpoint_dri'\]"):
+        train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0), checkpoint_dri="x")

@@ -56,6 +56,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 import numpy as np
 from flax import traverse_util
 
@@ -86,13 +87,13 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.stack(shifts), axis=0)
 
 
-def _conv(features: int, size: int, strides: int, dtype: jnp.dtype, name: str) -> nn.Conv:
+def _conv(features: int, size: int, strides: int, dtype: DTypeLike, name: str) -> nn.Conv:
     """A bias-free ``size`` x ``size`` conv with PyTorch's symmetric padding ``size // 2``."""
     return nn.Conv(features, (size, size), strides=strides, padding=size // 2, use_bias=False, dtype=dtype,
                    kernel_init=_kaiming_fan_out, name=name)
 
 
-def _batch_norm(dtype: jnp.dtype, name: str) -> nn.BatchNorm:
+def _batch_norm(dtype: DTypeLike, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
@@ -111,7 +112,7 @@ class BasicBlock(nn.Module):
     planes: int
     strides: int = 1
     downsample: bool = False
-    dtype: jnp.dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     widths: tuple[int, int] | None = None
 
     @nn.compact
@@ -139,7 +140,7 @@ class Bottleneck(nn.Module):
     planes: int
     strides: int = 1
     downsample: bool = False
-    dtype: jnp.dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     widths: tuple[int, int, int] | None = None
 
     @nn.compact
@@ -154,7 +155,7 @@ class Bottleneck(nn.Module):
         return nn.relu(y + _shortcut(x, features, self.strides, self.downsample, self.dtype, train))
 
 
-def _shortcut(x: jax.Array, features: int, strides: int, downsample: bool, dtype: jnp.dtype, train: bool
+def _shortcut(x: jax.Array, features: int, strides: int, downsample: bool, dtype: DTypeLike, train: bool
               ) -> jax.Array:
     """The identity, or torchvision's ``downsample`` (1x1 conv ``downsample_0`` + BN ``downsample_1``).
 
@@ -216,7 +217,7 @@ class ResNet(nn.Module):
     num_classes: int
     width: int = 64
     stem: str = "imagenet"
-    dtype: jnp.dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     inner_widths: tuple[tuple[int, ...], ...] | None = None
     stream_widths: tuple[int, ...] | None = None
 
@@ -276,21 +277,21 @@ def _base_width(width_divisor: int, base: int) -> int:
     return max(1, base // width_divisor)
 
 
-def resnet18(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: jnp.dtype = jnp.float32
+def resnet18(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: DTypeLike = jnp.float32
              ) -> ResNet:
     """torchvision's ResNet-18 (basic blocks, (2, 2, 2, 2)); ``width_divisor`` 2/4/8 gives narrower students."""
     return ResNet(block="basic", stage_sizes=(2, 2, 2, 2), num_classes=num_classes,
                   width=_base_width(width_divisor, 64), stem=stem, dtype=dtype)
 
 
-def resnet34(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: jnp.dtype = jnp.float32
+def resnet34(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: DTypeLike = jnp.float32
              ) -> ResNet:
     """torchvision's ResNet-34 (basic blocks, (3, 4, 6, 3))."""
     return ResNet(block="basic", stage_sizes=(3, 4, 6, 3), num_classes=num_classes,
                   width=_base_width(width_divisor, 64), stem=stem, dtype=dtype)
 
 
-def resnet50(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: jnp.dtype = jnp.float32
+def resnet50(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet", dtype: DTypeLike = jnp.float32
              ) -> ResNet:
     """torchvision's ResNet-50 (bottleneck blocks, (3, 4, 6, 3); 2048 channels into ``fc`` at full width)."""
     return ResNet(block="bottleneck", stage_sizes=(3, 4, 6, 3), num_classes=num_classes,
@@ -298,7 +299,7 @@ def resnet50(num_classes: int, *, width_divisor: int = 1, stem: str = "imagenet"
 
 
 def resnet_small(num_classes: int, *, stage_sizes: tuple[int, ...] = (1, 1, 1, 1), width_divisor: int = 1,
-                 dtype: jnp.dtype = jnp.float32) -> ResNet:
+                 dtype: DTypeLike = jnp.float32) -> ResNet:
     """A laptop-scale ResNet for 64 px images: basic blocks, base width ``16 // width_divisor``, the small stem.
 
     At 64 px the maps are 64x64 (stem, ``layer1``), 32x32, 16x16 and 8x8 (``layer4``, 128 channels).
@@ -450,7 +451,7 @@ def export_resnet(variables: Mapping[str, Any], model: ResNet) -> StateDict:
 
 
 def resnet_from_state_dict(state_dict: Mapping[str, np.ndarray], *, num_classes: int | None = None,
-                           dtype: jnp.dtype = jnp.float32) -> ResNet:
+                           dtype: DTypeLike = jnp.float32) -> ResNet:
     """The ``ResNet`` a torchvision-layout state dict fits: block type (``conv3`` present: bottleneck), blocks per
     stage, width (``conv1``'s filters), stem (7x7 ``conv1``: imagenet, 3x3: small), ``num_classes`` (rows of
     ``fc.weight``, unless given: pass it to import with a new head), and, for a pruned network, ``inner_widths`` /

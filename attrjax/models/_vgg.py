@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from attrjax.models._split import FunctionalSplitModel
 
@@ -117,7 +118,7 @@ class VGG(nn.Module):
     attribution_layer: str = "pool5"
     dropout_rate: float = 0.5
     head_pooling: str = "flatten"
-    dtype: jnp.dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     activation: Callable[[jax.Array], jax.Array] = nn.relu
 
     def setup(self):
@@ -209,7 +210,7 @@ class VGG(nn.Module):
 
 def vgg(layout: str | StageWidths = "vgg16", *, num_classes: int = 20, image_size: int = 227,
         width_divisor: int = 1, attribution_layer: str | None = None, dropout_rate: float = 0.5,
-        head_pooling: str = "flatten", dtype: jnp.dtype = jnp.float32) -> VGG:
+        head_pooling: str = "flatten", dtype: DTypeLike = jnp.float32) -> VGG:
     """Builds a VGG from a named layout (``VGG_LAYOUTS``) or explicit stage widths.
 
     ``width_divisor`` 2/4/8 gives the paper's VGG16_VOC_x2/x4/x8 students. ``attribution_layer`` defaults to the

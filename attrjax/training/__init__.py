@@ -6,7 +6,7 @@ from attrjax._distill import binary_kd_loss, multilabel_soft_margin_loss, softma
 from attrjax._matching import matching_loss, normalize_maps, stochastic_channel_keep
 from attrjax.training._checkpoint import (CheckpointWriteError, CorruptCheckpointError, NonFiniteStateError,
                                       checkpoint_manager, restore_latest)
-from attrjax.training._loop import run_record, train
+from attrjax.training._loop import RunOptions, run_record, train
 from attrjax.training._metrics import MetricWriter, read_events
 from attrjax.training._run_config import RunConfigMismatchError, bind_run_config, check_run_config, read_run_config
 from attrjax.training._sharding import data_mesh, process_rows, replicate, shard_batch
@@ -26,7 +26,7 @@ __all__ += ["CheckpointWriteError", "CorruptCheckpointError", "MetricWriter", "N
            "bind_run_config", "check_run_config", "checkpoint_manager", "data_mesh", "jit_train_step",
            "learning_rate_schedule", "make_loss_fn", "make_optimizer", "make_train_step", "optimizer_schedule",
            "process_rows", "read_events", "read_run_config",
-           "replicate", "restore_latest", "run_record", "sgd", "shard_batch", "train"]
+           "replicate", "restore_latest", "RunOptions", "run_record", "sgd", "shard_batch", "train"]
 
 # Exported by 0.1 and private since 0.2: the old paths warn until 0.3. The old submodules are stand-ins.
 __getattr__ = _deprecation.package_getattr(__name__)

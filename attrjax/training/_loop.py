@@ -8,8 +8,10 @@ on divergence stops naming the first non-finite step, the term that went non-fin
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -102,29 +104,82 @@ def param_shapes(params) -> dict[str, list[int]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
-          objective: Objective | Sequence[LossTerm], batches: BatchesFrom, num_steps: int, *, rng: jax.Array,
-          teacher: ModelLike | None = None,
-          teacher_variables: dict | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 500,
-          run_config: Mapping[str, Any] | None = None, on_config_change: str = "refuse",
-          log_every: int = 50, name: str = "train", log: Callable[[str], None] = print,
-          mesh: jax.sharding.Mesh | None = None, metric_writer: ScalarWriter | None = None,
-          learning_rate: Callable[[int], Any] | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in ``checkpoint_dir``.
+_RUN_FIELDS = ("checkpoint_dir", "checkpoint_every", "run_config", "on_config_change", "log_every", "name", "log",
+               "metric_writer", "learning_rate")
 
-    Args:
-      student: anything ``attrjax.models.as_split_model`` takes (a split model, attrjax's VGG or ResNet, a Flax
-        linen or NNX classifier).
-      teacher: the same kinds of model, or None when the objective needs no teacher.
-      variables: the student's initial ``{"params", "batch_stats"?}``.
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Where and how a training run keeps its records: checkpoints, the settings they are bound to, progress lines
+    and metric files. None of it changes what is learned.
+
+    Attributes:
+      checkpoint_dir: where checkpoints go and a rerun resumes from (the newest intact one); None: no checkpoints.
+      checkpoint_every: steps between checkpoints (and the last step).
       run_config: JSON-compatible settings of this run (data, seed, model, optimizer, ...) that ``checkpoint_dir`` is
         bound to, together with ``num_steps``, the objective and the parameter shapes, which are always recorded.
         A rerun whose record differs is refused (``attrjax.training.check_run_config``).
       on_config_change: ``"refuse"`` (default) or ``"restart"`` (set the old directory aside and train afresh).
+      log_every: steps between progress lines, finiteness checks and metric rows.
+      name: the run's name in progress lines (``[name] step ...``).
+      log: where progress lines go.
       metric_writer: anything with ``write(step, {name: value})`` (``attrjax.training.MetricWriter``: TensorBoard event
         files and a CSV) receives every logged line as ``train/<loss term>``, ``train/images_per_s`` and, with
         ``learning_rate`` (the optimizer's schedule, step -> rate), ``train/learning_rate``.
+      learning_rate: the optimizer's schedule, to log the rate.
+    """
+
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    run_config: Mapping[str, Any] | None = None
+    on_config_change: str = "refuse"
+    log_every: int = 50
+    name: str = "train"
+    log: Callable[[str], None] = print
+    metric_writer: ScalarWriter | None = None
+    learning_rate: Callable[[int], Any] | None = None
+
+
+def _run_options(run: RunOptions | None, legacy: dict[str, Any]) -> RunOptions:
+    """``run``, or the 0.1 keyword arguments of ``train`` gathered into one (with a warning naming the new way)."""
+    unknown = sorted(set(legacy) - set(_RUN_FIELDS))
+    if unknown:
+        raise TypeError(f"train() got unexpected keyword arguments {unknown}")
+    if not legacy:
+        return RunOptions() if run is None else run
+    if run is not None:
+        raise TypeError(f"pass {sorted(legacy)} inside run=RunOptions(...), not beside it")
+    warnings.warn(f"train(..., {', '.join(f'{key}=...' for key in legacy)}) is deprecated and will be removed in "
+                  f"attrjax 0.3.0: pass run=attrjax.training.RunOptions({', '.join(f'{key}=...' for key in legacy)})",
+                  DeprecationWarning, stacklevel=3)
+    return RunOptions(**legacy)
+
+
+def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
+          objective: Objective | Sequence[LossTerm], batches: BatchesFrom, num_steps: int, *, rng: jax.Array,
+          teacher: ModelLike | None = None, teacher_variables: dict | None = None,
+          mesh: jax.sharding.Mesh | None = None, run: RunOptions | None = None,
+          **deprecated_run_options) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains ``student`` for ``num_steps`` steps, resuming from the newest intact checkpoint in
+    ``run.checkpoint_dir``.
+
+    The learning problem is the arguments; the run's bookkeeping (checkpoints, the settings they are bound to,
+    progress lines, metric files) is ``run``.
+
+    Args:
+      student: anything ``attrjax.models.as_split_model`` takes (a split model, attrjax's VGG or ResNet, a Flax
+        linen or NNX classifier).
+      variables: the student's initial ``{"params", "batch_stats"?}``.
+      tx: the optimizer.
+      objective: an ``Objective`` or a list of loss terms.
+      batches: ``batches(start_step)`` yields the batches of steps ``start_step``, ``start_step + 1``, ... (a pure
+        function of the step, so a resumed run sees the batches an uninterrupted one would).
+      num_steps: the run's total number of steps, counted from step 0 whatever it resumes from.
+      rng: the run's key; each step folds in its step number.
+      teacher: the same kinds of model, or None when the objective needs no teacher.
+      teacher_variables: the teacher's variables (constants).
       mesh: the devices to train on (default ``data_mesh()``: every device of every process).
+      run: ``RunOptions``; default: no checkpoints, a line every 50 steps to ``print``.
 
     In a multi-process run (``attrjax.distributed.initialize``) every process calls ``train`` with the same
     arguments except ``batches``, which yields that process's rows; the processes' run records must agree, process 0
@@ -137,10 +192,13 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
     Raises:
       FloatingPointError: a step went non-finite (names the step, the term and the likely cause); nothing
         non-finite was checkpointed.
-      attrjax.training.RunConfigMismatchError: ``checkpoint_dir`` was written with other settings.
+      attrjax.training.RunConfigMismatchError: ``run.checkpoint_dir`` was written with other settings.
       attrjax.training.CheckpointWriteError: a checkpoint could not be written (permissions, a full disk); the run
         stops at once, naming the newest intact checkpoint, which a rerun resumes from.
     """
+    run = _run_options(run, deprecated_run_options)
+    checkpoint_dir, log_every, name = run.checkpoint_dir, run.log_every, run.name
+    log, metric_writer = run.log, run.metric_writer
     checkpoint.check_step_count("num_steps", num_steps)
     checkpoint.check_step_count("log_every", log_every)
     mesh = data_mesh() if mesh is None else mesh
@@ -152,17 +210,17 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
         log, metric_writer = (lambda line: None), None
     manager = None
     if checkpoint_dir:
-        record = run_record(num_steps, objective, state.params, run_config)
+        record = run_record(num_steps, objective, state.params, run.run_config)
         check_same_everywhere("run record", record)
         with primary_first(f"binding {checkpoint_dir} to its run record"):
-            bind_run_config(checkpoint_dir, record, on_config_change=on_config_change, log=log)
-        manager = checkpoint.checkpoint_manager(checkpoint_dir, save_every=checkpoint_every)
+            bind_run_config(checkpoint_dir, record, on_config_change=run.on_config_change, log=log)
+        manager = checkpoint.checkpoint_manager(checkpoint_dir, save_every=run.checkpoint_every)
     try:
         if manager is not None:
             state = checkpoint.restore_latest(manager, state, log=lambda line: log(f"[{name}] {line}"))
         return _run_steps(step_fn, state, teacher_variables, batches, num_steps, rng=rng, manager=manager, mesh=mesh,
                           terms=as_terms(objective), log_every=log_every, name=name, log=log,
-                          metric_writer=metric_writer, learning_rate=learning_rate)
+                          metric_writer=metric_writer, learning_rate=run.learning_rate)
     finally:
         if manager is not None:  # an unclosed manager floods stderr at exit
             checkpoint.close(manager, failing=sys.exc_info()[0] is not None)
