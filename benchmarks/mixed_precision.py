@@ -36,7 +36,7 @@ from attrjax.metrics import map_cosine
 from attrjax.metrics._statistics import paired_difference
 from attrjax.training import LossTerm, make_loss_fn
 from benchmarks import common as bench_common
-from experiments import common
+from experiments import configuration, datasets, models, runs
 from experiments.distill import student_runs
 
 # The bar for bfloat16 by default: maps that agree with float32 far better than two seeds of one run agree with
@@ -118,50 +118,50 @@ def gradient_agreement(pairs: dict, variables: dict, teacher_variables: dict, ba
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_config_arguments(parser)
+    configuration.add_config_arguments(parser)
     parser.add_argument("--workdir", default="runs/demo", help="a work directory with a trained teacher and students")
     parser.add_argument("--images", type=int, default=200, help="localisation images for the maps")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--sweep", default=None, help="compare a sweep over compute_dtype instead (see above)")
     bench_common.add_output_flag(parser)
-    args, overrides = common.parse_with_overrides(parser, argv)
+    args, overrides = configuration.parse_with_overrides(parser, argv)
     if args.sweep:
         comparison = compare_sweep(args.sweep)
         print(sweep_markdown(comparison))
         bench_common.emit(bench_common.round_floats(comparison), args.out)
         return comparison
-    config = common.load_config(args.config, overrides)
-    splits = common.load_splits(config, args.workdir)
+    config = configuration.load_config(args.config, overrides)
+    splits = datasets.load_splits(config, args.workdir)
     localization = splits["localization"]
-    images = attr_data.normalize(localization["image"][:args.images], common.normalization(config))
+    images = attr_data.normalize(localization["image"][:args.images], datasets.normalization(config))
     masks = localization["mask"][:args.images]
 
     def load(name, dtype):
-        if name == common.TEACHER:
-            return common.load_teacher(config, args.workdir, dtype=dtype)
+        if name == runs.TEACHER:
+            return runs.load_teacher(config, args.workdir, dtype=dtype)
         run = student_runs(config)[name]
-        return common.load_trained(name, run, common.compression_objective(config, run), config, args.workdir,
-                                   dtype=dtype)
+        return runs.load_trained(name, run, models.compression_objective(config, run), config, args.workdir,
+                                 dtype=dtype)
 
-    names = [common.TEACHER, *student_runs(config)]
-    models = {name: {dtype: load(name, getattr(jnp, dtype)) for dtype in ("float32", "bfloat16")} for name in names}
+    names = [runs.TEACHER, *student_runs(config)]
+    trained = {name: {dtype: load(name, getattr(jnp, dtype)) for dtype in ("float32", "bfloat16")} for name in names}
     result = {"workdir": args.workdir, "images": int(len(images)), "layer": config.eval_layer, "maps": {},
               "gradients": {}}
-    for name, by_dtype in models.items():
+    for name, by_dtype in trained.items():
         variables = by_dtype["float32"][1]
         result["maps"][name] = map_agreement(by_dtype["float32"][0], by_dtype["bfloat16"][0], variables, images,
                                              masks, config.eval_layer, args.batch)
-    batch = next(common.train_batches(splits["train"], config, 0))
+    batch = next(datasets.train_batches(splits["train"], config, 0))
     batch = {key: jnp.asarray(batch[key]) for key in ("image", "labels")}
     matched = next(name for name, run in student_runs(config).items() if run.objective.get("matching"))
     run = student_runs(config)[matched]
-    pairs = {dtype: (models[matched][dtype][0], models[common.TEACHER][dtype][0]) for dtype in ("float32", "bfloat16")}
-    objective = common.compression_objective(config, run)
+    pairs = {dtype: (trained[matched][dtype][0], trained[runs.TEACHER][dtype][0]) for dtype in ("float32", "bfloat16")}
+    objective = models.compression_objective(config, run)
     for terms in ((term,) for term in objective.terms()):  # each term alone, then the whole loss
         result["gradients"][f"{matched}/{terms[0].name}"] = gradient_agreement(
-            pairs, models[matched]["float32"][1], models[common.TEACHER]["float32"][1], batch, terms)
+            pairs, trained[matched]["float32"][1], trained[runs.TEACHER]["float32"][1], batch, terms)
     result["gradients"][f"{matched}/loss"] = gradient_agreement(
-        pairs, models[matched]["float32"][1], models[common.TEACHER]["float32"][1], batch, objective.terms())
+        pairs, trained[matched]["float32"][1], trained[runs.TEACHER]["float32"][1], batch, objective.terms())
     result["passes"] = {
         "map_cosine_p5": min(m["map_cosine_p5"] for m in result["maps"].values()) >= THRESHOLDS["map_cosine_p5"],
         "top1_agreement": min(m["top1_agreement"] for m in result["maps"].values()) >= THRESHOLDS["top1_agreement"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from experiments import common, distill, evaluate, prune, quantize, train_teacher
+from experiments import datasets, distill, evaluate, prune, quantize, runs, train_teacher
 
 
 def validate(config) -> None:
@@ -27,8 +27,8 @@ def run(config, workdir: str) -> dict:
     started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     print(f"attrjax demo: work directory {os.path.abspath(workdir)}")
-    splits = common.load_splits(config, workdir)
-    print("data: " + ", ".join(f"{name} {common.num_images(split)}" for name, split in splits.items())
+    splits = datasets.load_splits(config, workdir)
+    print("data: " + ", ".join(f"{name} {datasets.num_images(split)}" for name, split in splits.items())
           + f" images of {config.data.image_size} px, {config.data.num_classes} classes")
     seconds = {"teacher": train_teacher.run(config, workdir, splits)}
     seconds.update(distill.run(config, workdir, splits))
@@ -41,7 +41,7 @@ def run(config, workdir: str) -> dict:
 
 
 def main():
-    common.main_for(run, __doc__)  # run validates every module's settings itself
+    runs.main_for(run, __doc__)  # run validates every module's settings itself
 
 
 if __name__ == "__main__":

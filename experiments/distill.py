@@ -13,7 +13,7 @@ import time
 import ml_collections
 
 from attrjax.models import VGG, check_compatible
-from experiments import common
+from experiments import datasets, models, runs, validation
 
 
 def student_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.ConfigDict]:
@@ -25,42 +25,42 @@ def student_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.Con
         stochastic["objective"] = dict(stochastic["objective"], drop_rate=config.stochastic_drop_rate)
         runs["kd_match_stochastic"] = stochastic
     runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return common.chosen_runs(config, runs) if chosen else runs
+    return validation.chosen_runs(config, runs) if chosen else runs
 
 
 def validate(config) -> None:
     """Raises for a bad setting of any student before the first one trains."""
-    common.check_config(config)
-    teacher = common.build_model(config.teacher, config)
+    validation.check_config(config)
+    teacher = models.build_model(config.teacher, config)
     for name, run_config in student_runs(config).items():
-        objective = functools.partial(common.compression_objective, config, run_config)
-        student = common.check_model_run(name, run_config, objective, config)
+        objective = functools.partial(models.compression_objective, config, run_config)
+        student = validation.check_model_run(name, run_config, objective, config)
         try:
             if isinstance(teacher, VGG) and isinstance(student, VGG):
                 check_compatible(teacher, student, [config.matching_layer] if objective().matching else [])
             elif objective().matching:
                 for role, model in (("teacher", teacher), ("student", student)):
-                    common.check_layer(role, model, config.matching_layer, config)
+                    models.check_layer(role, model, config.matching_layer, config)
         except ValueError as error:
             raise ValueError(f"settings of the {name!r} run: {error}") from error
 
 
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Trains (or resumes) every student into ``workdir/<name>``; returns the seconds spent per student."""
-    splits = common.load_splits(config, workdir) if splits is None else splits
-    teacher, teacher_variables = common.load_teacher(config, workdir)
+    splits = datasets.load_splits(config, workdir) if splits is None else splits
+    teacher, teacher_variables = runs.load_teacher(config, workdir)
     seconds = {}
     for name, run_config in student_runs(config).items():
-        objective = common.compression_objective(config, run_config)
+        objective = models.compression_objective(config, run_config)
         started = time.perf_counter()
-        common.train_model(name, run_config, objective, config, workdir, splits["train"], teacher=teacher,
-                           teacher_variables=teacher_variables)
+        runs.train_model(name, run_config, objective, config, workdir, splits["train"], teacher=teacher,
+                         teacher_variables=teacher_variables)
         seconds[name] = time.perf_counter() - started
     return seconds
 
 
 def main():
-    common.main_for(run, __doc__, validate)
+    runs.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

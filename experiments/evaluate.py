@@ -33,7 +33,7 @@ from attrjax._progress import Progress
 from attrjax.pruning import count_params_and_flops, sparsity_summary, storage_bytes
 from attrjax.quantization import QuantizedModel, deploy
 from attrjax.training._metrics import CSV_NAME
-from experiments import common, prune, quantize
+from experiments import datasets, models, prune, quantize, runs, validation
 from experiments.distill import student_runs
 from experiments.figures import attribution_grid, method_grid
 
@@ -69,8 +69,8 @@ def deployed_bytes(model, variables) -> int:
 
 
 def classification_and_size(model, variables, splits, config) -> dict:
-    row = dict(ClassificationEvaluator(model).run(variables, common.eval_batches(splits["val"], config)))
-    size = count_params_and_flops(model, variables, common.example_images(config))
+    row = dict(ClassificationEvaluator(model).run(variables, datasets.eval_batches(splits["val"], config)))
+    size = count_params_and_flops(model, variables, models.example_images(config))
     row.update(params=size["params"], mflops=size["flops"] / 1e6, kbytes=deployed_bytes(model, variables) / 1e3,
                conv_sparsity=sparsity_summary(variables["params"])["sparsity"])
     return row
@@ -94,7 +94,7 @@ def localization_by_method(name, model, variables, arrays, methods, config, teac
                 tolerance=config.eval.tolerance, faithfulness_steps=config.eval.faithfulness_steps,
                 prediction_rule="top1" if config.data.labels == "single" else "positive_logit")
         summaries[method], examples[method] = evaluators[key].evaluate(
-            variables, common.eval_batches(arrays, config), keep_maps=config.eval.figure_images,
+            variables, datasets.eval_batches(arrays, config), keep_maps=config.eval.figure_images,
             reference="self" if is_teacher else teacher_maps.get(method), keep_raw_maps=is_teacher)
         if is_teacher:
             teacher_maps[method] = examples[method].pop("raw_maps")
@@ -116,13 +116,13 @@ def last_training_step(directory: str) -> int:
 def write_evaluation_metrics(name: str, row: dict, workdir: str) -> None:
     """A model's evaluation numbers into its run's curves (``eval/<metric>``, ``eval/<method>/<metric>``), at its
     last training step."""
-    directory = common.metrics_dir(name, workdir)
+    directory = runs.metrics_dir(name, workdir)
     numbers = lambda summary: {key: value for key, value in summary.items()  # noqa: E731
                                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     scalars = {f"eval/{key}": value for key, value in numbers(row).items()}
     for method, summary in row["methods"].items():
         scalars.update({f"eval/{method}/{key}": value for key, value in numbers(summary).items()})
-    with common.metric_writer(directory) as writer:
+    with runs.metric_writer(directory) as writer:
         if writer is not None:  # process 0
             writer.write(last_training_step(directory), scalars)
 
@@ -161,11 +161,11 @@ def write_csv(path: str, results: dict):
 def trained_models(config, workdir: str, train_split):
     """Yields ``(name, model, variables)`` for the teacher, then every student, pruned and quantized network, each
     computing in float32 whatever it trained in."""
-    teacher, teacher_variables = common.load_teacher(config, workdir, dtype=jnp.float32)
+    teacher, teacher_variables = runs.load_teacher(config, workdir, dtype=jnp.float32)
     yield "teacher", teacher, teacher_variables
     for name, run_config in student_runs(config).items():
-        objective = common.compression_objective(config, run_config)
-        yield name, *common.load_trained(name, run_config, objective, config, workdir, dtype=jnp.float32)
+        objective = models.compression_objective(config, run_config)
+        yield name, *runs.load_trained(name, run_config, objective, config, workdir, dtype=jnp.float32)
     for name, pruning_run in prune.pruning_runs(config).items():
         yield name, *prune.load(name, pruning_run, config, workdir, teacher, teacher_variables)
     quantization_runs = quantize.quantization_runs(config)
@@ -184,8 +184,8 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
     # Each figure row shows the present class that the teacher scores highest.
     present = attr_data.present_classes(teacher["mask"], config.data.num_classes)
     classes = np.argmax(np.where(present, teacher["logits"], -np.inf), axis=-1)
-    display = dict(class_names=common.class_names(config, workdir), mean=common.normalization(config).mean,
-                   std=common.normalization(config).std)
+    display = dict(class_names=datasets.class_names(config, workdir), mean=datasets.normalization(config).mean,
+                   std=datasets.normalization(config).std)
     attribution_grid(teacher["image"], teacher["mask"], classes,
                      {name: by_method[methods[0]]["maps"] for name, by_method in examples.items()},
                      os.path.join(workdir, "figure.png"), **display)
@@ -200,28 +200,29 @@ def write_figures(workdir: str, examples: dict, methods: tuple, config) -> list[
 
 def validate(config) -> None:
     """Raises for a bad evaluation setting before any model is loaded (or, in the demo, trained)."""
-    common.check_config(config)
-    common.check_chosen_runs(config, [*student_runs(config, chosen=False), *prune.pruning_runs(config, chosen=False),
-                                      *quantize.quantization_runs(config, chosen=False)])
+    validation.check_config(config)
+    validation.check_chosen_runs(config, [*student_runs(config, chosen=False),
+                                          *prune.pruning_runs(config, chosen=False),
+                                          *quantize.quantization_runs(config, chosen=False)])
     settings = config.eval
     resolve_methods(settings.methods)
-    common.check_count("eval.batch_size", settings.batch_size)
+    validation.check_count("eval.batch_size", settings.batch_size)
     if settings.batch_size % jax.local_device_count():
         raise ValueError(f"eval.batch_size {settings.batch_size} does not split over this process's "
                          f"{jax.local_device_count()} devices, which evaluate each batch together; make it a multiple "
                          f"of {jax.local_device_count()}")
     for key in ("localization_images", "figure_images", "faithfulness_steps"):
-        common.check_count(f"eval.{key}", settings[key], minimum=0)
+        validation.check_count(f"eval.{key}", settings[key], minimum=0)
     if isinstance(settings.tolerance, bool) or not isinstance(settings.tolerance, (int, float)) or not (
             0 <= settings.tolerance < float("inf")):
         raise ValueError(f"eval.tolerance must be a finite number of pixels >= 0, got {settings.tolerance!r}")
     for name, model_config in {"teacher": config.teacher, **student_runs(config)}.items():
-        common.check_layer(f"{name!r} model (eval_layer)", common.build_model(model_config, config), config.eval_layer,
+        models.check_layer(f"{name!r} model (eval_layer)", models.build_model(model_config, config), config.eval_layer,
                            config)
 
 
 def run(config, workdir: str, splits: dict | None = None) -> dict:
-    splits = common.load_splits(config, workdir) if splits is None else splits
+    splits = datasets.load_splits(config, workdir) if splits is None else splits
     methods = resolve_methods(config.eval.methods)
     localization = first_images(splits["localization"], config.eval.localization_images)
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
@@ -270,7 +271,7 @@ def write_results(results: dict, examples: dict, methods: tuple, localization: d
 
 
 def main():
-    common.main_for(run, __doc__, validate)
+    runs.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from attrjax._progress import Progress
 from attrjax.pruning import (apply_masks, iterative_sparsity, keep_pruned_at_zero, magnitude_masks, prune_filters,
                              prune_resnet_filters)
 from attrjax.training import Objective, make_optimizer
-from experiments import common
+from experiments import datasets, models, runs, validation
 
 SETTINGS = ("structured", "unstructured")
 
@@ -42,7 +42,7 @@ def pruning_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.Con
             runs[f"{setting}_match_stochastic"] = dict(
                 setting=setting, objective=dict(matched, drop_rate=config.stochastic_drop_rate))
     runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return common.chosen_runs(config, runs) if chosen else runs
+    return validation.chosen_runs(config, runs) if chosen else runs
 
 
 def round_name(name: str, round_index: int) -> str:
@@ -67,9 +67,9 @@ def train_structured(name: str, objective: Objective, config, workdir: str, trai
                      teacher_variables: dict) -> tuple:
     settings = config.pruning.structured
     model, variables = structured_prune(teacher, teacher_variables, settings)
-    return model, common.fit(name, model, variables, settings.optimizer, objective, settings.num_steps, config,
-                             workdir, train_split, settings=run_settings("structured", config), teacher=teacher,
-                             teacher_variables=teacher_variables)
+    return model, runs.fit(name, model, variables, settings.optimizer, objective, settings.num_steps, config,
+                           workdir, train_split, settings=run_settings("structured", config), teacher=teacher,
+                           teacher_variables=teacher_variables)
 
 
 def train_unstructured(name: str, objective: Objective, config, workdir: str, train_split, teacher,
@@ -82,56 +82,56 @@ def train_unstructured(name: str, objective: Objective, config, workdir: str, tr
             masks = magnitude_masks(variables["params"], sparsity)
             variables = {"params": apply_masks(variables["params"], masks), "batch_stats": variables["batch_stats"]}
             print(f"[{name}] round {k}/{settings.rounds}: conv sparsity {sparsity:.4f}")
-            variables = common.fit(round_name(name, k), teacher, variables, settings.optimizer, objective,
-                                   settings.steps_per_round, config, workdir, train_split,
-                                   settings=run_settings("unstructured", config, k), teacher=teacher,
-                                   teacher_variables=teacher_variables, masks=masks,
-                                   step_offset=(k - 1) * settings.steps_per_round)
+            variables = runs.fit(round_name(name, k), teacher, variables, settings.optimizer, objective,
+                                 settings.steps_per_round, config, workdir, train_split,
+                                 settings=run_settings("unstructured", config, k), teacher=teacher,
+                                 teacher_variables=teacher_variables, masks=masks,
+                                 step_offset=(k - 1) * settings.steps_per_round)
             print(f"[{name}] rounds done: {progress.step()}")
     return teacher, variables
 
 
 def load(name: str, run, config, workdir: str, teacher, teacher_variables: dict) -> tuple:
     """The final model and variables of a finished pruning run (raises if it has not been trained)."""
-    objective = common.compression_objective(config, run)
+    objective = models.compression_objective(config, run)
     if run.setting == "structured":
         settings = config.pruning.structured
         model, template = structured_prune(teacher, teacher_variables, settings)
         tx = make_optimizer(settings.optimizer, settings.num_steps)
-        return model, common.restore_finished(name, template, tx, objective, settings.num_steps, config, workdir,
-                                              settings=run_settings("structured", config), with_teacher=True)
+        return model, runs.restore_finished(name, template, tx, objective, settings.num_steps, config, workdir,
+                                            settings=run_settings("structured", config), with_teacher=True)
     settings = config.pruning.unstructured
     # No masks: the template's are derived from the teacher's params, and the restore replaces them with the run's.
     tx = keep_pruned_at_zero(make_optimizer(settings.optimizer, settings.steps_per_round))
-    return teacher, common.restore_finished(round_name(name, settings.rounds), teacher_variables, tx, objective,
-                                            settings.steps_per_round, config, workdir,
-                                            settings=run_settings("unstructured", config, settings.rounds),
-                                            with_teacher=True)
+    return teacher, runs.restore_finished(round_name(name, settings.rounds), teacher_variables, tx, objective,
+                                          settings.steps_per_round, config, workdir,
+                                          settings=run_settings("unstructured", config, settings.rounds),
+                                          with_teacher=True)
 
 
 def validate(config) -> None:
     """Raises for a bad setting of any pruning run before the first one trains: rates (by pruning a freshly
     initialised teacher of the configured architecture), step counts, rounds, optimizers and objectives."""
-    common.check_config(config)
-    teacher = common.build_model(config.teacher, config)
+    validation.check_config(config)
+    teacher = models.build_model(config.teacher, config)
     structured, unstructured = config.pruning.structured, config.pruning.unstructured
     for name, pruning_run in pruning_runs(config).items():
         try:
-            common.compression_objective(config, pruning_run)
+            models.compression_objective(config, pruning_run)
         except ValueError as error:
             raise ValueError(f"settings of the {name!r} run: {error}") from error
     try:
-        common.check_count("pruning.structured.num_steps", structured.num_steps)
+        validation.check_count("pruning.structured.num_steps", structured.num_steps)
         make_optimizer(structured.optimizer, structured.num_steps)
         if isinstance(teacher, VGG):  # (the ResNet pruner checks its rates itself)
             for rate in structured.rates:
-                common.check_fraction("pruning.structured.rates", rate)
+                validation.check_fraction("pruning.structured.rates", rate)
         # The rates are checked against the architecture, not its values (a compiled init of a ResNet-50 at 227 px
         # took 10 s on 2 CPU cores, eagerly 17 s).
-        structured_prune(teacher, common.variables_template(teacher, config), structured)
-        common.check_count("pruning.unstructured.rounds", unstructured.rounds)
-        common.check_count("pruning.unstructured.steps_per_round", unstructured.steps_per_round)
-        common.check_fraction("pruning.unstructured.rate", unstructured.rate)
+        structured_prune(teacher, models.variables_template(teacher, config), structured)
+        validation.check_count("pruning.unstructured.rounds", unstructured.rounds)
+        validation.check_count("pruning.unstructured.steps_per_round", unstructured.steps_per_round)
+        validation.check_fraction("pruning.unstructured.rate", unstructured.rate)
         make_optimizer(unstructured.optimizer, unstructured.steps_per_round)
     except (ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"pruning settings: {error}") from error
@@ -139,12 +139,12 @@ def validate(config) -> None:
 
 def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     """Trains (or resumes) every pruning run into ``workdir/<name>``; returns the seconds spent per run."""
-    splits = common.load_splits(config, workdir) if splits is None else splits
-    teacher, teacher_variables = common.load_teacher(config, workdir)
+    splits = datasets.load_splits(config, workdir) if splits is None else splits
+    teacher, teacher_variables = runs.load_teacher(config, workdir)
     train_setting = {"structured": train_structured, "unstructured": train_unstructured}
     seconds = {}
     for name, pruning_run in pruning_runs(config).items():
-        objective = common.compression_objective(config, pruning_run)
+        objective = models.compression_objective(config, pruning_run)
         started = time.perf_counter()
         train_setting[pruning_run.setting](name, objective, config, workdir, splits["train"], teacher,
                                            teacher_variables)
@@ -153,7 +153,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
 
 
 def main():
-    common.main_for(run, __doc__, validate)
+    runs.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import ml_collections
 from attrjax import distributed
 from attrjax.quantization import Quantization, QuantizedModel, calibrate, deploy
 from attrjax.training import bind_run_config, check_run_config, make_optimizer, run_record
-from experiments import common
+from experiments import datasets, models, runs, validation
 
 PTQ = "quantized"
 
@@ -44,7 +44,7 @@ def quantization_runs(config, *, chosen: bool = True) -> dict[str, ml_collection
         runs["qat_match_stochastic"] = dict(trained=True,
                                             objective=dict(matched, drop_rate=config.stochastic_drop_rate))
     runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return common.chosen_runs(config, runs) if chosen else runs
+    return validation.chosen_runs(config, runs) if chosen else runs
 
 
 def run_settings(config) -> dict:
@@ -53,7 +53,7 @@ def run_settings(config) -> dict:
 
 
 def ptq_settings(config) -> dict:
-    """The quantization settings the PTQ run's directory is bound to (``common.run_config`` adds the seed, the data
+    """The quantization settings the PTQ run's directory is bound to (``runs.run_config`` adds the seed, the data
     and the teacher's digest)."""
     settings = config.quantization
     return {"setting": "ptq", "bits": settings.bits, "calibration_images": settings.calibration_images}
@@ -64,12 +64,12 @@ def run_binding(name: str, run, config, workdir: str, teacher_variables: dict) -
     its deployed network aside with it); for QAT its checkpoint directory, with the record that
     ``attrjax.training.train`` binds it to."""
     if not run.trained:
-        return os.path.join(workdir, name), common.run_config(name, ptq_settings(config), config, workdir,
-                                                              with_teacher=True)
+        return os.path.join(workdir, name), runs.run_config(name, ptq_settings(config), config, workdir,
+                                                            with_teacher=True)
     settings = config.quantization
-    return common.checkpoint_dir(name, workdir), run_record(
-        settings.num_steps, common.compression_objective(config, run), teacher_variables["params"],
-        common.run_config(name, run_settings(config), config, workdir, with_teacher=True))
+    return runs.checkpoint_dir(name, workdir), run_record(
+        settings.num_steps, models.compression_objective(config, run), teacher_variables["params"],
+        runs.run_config(name, run_settings(config), config, workdir, with_teacher=True))
 
 
 def bind_runs(runs: dict, config, workdir: str, teacher_variables: dict) -> None:
@@ -87,7 +87,7 @@ def calibrated(config, train_split, teacher, teacher_variables: dict) -> Quantiz
     """The quantized teacher, its ranges calibrated on the first ``calibration_images`` of the training stream
     (deterministic: the run's seed fixes the crops)."""
     settings = config.quantization
-    batches = common.train_batches(train_split, config, start_step=0)
+    batches = datasets.train_batches(train_split, config, start_step=0)
     count = -(-settings.calibration_images // config.data.batch_size)
     images = (batch["image"] for batch in itertools.islice(batches, count))
     return calibrate(teacher, teacher_variables, images, Quantization(settings.bits))
@@ -105,27 +105,27 @@ def load(name: str, run, config, workdir: str, quantized: QuantizedModel, teache
         check_run_config(directory, record)
         return teacher_variables
     settings = config.quantization
-    return common.restore_finished(name, teacher_variables, make_optimizer(settings.optimizer, settings.num_steps),
-                                   common.compression_objective(config, run), settings.num_steps, config, workdir,
-                                   settings=run_settings(config), with_teacher=True)
+    return runs.restore_finished(name, teacher_variables, make_optimizer(settings.optimizer, settings.num_steps),
+                                 models.compression_objective(config, run), settings.num_steps, config, workdir,
+                                 settings=run_settings(config), with_teacher=True)
 
 
 def validate(config) -> None:
     """Raises for a bad quantization setting before the first run trains."""
-    common.check_config(config)
+    validation.check_config(config)
     settings = config.quantization
-    if quantization_runs(config) and common.compute_dtype_name(config) != "float32":
+    if quantization_runs(config) and models.compute_dtype_name(config) != "float32":
         raise ValueError(f"quantization runs compute in float32 (calibration and fake quantization), but "
-                         f"compute_dtype is {config.compute_dtype!r} (here {common.compute_dtype_name(config)}); set "
+                         f"compute_dtype is {config.compute_dtype!r} (here {models.compute_dtype_name(config)}); set "
                          f"--config.compute_dtype=float32, or leave them out with --config.runs= (they are "
                          f"{', '.join(quantization_runs(config))})")
     try:
         Quantization(settings.bits)
-        common.check_count("quantization.calibration_images", settings.calibration_images)
-        common.check_count("quantization.num_steps", settings.num_steps)
+        validation.check_count("quantization.calibration_images", settings.calibration_images)
+        validation.check_count("quantization.num_steps", settings.num_steps)
         make_optimizer(settings.optimizer, settings.num_steps)
         for name, quantization_run in quantization_runs(config).items():
-            common.compression_objective(config, quantization_run)
+            models.compression_objective(config, quantization_run)
     except (ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"quantization settings: {error}") from error
 
@@ -135,25 +135,25 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
     network; returns the seconds spent per run.
 
     Every run's directory is bound first (``bind_runs``): a refused rerun leaves every deployed network as it was."""
-    runs = quantization_runs(config)
-    if not runs:
+    chosen = quantization_runs(config)
+    if not chosen:
         return {}
-    splits = common.load_splits(config, workdir) if splits is None else splits
-    teacher, teacher_variables = common.load_teacher(config, workdir)
-    bind_runs(runs, config, workdir, teacher_variables)
+    splits = datasets.load_splits(config, workdir) if splits is None else splits
+    teacher, teacher_variables = runs.load_teacher(config, workdir)
+    bind_runs(chosen, config, workdir, teacher_variables)
     started = time.perf_counter()
     quantized = calibrated(config, splits["train"], teacher, teacher_variables)
     print(f"[{PTQ}] {quantized.quantization.name}: activation ranges calibrated on "
           f"{config.quantization.calibration_images} training images in {time.perf_counter() - started:.1f} s")
     settings, seconds = config.quantization, {}
-    for name, quantization_run in runs.items():
+    for name, quantization_run in chosen.items():
         started = time.perf_counter()
         variables = teacher_variables
         if quantization_run.trained:
-            variables = common.fit(name, quantized, teacher_variables, settings.optimizer,
-                                   common.compression_objective(config, quantization_run), settings.num_steps, config,
-                                   workdir, splits["train"], settings=run_settings(config), teacher=teacher,
-                                   teacher_variables=teacher_variables)
+            variables = runs.fit(name, quantized, teacher_variables, settings.optimizer,
+                                 models.compression_objective(config, quantization_run), settings.num_steps, config,
+                                 workdir, splits["train"], settings=run_settings(config), teacher=teacher,
+                                 teacher_variables=teacher_variables)
         deployed = deploy(quantized, variables)
         if distributed.is_primary():
             deployed.save(os.path.join(workdir, name, "deployed.npz"))
@@ -162,7 +162,7 @@ def run(config, workdir: str, splits: dict | None = None) -> dict[str, float]:
 
 
 def main():
-    common.main_for(run, __doc__, validate)
+    runs.main_for(run, __doc__, validate)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from attrjax.attribution import input_x_gradient, lrp, propagation_maps, rap, ra
 from attrjax.attribution._rap import RapHidden
 from attrjax.data._pipeline import normalize
 from attrjax.models import logits_fn
-from experiments import common, evaluate
+from experiments import datasets, evaluate, models, runs
 from experiments.distill import student_runs
 
 
@@ -87,16 +87,16 @@ def markdown(rows: dict, area: float, count: int) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    splits = common.load_splits(config, workdir)
+    splits = datasets.load_splits(config, workdir)
     localization = evaluate.first_images(splits["localization"], config.eval.localization_images)
-    images = jnp.asarray(normalize(localization["image"], common.normalization(config)))
+    images = jnp.asarray(normalize(localization["image"], datasets.normalization(config)))
     border = border_rings(images.shape[1])
-    models = {"teacher": common.load_teacher(config, workdir, dtype=jnp.float32)}
+    trained = {"teacher": runs.load_teacher(config, workdir, dtype=jnp.float32)}
     for name, run_config in student_runs(config).items():
-        models[name] = common.load_trained(name, run_config, common.compression_objective(config, run_config), config,
-                                           workdir, dtype=jnp.float32)
+        trained[name] = runs.load_trained(name, run_config, models.compression_objective(config, run_config), config,
+                                          workdir, dtype=jnp.float32)
     rows = {}
-    for name, (model, variables) in models.items():
+    for name, (model, variables) in trained.items():
         rows[name] = measure(model, variables, images, border)
         print(name, {key: None if value is None else round(value, 3) for key, value in rows[name].items()}, flush=True)
     text = markdown(rows, float(border.mean()), len(images))
@@ -111,7 +111,7 @@ def run(config, workdir: str) -> dict:
 
 
 def main():
-    common.main_for(run, __doc__)
+    runs.main_for(run, __doc__)
 
 
 if __name__ == "__main__":

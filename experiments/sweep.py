@@ -49,11 +49,11 @@ from attrjax._files import json_digest
 from attrjax._locking import DirectoryInUseError, exclusive_directory
 from attrjax._progress import Progress
 from attrjax.training import RunConfigMismatchError, bind_run_config, check_run_config
-from experiments import common, demo, sweep_report
+from experiments import configuration, demo, models, runs, sweep_report, validation
 
 # Config keys whose change makes another teacher; points that differ only elsewhere share the seed's teacher.
 TEACHER_KEYS = ("seed", "data", "teacher")
-# Config keys that say how a run is carried out or kept, not what it computes (with ``common.NOT_PART_OF_A_RUN``).
+# Config keys that say how a run is carried out or kept, not what it computes (with ``runs.NOT_PART_OF_A_RUN``).
 BOOKKEEPING_KEYS = ("on_config_change", "checkpoint_every", "log_every")
 # The packages whose sources compute a run's results.
 SOURCE_PACKAGES = (os.path.dirname(attrjax.__file__), os.path.dirname(os.path.dirname(__file__)))
@@ -94,7 +94,7 @@ def run_record(config) -> dict:
     """What a sweep run's results depend on, and its directory is bound to: the resolved config (less where the
     data lives, how batches are loaded and how the run is kept) and ``code_version()``."""
     settings = {key: value for key, value in config.to_dict().items() if key not in BOOKKEEPING_KEYS}
-    settings["data"] = {key: value for key, value in settings["data"].items() if key not in common.NOT_PART_OF_A_RUN}
+    settings["data"] = {key: value for key, value in settings["data"].items() if key not in runs.NOT_PART_OF_A_RUN}
     return {"config": settings, "code": code_version()}
 
 
@@ -112,17 +112,17 @@ def point_name(point: dict[str, str]) -> str:
 
 def point_config(config_name: str, overrides: list[str], point: dict[str, str], seed: int):
     """The config of one run; bad keys and values of the wrong type fail here, with the config's own errors."""
-    return common.load_config(config_name, [*overrides, *(f"{key}={value}" for key, value in point.items()),
-                                            f"seed={seed}"])
+    return configuration.load_config(config_name, [*overrides, *(f"{key}={value}" for key, value in point.items()),
+                                                   f"seed={seed}"])
 
 
 def teacher_key(config) -> str:
     """What decides the teacher's run, as a short digest: configs with the same key share a teacher."""
     settings = {key: config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
                 for key in TEACHER_KEYS}
-    settings["data"] = {k: v for k, v in settings["data"].items() if k not in common.NOT_PART_OF_A_RUN}
-    if common.compute_dtype_name(config) != "float32":  # as in the run records: float32 keys stay what they were
-        settings["compute_dtype"] = common.compute_dtype_name(config)
+    settings["data"] = {k: v for k, v in settings["data"].items() if k not in runs.NOT_PART_OF_A_RUN}
+    if models.compute_dtype_name(config) != "float32":  # as in the run records: float32 keys stay what they were
+        settings["compute_dtype"] = models.compute_dtype_name(config)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -131,7 +131,7 @@ def share_teacher(config, teachers_dir: str, run_dir: str) -> None:
     seed's teacher trains once; the teacher's own run record still guards what it was trained with."""
     shared = os.path.join(teachers_dir, f"{teacher_key(config)}-seed{config.seed}")
     os.makedirs(shared, exist_ok=True)
-    link = os.path.join(run_dir, common.TEACHER)
+    link = os.path.join(run_dir, runs.TEACHER)
     if not os.path.lexists(link):
         os.symlink(os.path.relpath(shared, run_dir), link)
 
@@ -214,7 +214,7 @@ def run_sweep(config_name: str, overrides: list[str], grid: dict[str, list[str]]
     one share their seeds' teachers too. ``reuse``: another sweep directory whose trained models this one
     evaluates (e.g. with other attribution methods) instead of training its own."""
     teachers_dir = os.path.join(sweep_dir, "teachers") if teachers_dir is None else teachers_dir
-    common.check_count("seeds", seeds)
+    validation.check_count("seeds", seeds)
     points = grid_points(grid)
     base = point_config(config_name, overrides, {}, 0)
     configs = {}
@@ -268,7 +268,7 @@ def check_single_process() -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_config_arguments(parser)
+    configuration.add_config_arguments(parser)
     parser.add_argument("--workdir", default="runs/sweep", help="the sweep directory")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 of every grid point")
     parser.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="grid axes (their product)")
@@ -279,7 +279,7 @@ def main(argv=None):
     parser.add_argument("--allow-failed", action="store_true", help="exit with status 0 even when runs failed "
                         "(their points' statistics are then over fewer seeds, as the report says)")
     parser.epilog = "Override any config value of every run with --config.KEY=VALUE, e.g. --config.runs=kd,kd_match."
-    args, overrides = common.parse_with_overrides(parser, argv)
+    args, overrides = configuration.parse_with_overrides(parser, argv)
     try:
         check_single_process()
         command = "python -m experiments.sweep " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from experiments import common, demo
+from experiments import configuration, demo
 
-PRESETS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(common.__file__), "configs"))
+PRESETS = sorted(name[:-3] for name in os.listdir(os.path.join(os.path.dirname(configuration.__file__), "configs"))
                  if name.endswith(".py") and not name.startswith("_"))
 
 
@@ -17,4 +17,4 @@ def test_the_presets_are_the_documented_ones():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_validates(name):
-    demo.validate(common.load_config(name))
+    demo.validate(configuration.load_config(name))

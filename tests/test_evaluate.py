@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attrjax.models import init_variables, vgg
-from experiments import common, evaluate
+from experiments import configuration, evaluate
 
 AGREEMENT_KEYS = ("map_cosine", "same_peak", "spearman", "top10_iou")
 NUM_CLASSES = 3
@@ -18,9 +18,9 @@ NUM_CLASSES = 3
 
 @pytest.fixture
 def setup():
-    config = common.load_config("quick", ["eval_layer=conv2_1", "eval.batch_size=4", "eval.figure_images=2",
-                                          "eval.methods=gradcam", f"data.num_classes={NUM_CLASSES}",
-                                          "data.image_size=16"])
+    config = configuration.load_config("quick", ["eval_layer=conv2_1", "eval.batch_size=4", "eval.figure_images=2",
+                                                 "eval.methods=gradcam", f"data.num_classes={NUM_CLASSES}",
+                                                 "data.image_size=16"])
     rng = np.random.default_rng(0)
     masks = np.zeros((5, 16, 16), np.uint8)
     masks[:, 2:9, 3:11] = 1

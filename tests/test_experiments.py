@@ -17,7 +17,7 @@ from attrjax.attribution._methods import METHODS, resolve_methods
 from attrjax.pruning import count_params_and_flops, iterative_sparsity, prune_filters
 from attrjax.quantization import load_deployed
 from attrjax.training import CheckpointWriteError, RunConfigMismatchError, make_optimizer, read_events
-from experiments import common, demo, distill, prune, quantize, train_teacher
+from experiments import configuration, datasets, demo, distill, models, prune, quantize, runs, train_teacher
 
 TINY = ["data.image_size=32", "data.num_train=64", "data.num_val=16", "data.num_localization=16",
         "data.batch_size=8", "teacher.num_steps=4", "students.kd.num_steps=3", "students.kd_match.num_steps=3",
@@ -35,11 +35,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     # The default line-up is every setting naive and matched; a naive run takes its matched twin's path without the
     # matching term. Here one run of each setting trains, naive or matched (naive and matched KD: the sweep test,
     # matched structured pruning: the VOC and ResNet tests, post-training quantization: the ResNet test).
-    default = common.load_config("quick", TINY)
+    default = configuration.load_config("quick", TINY)
     assert [*distill.student_runs(default), *prune.pruning_runs(default), *quantize.quantization_runs(default)] == [
         "kd", "kd_match", "structured", "structured_match", "unstructured", "unstructured_match", "quantized", "qat",
         "qat_match"]
-    config = common.load_config("quick", TINY + [f"runs={','.join(RUNS)}"])
+    config = configuration.load_config("quick", TINY + [f"runs={','.join(RUNS)}"])
     results = demo.run(config, str(tmp_path))
     assert list(results) == ["teacher", *RUNS]
     for row in results.values():
@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
             assert summary["num_counted"] == 0 or 0.0 <= summary["pointing_accuracy"] <= 1.0
             assert 0.0 <= summary["deletion_auc"] <= 1.0 and 0.0 <= summary["insertion_auc"] <= 1.0
     assert results["kd_match"]["params"] < results["teacher"]["params"]
-    teacher = common.load_teacher(config, str(tmp_path))
+    teacher = runs.load_teacher(config, str(tmp_path))
     pruned_model, pruned_variables = prune_filters(*teacher, config.pruning.structured.rates)
     images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
     assert results["structured"]["params"] == count_params_and_flops(pruned_model, pruned_variables, images)["params"]
@@ -61,7 +61,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert results["qat_match"]["params"] == results["teacher"]["params"]
     assert results["qat_match"]["kbytes"] < 0.35 * results["teacher"]["kbytes"]
     assert results["unstructured_match"]["kbytes"] < 0.5 * results["teacher"]["kbytes"]
-    quantized = quantize.calibrated(config, common.load_splits(config, str(tmp_path))["train"], *teacher)
+    quantized = quantize.calibrated(config, datasets.load_splits(config, str(tmp_path))["train"], *teacher)
     deployed = load_deployed(str(tmp_path / "qat_match" / "deployed.npz"), quantized)
     np.testing.assert_allclose(deployed.nbytes / 1e3, results["qat_match"]["kbytes"])
     # Curves: the rounds of unstructured pruning are one curve; evaluation lands at the run's last step.
@@ -91,8 +91,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
 
     # A second run finds every model finished: it restores them, trains nothing and reproduces the results
     # (evaluated with Grad-CAM alone: evaluation settings are not part of a run).
-    again = demo.run(common.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
-                                                         "runs=" + ",".join(RUNS)]),
+    again = demo.run(configuration.load_config("quick", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
+                                                                "runs=" + ",".join(RUNS)]),
                      str(tmp_path))
     out = capsys.readouterr().out
     for name, steps in (("teacher", 4), ("kd_match", 3), ("structured", 2), ("unstructured_match/round01", 2),
@@ -113,7 +113,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
 
 
 def test_stochastic_matching_adds_a_run_to_every_setting_and_runs_chooses_runs():
-    config = common.load_config("quick", ["stochastic_drop_rate=0.3"])
+    config = configuration.load_config("quick", ["stochastic_drop_rate=0.3"])
     students, pruned = distill.student_runs(config), prune.pruning_runs(config)
     assert list(students) == ["kd", "kd_match", "kd_match_stochastic"]
     assert students["kd_match_stochastic"].objective.drop_rate == 0.3
@@ -124,67 +124,68 @@ def test_stochastic_matching_adds_a_run_to_every_setting_and_runs_chooses_runs()
     quantized = quantize.quantization_runs(config)
     assert list(quantized) == ["quantized", "qat", "qat_match", "qat_match_stochastic"]
     assert quantized["qat_match_stochastic"].objective.drop_rate == 0.3 and not quantized["quantized"].trained
-    chosen = common.load_config("quick", ["stochastic_drop_rate=0.3", "runs=kd, unstructured_match_stochastic"])
+    chosen = configuration.load_config("quick", ["stochastic_drop_rate=0.3", "runs=kd, unstructured_match_stochastic"])
     assert list(distill.student_runs(chosen)) == ["kd"]
     assert list(prune.pruning_runs(chosen)) == ["unstructured_match_stochastic"]
     assert len(prune.pruning_runs(chosen, chosen=False)) == 6
 
 
 def test_config_overrides_and_errors():
-    config = common.load_config("quick", ["teacher.num_steps=7", "data.data_dir=/tmp/somewhere"])
+    config = configuration.load_config("quick", ["teacher.num_steps=7", "data.data_dir=/tmp/somewhere"])
     assert config.teacher.num_steps == 7 and config.data.data_dir == "/tmp/somewhere"
     with pytest.raises(ValueError, match="unknown config key"):
-        common.load_config("quick", ["teacher.num_stepz=7"])
+        configuration.load_config("quick", ["teacher.num_stepz=7"])
     with pytest.raises(ValueError, match="available"):
-        common.load_config("nope")
-    assert common.load_config("paper").matching_layer == "pool5"
+        configuration.load_config("nope")
+    assert configuration.load_config("paper").matching_layer == "pool5"
     # Typed by the field: a list, a tuple and a float from text, as on the command line.
-    config = common.load_config("quick", ["pruning.structured.rates=[0.7, 0.5]",
-                                          "students.kd_match.objective.matching_weight=3"])
+    config = configuration.load_config("quick", ["pruning.structured.rates=[0.7, 0.5]",
+                                                 "students.kd_match.objective.matching_weight=3"])
     assert config.pruning.structured.rates == [0.7, 0.5]
     assert config.students.kd_match.objective.matching_weight == 3.0
-    assert common.load_config("quick_resnet", ["teacher.stage_sizes=(1,2,1,1)"]).teacher.stage_sizes == (1, 2, 1, 1)
+    resnet = configuration.load_config("quick_resnet", ["teacher.stage_sizes=(1,2,1,1)"])
+    assert resnet.teacher.stage_sizes == (1, 2, 1, 1)
     with pytest.raises(ValueError, match="is not a list literal"):
-        common.load_config("quick", ["pruning.structured.rates=0.7"])
-    assert common.load_config("quick:resnet").to_dict() == common.load_config("quick_resnet").to_dict()
-    long = common.load_config("quick:long")  # the schedules the README's evidence ran with
+        configuration.load_config("quick", ["pruning.structured.rates=0.7"])
+    assert configuration.load_config("quick:resnet").to_dict() == configuration.load_config("quick_resnet").to_dict()
+    long = configuration.load_config("quick:long")  # the schedules the README's evidence ran with
     assert (long.teacher.num_steps, long.students.kd_match.num_steps, long.pruning.structured.num_steps,
             long.pruning.unstructured.steps_per_round, long.quantization.num_steps) == (1200, 900, 150, 50, 100)
     with pytest.raises(ValueError, match="the quick preset has the variants vgg, long and resnet, not 'resnet18'"):
-        common.load_config("quick:resnet18")
+        configuration.load_config("quick:resnet18")
     with pytest.raises(ValueError, match="takes 0 positional arguments"):
-        common.load_config("pet:resnet")
-    path = common.config_file("quick")
-    assert common.load_config(path).to_dict() == common.load_config("quick").to_dict()
+        configuration.load_config("pet:resnet")
+    path = configuration.config_file("quick")
+    assert configuration.load_config(path).to_dict() == configuration.load_config("quick").to_dict()
 
 
 def test_the_command_line_takes_config_flags_and_warns_on_set(capsys):
-    parser = common.arg_parser("test")
-    args, overrides = common.parse_with_overrides(parser, [
+    parser = configuration.arg_parser("test")
+    args, overrides = configuration.parse_with_overrides(parser, [
         "--config", "paper", "--config.teacher.num_steps=5", "--workdir", "x", "--config.eval.methods", "gradcam,lrp"])
     assert (args.config, args.workdir) == ("paper", "x")
     assert overrides == ["teacher.num_steps=5", "eval.methods=gradcam,lrp"]
     assert capsys.readouterr().err == ""
-    _, overrides = common.parse_with_overrides(parser, ["--config.seed=1", "--set", "runs=kd"])
+    _, overrides = configuration.parse_with_overrides(parser, ["--config.seed=1", "--set", "runs=kd"])
     assert overrides == ["seed=1", "runs=kd"] and "--set is deprecated" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        common.parse_with_overrides(parser, ["--seed=1"])
+        configuration.parse_with_overrides(parser, ["--seed=1"])
     assert "unrecognized argument '--seed=1'" in capsys.readouterr().err
 
 
 def test_the_compute_dtype_is_recorded_when_it_is_not_float32():
-    float32, bfloat16, auto = (common.load_config("quick", TINY + [f"compute_dtype={name}"])
+    float32, bfloat16, auto = (configuration.load_config("quick", TINY + [f"compute_dtype={name}"])
                                for name in ("float32", "bfloat16", "auto"))
-    assert common.compute_dtype_name(auto) == "float32"  # on a CPU
-    records = [common.run_config("teacher", {}, config, "unused", with_teacher=False) for config in (float32, bfloat16)]
+    assert models.compute_dtype_name(auto) == "float32"  # on a CPU
+    records = [runs.run_config("teacher", {}, config, "unused", with_teacher=False) for config in (float32, bfloat16)]
     assert "compute_dtype" not in records[0] and records[1]["compute_dtype"] == "bfloat16"
-    assert common.build_model(bfloat16.teacher, bfloat16).dtype == jnp.bfloat16
+    assert models.build_model(bfloat16.teacher, bfloat16).dtype == jnp.bfloat16
 
 
 def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
-    config = common.load_config("quick", TINY)
+    config = configuration.load_config("quick", TINY)
     with pytest.raises(FileNotFoundError, match="train it first"):
-        common.load_teacher(config, str(tmp_path))
+        runs.load_teacher(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "results.json")
     assert not os.path.exists(tmp_path / "teacher")  # looking did not create the run's directory
 
@@ -192,7 +193,7 @@ def test_evaluating_an_untrained_workdir_says_what_to_run(tmp_path):
 @pytest.mark.parametrize("override,expected", [("all", METHODS), ("paper", ("gradcam", "lrp", "rap", "ebp")),
                                                ("gradcam, lrp", ("gradcam", "lrp"))])
 def test_eval_methods_override_from_the_command_line(override, expected):
-    config = common.load_config("quick", [f"eval.methods={override}"])
+    config = configuration.load_config("quick", [f"eval.methods={override}"])
     assert resolve_methods(config.eval.methods) == expected
 
 
@@ -219,7 +220,7 @@ def test_an_unknown_eval_method_is_named_in_the_error():
     ("compute_dtype=bfloat16", "quantization runs compute in float32"),
 ])
 def test_every_run_of_the_demo_is_validated_before_the_first_step(tmp_path, override, message):
-    config = common.load_config("quick", TINY + [override])
+    config = configuration.load_config("quick", TINY + [override])
     with pytest.raises(ValueError, match=message):
         demo.run(config, str(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing was built or trained
@@ -230,37 +231,37 @@ def test_optimizer_label_and_override_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="sgd optimizer config lacks momentum"):
         make_optimizer(ml_collections.ConfigDict(sgd_without_momentum), 10)
     with pytest.raises(ValueError, match="teacher has no 'nope'; it has: arch, dropout_rate"):
-        common.load_config("quick", ["teacher.nope.x=1"])
+        configuration.load_config("quick", ["teacher.nope.x=1"])
     with pytest.raises(ValueError, match="config key 'seed' is of type int: .*invalid literal for int"):
-        common.load_config("quick", ["seed=abc"])
+        configuration.load_config("quick", ["seed=abc"])
     with pytest.raises(ValueError, match="not KEY=VALUE"):
-        common.load_config("quick", ["seed"])
+        configuration.load_config("quick", ["seed"])
     with pytest.raises(ValueError, match="exactly one class per image.*--config.data.labels=multilabel"):
-        common.load_splits(common.load_config("quick", TINY + ["data.labels=single"]), str(tmp_path))
+        datasets.load_splits(configuration.load_config("quick", TINY + ["data.labels=single"]), str(tmp_path))
 
 
 def test_a_rerun_with_other_settings_is_refused_until_asked_to_restart(tmp_path, capsys):
-    config = common.load_config("quick", TINY)
+    config = configuration.load_config("quick", TINY)
     train_teacher.run(config, str(tmp_path))
-    reseeded = common.load_config("quick", TINY + ["seed=1"])
+    reseeded = configuration.load_config("quick", TINY + ["seed=1"])
     with pytest.raises(RunConfigMismatchError, match=r"teacher/checkpoints was written with other settings "
                                                      r"\(1 differ\):\n  config.seed: 0 -> 1\n"):
         train_teacher.run(reseeded, str(tmp_path))
     with pytest.raises(RunConfigMismatchError, match="num_steps: 4 -> 5"):
-        common.load_teacher(common.load_config("quick", TINY + ["teacher.num_steps=5"]), str(tmp_path))
-    restarted = common.load_config("quick", TINY + ["seed=1", "on_config_change=restart"])
+        runs.load_teacher(configuration.load_config("quick", TINY + ["teacher.num_steps=5"]), str(tmp_path))
+    restarted = configuration.load_config("quick", TINY + ["seed=1", "on_config_change=restart"])
     train_teacher.run(restarted, str(tmp_path))
     assert "moved to" in capsys.readouterr().out
     assert [name for name in os.listdir(tmp_path / "teacher") if name.startswith("checkpoints.replaced-")]
-    common.load_teacher(reseeded, str(tmp_path))  # the directory now holds the seed-1 teacher
+    runs.load_teacher(reseeded, str(tmp_path))  # the directory now holds the seed-1 teacher
 
 
 @pytest.mark.slow
 def test_the_resnet_grid_runs_with_one_switch(tmp_path):
     # Unstructured pruning is architecture-agnostic (masks on any tree) and runs end to end in the VGG demo test, as
     # do the naive runs; a ResNet student trains with KD + matching in tests/test_any_model.py.
-    config = common.load_config("quick_resnet", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
-                                                        "runs=structured_match,quantized"])
+    config = configuration.load_config("quick_resnet", TINY + ["eval.methods=gradcam", "eval.faithfulness_steps=0",
+                                                               "runs=structured_match,quantized"])
     results = demo.run(config, str(tmp_path))
     assert list(results) == ["teacher", "structured_match", "quantized"]
     assert results["quantized"]["kbytes"] < 0.35 * results["teacher"]["kbytes"]
@@ -268,9 +269,9 @@ def test_the_resnet_grid_runs_with_one_switch(tmp_path):
     assert dict(read_events(str(tmp_path / "quantized" / "metrics"))["eval/kbytes"]) == {
         0: pytest.approx(results["quantized"]["kbytes"])}
     # Coupled structured pruning at 0.5 halves every width: as many parameters as the half-width student.
-    student = common.build_model(config.students.kd_match, config)
-    student_params = count_params_and_flops(student, common.init_model(student, jax.random.key(0), config),
-                                            common.example_images(config))["params"]
+    student = models.build_model(config.students.kd_match, config)
+    student_params = count_params_and_flops(student, models.init_model(student, jax.random.key(0), config),
+                                            models.example_images(config))["params"]
     assert results["structured_match"]["params"] == student_params < results["teacher"]["params"] / 3
     for row in results.values():
         assert 0.0 <= row["sample_map"] <= 1.0 and -1.0 <= row["methods"]["gradcam"]["map_cosine"] <= 1.0

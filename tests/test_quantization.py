@@ -23,7 +23,7 @@ from attrjax._paths import path_name
 from attrjax.pruning import storage_bytes
 from attrjax.training import (Objective, RunConfigMismatchError, TrainState, bind_run_config, gradcam_map,
                               make_train_step)
-from experiments import common, quantize
+from experiments import configuration, quantize, runs
 
 
 class TinyCNN(nn.Module):
@@ -348,24 +348,24 @@ def test_a_refused_quantization_rerun_leaves_every_deployed_network_as_it_was(ti
     with other bits is refused before anything is written; with on_config_change=restart the old run, its deployed
     network included, is set aside."""
     model, variables = tiny
-    monkeypatch.setattr(common, "load_teacher", lambda config, workdir: (model, variables))
+    monkeypatch.setattr(runs, "load_teacher", lambda config, workdir: (model, variables))
     workdir = str(tmp_path)
-    bind_run_config(common.checkpoint_dir(common.TEACHER, workdir), {"teacher": "a stand-in"})
+    bind_run_config(runs.checkpoint_dir(runs.TEACHER, workdir), {"teacher": "a stand-in"})
     settings = ["data.image_size=12", "data.batch_size=6", "quantization.calibration_images=6", "runs=quantized"]
     images = np.asarray(jax.random.randint(jax.random.key(6), (6, 12, 12, 3), 0, 256), np.uint8)
     splits = {"train": {"image": images, "mask": np.zeros((6, 12, 12), np.uint8), "labels": np.eye(6, dtype=bool)}}
-    quantize.run(common.load_config("quick", settings), workdir, splits)
+    quantize.run(configuration.load_config("quick", settings), workdir, splits)
     run = tmp_path / quantize.PTQ
     written = {name: (run / name).read_bytes() for name in ("deployed.npz", "deployed.npz.json", "run_config.json")}
     assert json.loads(written["run_config.json"])["config"]["settings"] == {"setting": "ptq", "bits": 8,
                                                                              "calibration_images": 6}
-    int4 = common.load_config("quick", settings + ["quantization.bits=4"])
+    int4 = configuration.load_config("quick", settings + ["quantization.bits=4"])
     with pytest.raises(RunConfigMismatchError, match="settings.bits: 8 -> 4"):
         quantize.run(int4, workdir, splits)
     assert {name: (run / name).read_bytes() for name in written} == written
     with pytest.raises(RunConfigMismatchError, match="settings.bits: 8 -> 4"):  # nor is it evaluated as int4
         quantize.load(quantize.PTQ, quantize.quantization_runs(int4)[quantize.PTQ], int4, workdir, None, variables)
-    quantize.run(common.load_config("quick", settings + ["quantization.bits=4", "on_config_change=restart"]),
+    quantize.run(configuration.load_config("quick", settings + ["quantization.bits=4", "on_config_change=restart"]),
                  workdir, splits)
     aside, = tmp_path.glob(f"{quantize.PTQ}.replaced-*")
     assert {name: (aside / name).read_bytes() for name in written} == written
