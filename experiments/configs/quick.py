@@ -21,9 +21,10 @@ Grad-CAM to the teacher's (cosine 0.82 vs 0.48 for plain KD).
 Schedules: `make demo` must finish in 10 minutes on 2 cores. On a 2-core AVX2 EPYC the longer schedules it ran
 before (``--config quick:long``: teacher 1,200 steps, students 900, structured fine-tuning 150, unstructured 3 x 50,
 QAT 100; the README's multi-seed evidence ran with those) took 11.5 minutes even with XLA's own convolutions, so the
-demo now runs teacher 900 steps (sample mAP 0.956 there, 0.987 at 1,200), students 500, structured 100, unstructured
-3 x 35 and QAT 40. A 56 px variant of the same grid (pool3 7x7, as the paper's pool5) was faster still but its
-1,000-step teacher reached only 0.85.
+demo ran teacher 900 steps (sample mAP 0.956 there, 0.987 at 1,200), students 500, structured 100, unstructured
+3 x 35 and QAT 40; on jax 0.12 (Python 3.12, whose venv takes longer to install) a fresh clone took 10 min 21 s with
+those, so the teacher now trains 800 steps and the students 450. A 56 px variant of the same grid (pool3 7x7, as
+the paper's pool5) was faster still but its 1,000-step teacher reached only 0.85.
 
 Pruning (docs/method.md#training-objectives-per-setting):
 - structured: one-shot L1 filter pruning of conv1_1 and the last stage's convs at 0.7 (the paper's VGG16 scheme,
@@ -74,8 +75,8 @@ def get_config(variant: str = "vgg") -> ml_collections.ConfigDict:
     config.eval_layer = "conv3_3"
     optimizer = dict(name="adamw", learning_rate=2e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=50)
     config.teacher = dict(arch="vgg", layout="vgg16_s3", width_divisor=4, dropout_rate=0.5, head_pooling="avg",
-                          num_steps=900, optimizer=optimizer)
-    student = dict(arch="vgg", layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=500,
+                          num_steps=800, optimizer=optimizer)
+    student = dict(arch="vgg", layout="vgg16_s3", width_divisor=8, dropout_rate=0.5, head_pooling="avg", num_steps=450,
                    optimizer=optimizer)
     kd = dict(kd="binary", temperature=4.0, kd_alpha=0.9)
     config.students = dict(
