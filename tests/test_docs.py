@@ -1,5 +1,5 @@
 """The API reference builds without a warning, documents every public name, its examples run as written, and no
-page names a private module."""
+page names a private module; the tutorial notebook is executed into its page, and a failing cell fails the build."""
 
 import glob
 import importlib
@@ -10,17 +10,23 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "api", "*.md")))
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 README = os.path.join(ROOT, "README.md")
+# The tutorial: a jupytext notebook that mkdocs-jupyter executes at build time.
+TUTORIAL = os.path.join(ROOT, "docs", "tutorial.py")
 # The public namespaces, each with its page of the API reference (``attrjax`` itself: the front door).
 NAMESPACES = ("attrjax", "attrjax.attribution", "attrjax.models", "attrjax.training", "attrjax.evaluation",
               "attrjax.metrics", "attrjax.pruning", "attrjax.quantization", "attrjax.data", "attrjax.distributed",
               "attrjax.utils")
 # A dotted (or file) path into attrjax with a component that starts with one underscore: a private module or name.
 PRIVATE_PATH = re.compile(r"\battrjax(?:[./]\w+)*[./]_(?!_)\w*")
+# What the tutorial's kernel (ipykernel >= 7.4) says on its stderr when it talks to mkdocs-jupyter over local TCP
+# sockets without CurveZMQ keys: a notice of the kernel's, not a warning of the build.
+KERNEL_NOTICE = re.compile(r"^\[IPKernelApp\] WARNING \| Kernel is running over TCP without encryption\..*\n?", re.M)
 
 
 def _directive_blocks(text: str) -> list[re.Match]:
@@ -63,7 +69,7 @@ def site(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "WARNING" not in result.stderr, result.stderr
+    assert "WARNING" not in KERNEL_NOTICE.sub("", result.stderr), result.stderr
     return site_dir
 
 
@@ -73,6 +79,43 @@ def test_every_page_of_the_navigation_is_built(site):
     for page in nav:
         name = re.sub(r"(^|/)(index|README)$", "", page[:-3])  # index.md and README.md are their folder's page
         assert os.path.exists(os.path.join(site, name, "index.html")), page
+
+
+def test_the_tutorial_page_holds_the_executed_notebook(site):
+    """The tutorial comes right after Home, and its page shows what running it produced: its figures as embedded
+    PNGs and the evaluation table it prints, one row per network."""
+    nav = yaml.safe_load(open(os.path.join(ROOT, "mkdocs.yml")))["nav"]
+    assert nav[:2] == [{"Home": "index.md"}, {"Tutorial: your own model": "tutorial.py"}], nav[:2]
+    html = open(os.path.join(site, "tutorial", "index.html")).read()
+    # the notebook's figures: <img> tags with embedded PNGs (the page's CSS embeds small PNG icons too)
+    figures = len(re.findall(r'<img\b[^>]*\bsrc="data:image/png;base64,', html))
+    assert figures >= 3, f"{figures} embedded PNG figures on the tutorial page: was the notebook executed?"
+    assert re.search(r"\|\s*model\s*\|\s*params\s*\|.*\|\s*cos\. to teacher\s*\|", html), "no evaluation table"
+    for network in ("teacher", "student (KD)", "student (KD + matching)"):
+        # the network's row: its name, then parameter count, sample mAP, ... and its cosine to the teacher (a number)
+        row = r"\|\s*" + re.escape(network) + r"\s*\|\s*[\d,]+\s*\|(\s*([\d.]+|nan)\s*\|){6}"
+        assert re.search(row, html), f"no row for {network} in the evaluation table"
+    assert "Traceback" not in html
+
+
+def test_a_failing_tutorial_cell_fails_the_build(tmp_path):
+    """With the site's own mkdocs-jupyter settings, a notebook whose cell raises stops the build (mkdocs-jupyter's
+    default, allow_errors, would render the traceback into the page and build on)."""
+    config = yaml.safe_load(open(os.path.join(ROOT, "mkdocs.yml")))
+    options = next(plugin["mkdocs-jupyter"] for plugin in config["plugins"]
+                   if isinstance(plugin, dict) and "mkdocs-jupyter" in plugin)
+    assert options["execute"] and options["allow_errors"] is False, options
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# home\n")
+    broken = '# %%\nprint("before")\n\n# %%\nraise RuntimeError("a broken cell")\n'
+    (tmp_path / "docs" / "tutorial.py").write_text(broken)
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump({
+        "site_name": "broken", "theme": {"name": config["theme"]["name"]}, "strict": True,
+        "plugins": [{"mkdocs-jupyter": options}], "nav": [{"Home": "index.md"}, {"Tutorial": "tutorial.py"}]}))
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "a broken cell" in result.stdout + result.stderr
 
 
 def _target(dotted: str):
@@ -134,7 +177,7 @@ def _private_names(text: str, *, prose: bool) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("page", DOCS + [README], ids=lambda page: os.path.relpath(page, ROOT))
+@pytest.mark.parametrize("page", DOCS + [TUTORIAL, README], ids=lambda page: os.path.relpath(page, ROOT))
 def test_no_page_names_a_private_module(page):
     """Users read the public API only: no example imports from, and no ``:::`` block documents, a module or name
     whose name starts with ``_``; nor does the documentation's prose cite one."""
