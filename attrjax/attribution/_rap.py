@@ -133,7 +133,15 @@ def rap_composite(input_bounds: Bounds | None = None) -> Composite:
 
 def rap(model: ModelLike, variables: Mapping, images: jax.Array, target: Target, *, input_bounds: Bounds | None = None,
         layer: str = "input", positive_only: bool = True, passthrough: Sequence[str] = ()) -> jax.Array:
-    """Relative Attributing Propagation maps (B,H,W) of any model in eval mode (equations in the module docstring).
+    """Relative Attributing Propagation maps (B,H,W) of any model in eval mode.
+
+    RAP (Nam et al., AAAI 2020) starts from the target weights themselves (a one-hot for an int target). Through the
+    classifier every input gets its contribution ``x_i w_ik`` plus a share of the bias, and the contributions are
+    renormalised by absolute influence (``R_i = |C_i| sum C / sum |C|``), so every unit carries the target's sign.
+    Through each hidden layer relevant relevance goes to the excitatory inputs (``x_i w+_ij``) and irrelevant
+    relevance to the inhibitory ones (``x_i |w-_ij|``), which also get their absolute-influence share; the over-count
+    is removed uniformly from the non-zero units, so the signed map's spatial sum is the target score. The input layer
+    uses the z^B rule. BatchNorm is folded into the layer before it.
 
     Batched and jit-able: ``jax.jit(functools.partial(rap, model))(variables, images, target)``.
 
