@@ -3,13 +3,17 @@
 # .venv runs the newest supported JAX, which needs Python 3.12 or newer: make takes the first of python3.12,
 # python3.13 and pyenv's 3.12 / 3.13 that runs (or PYTHON=/path/to/python3.12). `make test-oldest` checks the oldest
 # supported versions (ci/oldest.txt) on Python 3.11 in .venv-oldest.
-CANDIDATES := python3.12 python3.13 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3) \
-              $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3)
+# $(call first_python,CANDIDATES,CONDITION): the first interpreter among CANDIDATES that runs and for which
+# CONDITION holds, a Python expression of `version` (major * 100 + minor, e.g. 312).
+first_python = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; version = sys.version_info.major * 100 \
+    + sys.version_info.minor; ($(2)) and print("$(p)")' 2>/dev/null)))
+PYENV_VERSIONS := $(HOME)/.pyenv/versions
 ifndef PYTHON
-PYTHON := $(firstword $(foreach p,$(CANDIDATES),$(shell $(p) -c 'import sys; sys.version_info >= (3, 12) and print("$(p)")' 2>/dev/null)))
+PYTHON := $(call first_python,python3.12 python3.13 $(wildcard $(PYENV_VERSIONS)/3.12*/bin/python3) \
+    $(wildcard $(PYENV_VERSIONS)/3.13*/bin/python3),version >= 312)
 endif
 ifndef PYTHON_OLDEST
-PYTHON_OLDEST := $(firstword $(foreach p,python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3),$(shell $(p) -c 'import sys; sys.version_info[:2] == (3, 11) and print("$(p)")' 2>/dev/null)))
+PYTHON_OLDEST := $(call first_python,python3.11 $(wildcard $(PYENV_VERSIONS)/3.11*/bin/python3),version == 311)
 endif
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -8,7 +8,6 @@ stand-in module whose attributes are the private module's; the first use of each
 
 import importlib
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -37,11 +36,6 @@ MOVED_MODULES = {
        for name in ("chunking", "distill", "files", "jaxprs", "locking", "matching", "paths", "progress")},
 }
 
-# Where a name's new home is looked up, most specific last: the first namespace that exports the very object wins.
-PUBLIC_NAMESPACES = ("attrjax", "attrjax.attribution", "attrjax.models", "attrjax.training", "attrjax.evaluation",
-                     "attrjax.metrics", "attrjax.pruning", "attrjax.quantization", "attrjax.data",
-                     "attrjax.distributed", "attrjax.utils")
-
 # Old names that have no public twin, but a public way to do the same.
 REPLACEMENTS = {
     "attrjax.evaluation.localization_report":
@@ -53,7 +47,7 @@ REPLACEMENTS = {
 _warned: set[str] = set()
 
 
-def warn_once(old: str, message: str, stacklevel: int = 3) -> None:
+def warn_once(old: str, message: str, stacklevel: int) -> None:
     """A ``DeprecationWarning`` the first time ``old`` is used in this process."""
     if old not in _warned:
         _warned.add(old)
@@ -61,8 +55,10 @@ def warn_once(old: str, message: str, stacklevel: int = 3) -> None:
 
 
 def public_path(name: str, value: Any) -> str | None:
-    """The public dotted path of ``value`` exported as ``name``, or None when no namespace exports it."""
-    for namespace in PUBLIC_NAMESPACES:
+    """The public dotted path of ``value`` exported as ``name``, or None when no namespace exports it: the front door
+    first, then the namespace that exports it (no object is exported by two)."""
+    front_door = importlib.import_module("attrjax")
+    for namespace in ("attrjax", *(f"attrjax.{name}" for name in front_door._NAMESPACES)):
         module = importlib.import_module(namespace)
         if name in getattr(module, "__all__", ()) and getattr(module, name) is value:
             return f"{namespace}.{name}"
@@ -78,6 +74,14 @@ def moved_message(old: str, name: str, value: Any, private_module: str) -> str:
             f"the old path will be removed in attrjax {REMOVED_IN}")
 
 
+def moved_attribute(old: str, name: str, private_module: str) -> Any:
+    """``private_module.name``, reached through its 0.1 path ``old``: warns the first time (``stacklevel``: the
+    user's line, two frames above the ``__getattr__`` that calls this)."""
+    value = getattr(importlib.import_module(private_module), name)
+    warn_once(old, moved_message(old, name, value, private_module), stacklevel=4)
+    return value
+
+
 class MovedModule(types.ModuleType):
     """Stands in for a module of 0.1: every attribute is the private module's, and warns on first use."""
 
@@ -88,11 +92,7 @@ class MovedModule(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        new = self.__dict__["_attrjax_new_module"]
-        value = getattr(importlib.import_module(new), name)
-        old = f"{self.__name__}.{name}"
-        warn_once(old, moved_message(old, name, value, new))
-        return value
+        return moved_attribute(f"{self.__name__}.{name}", name, self.__dict__["_attrjax_new_module"])
 
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self.__dict__["_attrjax_new_module"]))
@@ -138,13 +138,10 @@ def package_getattr(package: str, moved_names: dict[str, str] | None = None):
     moved_names = moved_names or {}
 
     def __getattr__(name: str) -> Any:
-        if f"{package}.{name}" in MOVED_MODULES and f"{package}.{name}" != "attrjax.train":
+        if f"{package}.{name}" in MOVED_MODULES:
             return importlib.import_module(f"{package}.{name}")
         if name in moved_names:
-            value = getattr(importlib.import_module(moved_names[name]), name)
-            old = f"{package}.{name}"
-            warn_once(old, moved_message(old, name, value, moved_names[name]))
-            return value
+            return moved_attribute(f"{package}.{name}", name, moved_names[name])
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

@@ -26,10 +26,15 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group().split("."))
 
 
+def specifier(name: str) -> str:
+    """``">=0.10.2,<0.13"``: the supported versions of a dependency, as pip writes them."""
+    oldest, first_unsupported = SUPPORTED[name]
+    return f">={oldest},<{first_unsupported}"
+
+
 def requirement(name: str) -> str:
     """``"jax>=0.10.2,<0.13"``: the pip requirement of a supported dependency."""
-    oldest, first_unsupported = SUPPORTED[name]
-    return f"{name}>={oldest},<{first_unsupported}"
+    return name + specifier(name)
 
 
 def unsupported(installed: dict[str, str]) -> list[str]:
@@ -54,7 +59,7 @@ def check() -> None:
     installed = installed_versions()
     names = unsupported(installed)
     if names:
-        found = ", ".join(f"{name} {installed[name]} (supported: {requirement(name)[len(name):]})" for name in names)
+        found = ", ".join(f"{name} {installed[name]} (supported: {specifier(name)})" for name in names)
         fix = " ".join(repr(requirement(name)) for name in names)
         raise ImportError(f"attrjax does not support the installed {found}. Install supported versions: "
                           f"pip install {fix}")

@@ -19,13 +19,12 @@ from experiments import datasets, models, runs, validation
 def student_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.ConfigDict]:
     """Name -> student config; ``stochastic_drop_rate`` > 0 adds the stochastic-matching student. ``chosen``: only
     the runs ``config.runs`` names."""
-    runs = {name: dict(run) for name, run in config.students.items()}
+    table = {name: dict(run) for name, run in config.students.items()}
     if config.stochastic_drop_rate:
-        stochastic = dict(runs["kd_match"])
+        stochastic = dict(table["kd_match"])
         stochastic["objective"] = dict(stochastic["objective"], drop_rate=config.stochastic_drop_rate)
-        runs["kd_match_stochastic"] = stochastic
-    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return validation.chosen_runs(config, runs) if chosen else runs
+        table["kd_match_stochastic"] = stochastic
+    return validation.run_table(config, table, chosen=chosen)
 
 
 def validate(config) -> None:

@@ -227,8 +227,9 @@ def run(config, workdir: str, splits: dict | None = None) -> dict:
     localization = first_images(splits["localization"], config.eval.localization_images)
     print(f"evaluating {', '.join(methods)} on {len(localization['image'])} localisation images")
     results, examples, teacher_maps, evaluators = {}, {}, {}, {}
-    models = 1 + len(student_runs(config)) + len(prune.pruning_runs(config)) + len(quantize.quantization_runs(config))
-    with Progress(models * len(methods), description="evaluated", unit="map set") as progress:
+    num_models = (1 + len(student_runs(config)) + len(prune.pruning_runs(config))
+                  + len(quantize.quantization_runs(config)))
+    with Progress(num_models * len(methods), description="evaluated", unit="map set") as progress:
         for name, model, variables in trained_models(config, workdir, splits["train"]):
             results[name] = classification_and_size(model, variables, splits, config)
             results[name]["methods"], examples[name] = localization_by_method(

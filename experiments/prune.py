@@ -34,15 +34,14 @@ def pruning_runs(config, *, chosen: bool = True) -> dict[str, ml_collections.Con
     """Name -> ``{setting, objective}``: every setting naive and matched (and stochastic when switched on).
     ``chosen``: only the runs ``config.runs`` names."""
     matched = dict(matching="weighted", matching_weight=config.pruning.matching_weight)
-    runs = {}
+    table = {}
     for setting in SETTINGS:
-        runs[setting] = dict(setting=setting, objective={})
-        runs[f"{setting}_match"] = dict(setting=setting, objective=matched)
+        table[setting] = dict(setting=setting, objective={})
+        table[f"{setting}_match"] = dict(setting=setting, objective=matched)
         if config.stochastic_drop_rate:
-            runs[f"{setting}_match_stochastic"] = dict(
+            table[f"{setting}_match_stochastic"] = dict(
                 setting=setting, objective=dict(matched, drop_rate=config.stochastic_drop_rate))
-    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return validation.chosen_runs(config, runs) if chosen else runs
+    return validation.run_table(config, table, chosen=chosen)
 
 
 def round_name(name: str, round_index: int) -> str:

@@ -38,13 +38,12 @@ def quantization_runs(config, *, chosen: bool = True) -> dict[str, ml_collection
     """Name -> ``{trained, objective}``: PTQ, QAT naive and matched (and stochastic when switched on). ``chosen``:
     only the runs ``config.runs`` names."""
     matched = dict(matching="weighted", matching_weight=config.quantization.matching_weight)
-    runs = {PTQ: dict(trained=False, objective={}), "qat": dict(trained=True, objective={}),
-            "qat_match": dict(trained=True, objective=matched)}
+    table = {PTQ: dict(trained=False, objective={}), "qat": dict(trained=True, objective={}),
+             "qat_match": dict(trained=True, objective=matched)}
     if config.stochastic_drop_rate:
-        runs["qat_match_stochastic"] = dict(trained=True,
-                                            objective=dict(matched, drop_rate=config.stochastic_drop_rate))
-    runs = {name: ml_collections.ConfigDict(run) for name, run in runs.items()}
-    return validation.chosen_runs(config, runs) if chosen else runs
+        table["qat_match_stochastic"] = dict(trained=True,
+                                             objective=dict(matched, drop_rate=config.stochastic_drop_rate))
+    return validation.run_table(config, table, chosen=chosen)
 
 
 def run_settings(config) -> dict:
@@ -72,12 +71,12 @@ def run_binding(name: str, run, config, workdir: str, teacher_variables: dict) -
         runs.run_config(name, run_settings(config), config, workdir, with_teacher=True))
 
 
-def bind_runs(runs: dict, config, workdir: str, teacher_variables: dict) -> None:
-    """Binds the directory of every run in ``runs`` (``run_binding``) before anything is written into any of them.
+def bind_runs(chosen: dict, config, workdir: str, teacher_variables: dict) -> None:
+    """Binds the directory of every run in ``chosen`` (``run_binding``) before anything is written into any of them.
 
     Raises ``RunConfigMismatchError`` when one was written with other settings, unless ``config.on_config_change``
     is ``"restart"`` (then it is set aside)."""
-    for name, quantization_run in runs.items():
+    for name, quantization_run in chosen.items():
         directory, record = run_binding(name, quantization_run, config, workdir, teacher_variables)
         with distributed.primary_first(f"binding {directory} to its run record"):
             bind_run_config(directory, record, on_config_change=config.on_config_change)

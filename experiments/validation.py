@@ -7,6 +7,8 @@ from typing import Callable
 
 from attrjax.training import Objective, make_optimizer
 from attrjax.training._run_config import ON_CONFIG_CHANGE
+import ml_collections
+
 from experiments import datasets, models
 
 
@@ -65,6 +67,12 @@ def chosen_runs(config, runs: dict) -> dict:
     """The entries of ``runs`` (name -> run config) that ``config.runs`` names; all of them when it is empty."""
     names = _run_names(config)
     return {name: run for name, run in runs.items() if not names or name in names}
+
+
+def run_table(config, table: dict[str, dict], *, chosen: bool) -> dict[str, ml_collections.ConfigDict]:
+    """Name -> run settings (plain dicts) as ConfigDicts; with ``chosen``, only the runs ``config.runs`` names."""
+    runs = {name: ml_collections.ConfigDict(run) for name, run in table.items()}
+    return chosen_runs(config, runs) if chosen else runs
 
 
 def check_chosen_runs(config, available) -> None:

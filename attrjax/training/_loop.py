@@ -104,10 +104,6 @@ def param_shapes(params) -> dict[str, list[int]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-_RUN_FIELDS = ("checkpoint_dir", "checkpoint_every", "run_config", "on_config_change", "log_every", "name", "log",
-               "metric_writer", "learning_rate")
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Where and how a training run keeps its records: checkpoints, the settings they are bound to, progress lines
@@ -142,7 +138,7 @@ class RunOptions:
 
 def _run_options(run: RunOptions | None, legacy: dict[str, Any]) -> RunOptions:
     """``run``, or the 0.1 keyword arguments of ``train`` gathered into one (with a warning naming the new way)."""
-    unknown = sorted(set(legacy) - set(_RUN_FIELDS))
+    unknown = sorted(set(legacy) - {field.name for field in dataclasses.fields(RunOptions)})
     if unknown:
         raise TypeError(f"train() got unexpected keyword arguments {unknown}")
     if not legacy:
