@@ -12,7 +12,14 @@ import math
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import stats
+
+
+def _stats():
+    """``scipy.stats``, imported on first use: it takes about a second to import, which ``import attrjax`` (whose
+    ``attrjax.metrics`` exports these functions) should not pay."""
+    from scipy import stats
+
+    return stats
 
 
 def _finite(values: ArrayLike) -> np.ndarray:
@@ -40,6 +47,7 @@ def mean_interval(values: ArrayLike, *, confidence: float = 0.95) -> dict:
               "std": float(np.std(defined, ddof=1)) if n > 1 else math.nan, "n": n,
               "n_undefined": int(array.size - n)}
     if n > 1:
+        stats = _stats()
         scale = stats.sem(defined)
         if scale > 0:
             result["low"], result["high"] = map(float, stats.t.interval(confidence, n - 1, loc=result["mean"],
@@ -71,7 +79,7 @@ def paired_difference(treated: ArrayLike, control: ArrayLike, *, confidence: flo
     defined = differences[~np.isnan(differences)]
     result["p_value"] = math.nan
     if defined.size > 1 and np.std(defined) > 0:
-        result["p_value"] = float(stats.ttest_1samp(defined, 0.0).pvalue)
+        result["p_value"] = float(_stats().ttest_1samp(defined, 0.0).pvalue)
     result.update(positive=int(np.sum(defined > 0)), negative=int(np.sum(defined < 0)))
     return result
 
