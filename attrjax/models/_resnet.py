@@ -61,8 +61,8 @@ import numpy as np
 from flax import traverse_util
 
 # Private helpers of the sibling VGG modules, shared so that both families initialise, report and convert alike.
-from attrjax.models._torchvision import (_NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _listing,
-                                        _permute, _strip_data_parallel_prefix, check_state_dict_fits,
+from attrjax.models._torchvision import (_NUM_BATCHES_TRACKED, _TO_FLAX, _TO_TORCH, StateDict, _check_new_head,
+                                        _listing, _permute, _strip_data_parallel_prefix, check_state_dict_fits,
                                         state_dict_from_variables)
 from attrjax.models._vgg import _torch_bias_init, _torch_kernel_init, _variance_scaling
 
@@ -426,7 +426,7 @@ def import_resnet(state_dict: Mapping[str, np.ndarray], model: ResNet, *,
     key_map = _key_map(model)
     shapes = _variable_shapes(model)
     if new_head_variables is not None:
-        _check_new_head(new_head_variables, shapes)
+        _check_new_head(new_head_variables, shapes, head="fc", init="model.init(key, images)")
         key_map = {key: path for key, path in key_map.items() if key not in _HEAD_KEYS}
         state_dict = {key: value for key, value in state_dict.items() if key not in _HEAD_KEYS}
     _check_state_dict(state_dict, model, key_map, shapes)
@@ -512,15 +512,6 @@ def _describe(model: ResNet) -> str:
                      if getattr(model, field) is not None)
     return (f"ResNet(block={model.block!r}, stage_sizes={tuple(model.stage_sizes)}, "
             f"num_classes={model.num_classes}, width={model.width}, stem={model.stem!r}{pruned})")
-
-
-def _check_new_head(new_head_variables: Mapping[str, Any], shapes: Mapping[VariablePath, tuple[int, ...]]) -> None:
-    head = new_head_variables.get("params", {}).get("fc", {})
-    for leaf in ("kernel", "bias"):
-        expected = shapes[("params", "fc", leaf)]
-        if leaf not in head or tuple(np.shape(head[leaf])) != expected:
-            raise ValueError(f"new_head_variables must be variables of this model, e.g. model.init(key, images): "
-                             f"params/fc/{leaf} should have shape {expected}")
 
 
 def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: ResNet,

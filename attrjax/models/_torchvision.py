@@ -719,13 +719,16 @@ def _describe(model: VGG) -> str:
             f"image_size={model.image_size}, head_pooling={model.head_pooling!r})")
 
 
-def _check_new_head(new_head_variables: Mapping[str, Any], flax_shapes: Mapping) -> None:
-    head = new_head_variables.get("params", {}).get("classifier", {})
+def _check_new_head(new_head_variables: Mapping[str, Any], flax_shapes: Mapping, *, head: str = "classifier",
+                    init: str = "init_variables(model, key)") -> None:
+    """Refuses ``new_head_variables`` unless they hold this model's ``params/<head>`` kernel and bias (``init``: how
+    to make them, for the message)."""
+    given = new_head_variables.get("params", {}).get(head, {})
     for leaf in ("kernel", "bias"):
-        expected = flax_shapes[("params", "classifier", leaf)]
-        if leaf not in head or tuple(np.shape(head[leaf])) != expected:
-            raise ValueError(f"new_head_variables must be variables of this model, e.g. init_variables(model, key): "
-                             f"params/classifier/{leaf} should have shape {expected}")
+        expected = flax_shapes[("params", head, leaf)]
+        if leaf not in given or tuple(np.shape(given[leaf])) != expected:
+            raise ValueError(f"new_head_variables must be variables of this model, e.g. {init}: "
+                             f"params/{head}/{leaf} should have shape {expected}")
 
 
 def _check_state_dict(state_dict: Mapping[str, np.ndarray], model: VGG, key_map: Mapping, flax_shapes: Mapping
