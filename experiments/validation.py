@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from attrjax.training import Objective, make_optimizer
-from attrjax.training._run_config import ON_CONFIG_CHANGE
+from attrjax.training._run_config import check_on_config_change
 import ml_collections
 
 from experiments import datasets, models
@@ -43,8 +43,7 @@ def check_config(config) -> None:
     datasets.normalization(config)  # an unknown dataset name fails here
     if config.data.labels not in ("multilabel", "single"):
         raise ValueError(f"data.labels must be 'multilabel' or 'single', got {config.data.labels!r}")
-    if config.on_config_change not in ON_CONFIG_CHANGE:
-        raise ValueError(f"on_config_change must be one of {ON_CONFIG_CHANGE}, got {config.on_config_change!r}")
+    check_on_config_change(config.on_config_change)
 
 
 def check_model_run(name: str, model_config, objective_fn: Callable[[], Objective], config):

@@ -308,5 +308,8 @@ def test_the_0_1_bookkeeping_keywords_still_train_with_a_warning_that_names_run_
     with pytest.raises(TypeError, match=r"pass \['log_every'\] inside run=RunOptions\(\.\.\.\), not beside it"):
         train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0), log_every=1,
               run=RunOptions())
+    with pytest.raises(TypeError, match=r"run must be an attrjax\.training\.RunOptions, got dict"):
+        train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0),
+              run={"log_every": 1})
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['checkpoint_dri'\]"):
         train(student, variables, sgd(0.05), Objective(), _batches(), 2, rng=jax.random.key(0), checkpoint_dri="x")

@@ -25,7 +25,7 @@ from attrjax._paths import path_name
 from attrjax._progress import Progress
 from attrjax.training import _checkpoint as checkpoint
 from attrjax.training._metrics import ScalarWriter
-from attrjax.training._run_config import bind_run_config
+from attrjax.training._run_config import bind_run_config, check_on_config_change
 from attrjax.training._sharding import data_mesh, host_value, replicate, shard_batch
 from attrjax.training._state import TrainState
 from attrjax.training._objective import LossTerm, Objective, as_terms, objective_record
@@ -135,19 +135,28 @@ class RunOptions:
     metric_writer: ScalarWriter | None = None
     learning_rate: Callable[[int], Any] | None = None
 
+    def __post_init__(self):
+        """Bad values are refused here, before a run binds or writes anything."""
+        checkpoint.check_step_count("checkpoint_every", self.checkpoint_every)
+        checkpoint.check_step_count("log_every", self.log_every)
+        check_on_config_change(self.on_config_change)
+
 
 def _run_options(run: RunOptions | None, legacy: dict[str, Any]) -> RunOptions:
     """``run``, or the 0.1 keyword arguments of ``train`` gathered into one (with a warning naming the new way)."""
     unknown = sorted(set(legacy) - {field.name for field in dataclasses.fields(RunOptions)})
     if unknown:
         raise TypeError(f"train() got unexpected keyword arguments {unknown}")
+    if run is not None and not isinstance(run, RunOptions):
+        raise TypeError(f"run must be an attrjax.training.RunOptions, got {type(run).__name__}: e.g. "
+                        "run=RunOptions(checkpoint_dir=..., log_every=...)")
     if not legacy:
         return RunOptions() if run is None else run
     if run is not None:
         raise TypeError(f"pass {sorted(legacy)} inside run=RunOptions(...), not beside it")
-    warnings.warn(f"train(..., {', '.join(f'{key}=...' for key in legacy)}) is deprecated and will be removed in "
-                  f"attrjax 0.3.0: pass run=attrjax.training.RunOptions({', '.join(f'{key}=...' for key in legacy)})",
-                  DeprecationWarning, stacklevel=3)
+    keywords = ", ".join(f"{key}=..." for key in legacy)
+    warnings.warn(f"train(..., {keywords}) is deprecated and will be removed in attrjax 0.3.0: pass "
+                  f"run=attrjax.training.RunOptions({keywords})", DeprecationWarning, stacklevel=3)
     return RunOptions(**legacy)
 
 
@@ -196,7 +205,6 @@ def train(student: ModelLike, variables: dict, tx: optax.GradientTransformation,
     checkpoint_dir, log_every, name = run.checkpoint_dir, run.log_every, run.name
     log, metric_writer = run.log, run.metric_writer
     checkpoint.check_step_count("num_steps", num_steps)
-    checkpoint.check_step_count("log_every", log_every)
     mesh = data_mesh() if mesh is None else mesh
     step_fn = jit_train_step(make_train_step(student, tx, objective, teacher), mesh)
     # Replicated before a restore, so orbax reads the checkpoint straight into the mesh's layout; a copy, since the

@@ -97,6 +97,12 @@ def _set_aside(directory: str, digest: str) -> str:
     return target
 
 
+def check_on_config_change(on_config_change: str) -> None:
+    """Raises ValueError unless ``on_config_change`` is one of ``ON_CONFIG_CHANGE``."""
+    if on_config_change not in ON_CONFIG_CHANGE:
+        raise ValueError(f"on_config_change must be one of {ON_CONFIG_CHANGE}, got {on_config_change!r}")
+
+
 def bind_run_config(directory: str, run_config: Mapping[str, Any], *, on_config_change: str = "refuse",
                     log: Callable[[str], None] = print) -> None:
     """Makes ``directory`` a directory of ``run_config``'s run before anything is restored from or saved to it.
@@ -105,8 +111,7 @@ def bind_run_config(directory: str, run_config: Mapping[str, Any], *, on_config_
     a record): raises ``RunConfigMismatchError`` naming the differing keys, or with ``on_config_change="restart"``
     moves the directory to ``<directory>.replaced-<digest>`` and starts a fresh one.
     """
-    if on_config_change not in ON_CONFIG_CHANGE:
-        raise ValueError(f"on_config_change must be one of {ON_CONFIG_CHANGE}, got {on_config_change!r}")
+    check_on_config_change(on_config_change)
     digest = config_digest(run_config)
     record = read_run_config(directory)
     if record is not None and record["digest"] == digest:
