@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from attrjax.attribution import excitation_backprop, lrp, propagation_graph, rap
+from attrjax.attribution import excitation_backprop, lrp, propagate, propagation_graph, rap
 from attrjax.attribution._graph import Affine, Sum, UnsupportedOp, trace_graph
 from attrjax.attribution._rules import (COMPOSITES, AlphaBeta, Composite, Epsilon, Flat, Gamma, SumRule, WSquare,
                                        ZBox)
@@ -423,12 +423,12 @@ def _linen_model(middle):
 
 
 @pytest.mark.parametrize("middle, message", [
-    (lambda x: nn.LayerNorm(name="norm")(x), r"`square` in Model/norm: it has no propagation rule"),
-    (lambda x: x * jax.nn.sigmoid(x), r"`mul` in Model: it combines two input-dependent values"),
-    (lambda x: jnp.einsum("bhwc,bhwd->bhwd", x, x), r"`dot_general` .*both operands depend on the input"),
-    (jnp.exp, r"`exp` in Model: it has no propagation rule"),
-    (lax.erf, r"`erf` in Model: .*add 'erf' to passthrough="),
-], ids=["layernorm", "silu", "attention", "exp", "erf"])
+    (jnp.exp, r"`exp` in Model: it has no propagation rule \(a softmax written by hand"),
+    (lax.erf, r"`erf` in Model: .*pass passthrough=\('erf',\)"),
+    (lambda x: 1.0 / (x * x + 1.0), r"`div` in Model: the input is in the denominator.*Read relevance"),
+    (lambda x: x / jnp.abs(x - 1.0), r"`abs` in Model: it has no propagation rule; `div` in Model: it divides by an "
+     r"input-dependent value"),
+], ids=["exp", "erf", "reciprocal", "every-op-named"])
 def test_unsupported_ops_raise_naming_the_primitive(middle, message):
     model, variables = _linen_model(middle)
     with pytest.raises(UnsupportedOp, match=message):
@@ -455,8 +455,10 @@ def test_train_mode_batchnorm_raises():
         return jnp.mean((h - mean) / jnp.sqrt(var + BN_EPS), axis=(1, 2))
 
     variables, images = {"w": jnp.ones((3, 4))}, _images()
-    with pytest.raises(UnsupportedOp, match="two input-dependent values.*eval-mode forward pass"):
-        trace_graph(forward, variables, images)
+    graph = trace_graph(forward, variables, images)
+    values = graph.forward(images)
+    with pytest.raises(UnsupportedOp, match="statistics over the batch.*eval-mode forward pass"):
+        propagate(graph, values, values[graph.output], COMPOSITES["paper"])
     # The same forward pass with constant (running) statistics traces, BatchNorm folded into the dense map.
     graph = trace_graph(lambda v, x: jnp.mean((jnp.einsum("bhwc,cd->bhwd", x, v["w"]) - 0.5) / 2.0, axis=(1, 2)),
                         variables, images)

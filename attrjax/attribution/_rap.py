@@ -76,6 +76,8 @@ from attrjax.models import ModelLike
 class RapFirst:
     """Step 2: contributions with the shared bias, then absolute-influence normalisation."""
 
+    non_negative_inputs = True  # RAP's hidden rule is defined for ReLU networks: a transformer's graph is refused
+
     def __call__(self, layer: Affine, x: jax.Array, weights: jax.Array) -> jax.Array:
         x_pos, x_neg = positive(x), negative(x)
         w_pos, w_neg = positive(layer.weight), negative(layer.weight)
@@ -111,6 +113,7 @@ class RapHidden:
     """
 
     shift: bool = True
+    non_negative_inputs = True  # as RapFirst
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
         x = positive(x)

@@ -21,12 +21,26 @@ The rules (relevance of input i):
   that sum is > 0.
 
 A residual sum ``y = a + b + ...`` splits relevance in proportion to each branch's value (``SumRule``), signed or
-by positive parts. Elementwise activations pass relevance unchanged; max-pooling sends it to the
-arg-max (ties split evenly); layout ops move it with the values.
+by positive parts (a difference ``a - b`` is the sum of ``a`` and ``-b``). Elementwise activations pass relevance
+unchanged; max-pooling sends it to the arg-max (ties split evenly); layout ops move it with the values.
+
+Transformers (AttnLRP, Achtibat et al., ICML 2024; Ali et al., ICML 2022):
+
+- A normalising scale computed from the input (LayerNorm's and RMSNorm's ``1 / sqrt(var + eps)``) is held constant
+  at the current input: the layer is the elementwise linear map ``y = x * s * gamma + beta`` (kind ``norm``), which
+  gets its composite's rule (the epsilon rule: ``R_x = x s gamma / y R_y``, the identity when there is no ``beta``);
+  the centring ``x - mean(x)`` is a linear map, propagated as a sum of ``x`` and ``-mean(x)`` and the mean pool.
+- A softmax ``s = softmax(x)``: ``R_x_i = x_i (R_i - s_i sum_j R_j)``, the first-order expansion at ``x`` without
+  its bias term (not conservative). Computed for any layout as ``x * vjp(softmax)(R / s)``.
+- A product of two input-dependent values (``Q Kᵀ``, ``A V``, a gate), each output ``o = sum_k a_k b_k``:
+  ``UniformProduct``: every term's share ``a_k b_k / o R_o`` goes half to ``a_k``, half to ``b_k``.
+  ``ConstantAttention`` (CP-LRP): attention probabilities held constant, so ``A V`` sends everything to ``V`` by
+  the epsilon rule with weights ``A``, and nothing reaches the softmax, ``Q`` or ``K``; other products as uniform.
+- Pointwise nonlinearities of one value (GELU in both forms, SiLU) pass relevance unchanged.
 
 A ``Composite`` picks one rule per affine layer: by name (``by_name``), then by position (``first``: the layers that
-see the images; ``last``: the classifier), then by kind (``conv``, ``dense``, ``pool``, ``elementwise``), then
-``default``. Presets: ``COMPOSITES``.
+see the images; ``last``: the classifier), then by kind (``conv``, ``dense``, ``pool``, ``elementwise``, ``norm``),
+then ``default``; ``sums`` and ``products`` are the rules of sums and products. Presets: ``COMPOSITES``.
 """
 
 from __future__ import annotations
@@ -37,10 +51,10 @@ from typing import Callable, Mapping, Union
 import jax
 import jax.numpy as jnp
 
-from attrjax.attribution._graph import Affine, Graph
+from attrjax.attribution._graph import Affine, Graph, Product
 
 Bounds = tuple[Union[float, jax.Array], Union[float, jax.Array]]
-KINDS = ("conv", "dense", "pool", "elementwise")
+KINDS = ("conv", "dense", "pool", "elementwise", "norm")
 
 
 def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -220,7 +234,10 @@ class WSquare:
 
 @dataclasses.dataclass(frozen=True)
 class WinningProbability:
-    """Excitation Backprop's marginal winning probability (the relevance is a probability mass)."""
+    """Excitation Backprop's marginal winning probability (the relevance is a probability mass). Defined for
+    non-negative inputs (ReLU networks) only."""
+
+    non_negative_inputs = True  # a transformer's graph is refused (its inputs can be negative)
 
     def __call__(self, layer: Affine, x: jax.Array, relevance: jax.Array) -> jax.Array:
         z, send = linearized(layer, x, positive(layer.weight))
@@ -249,8 +266,64 @@ class SumRule:
         return tuple(branch * share for branch in inputs)
 
 
+@dataclasses.dataclass(frozen=True)
+class UniformProduct:
+    """The uniform rule for a product of two input-dependent values: each term ``a_k b_k`` of an output ``o`` gets
+    ``a_k b_k / (o + epsilon sign o) R_o``, half of it to each factor."""
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        _check_non_negative("UniformProduct", epsilon=self.epsilon)
+
+    def receivers(self, node: Product) -> tuple[int, ...]:
+        """The inputs of ``node`` that get relevance."""
+        return node.inputs
+
+    def __call__(self, node: Product, xs: tuple[jax.Array, jax.Array], relevance: jax.Array) -> tuple:
+        z, vjp_fn = jax.vjp(node.fn, *xs)
+        shares = vjp_fn(safe_divide(relevance, _stabilise(z, self.epsilon)))
+        return tuple(0.5 * x * share for x, share in zip(xs, shares))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantAttention:
+    """CP-LRP: attention probabilities held constant. A product with a softmax output (``A V``) sends all its
+    relevance to the other factor by the epsilon rule with weights ``A``; the probabilities get none (so nothing
+    reaches the softmax, the queries or the keys). Other products (gates) follow ``UniformProduct``."""
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        _check_non_negative("ConstantAttention", epsilon=self.epsilon)
+
+    def receivers(self, node: Product) -> tuple[int, ...]:
+        """The inputs of ``node`` that get relevance."""
+        return node.inputs if node.probabilities is None else (node.inputs[1 - node.probabilities],)
+
+    def __call__(self, node: Product, xs: tuple[jax.Array, jax.Array], relevance: jax.Array) -> tuple:
+        if node.probabilities is None:
+            return UniformProduct(self.epsilon)(node, xs, relevance)
+        held, other = node.probabilities, 1 - node.probabilities
+
+        def linear(x):
+            return node.fn(*((x, xs[1]) if other == 0 else (xs[0], x)))
+
+        z, vjp_fn = jax.vjp(linear, xs[other])
+        sent = xs[other] * vjp_fn(safe_divide(relevance, _stabilise(z, self.epsilon)))[0]
+        return (sent, None) if other == 0 else (None, sent)
+
+
+def softmax_relevance(fn: Callable[[jax.Array], jax.Array], x: jax.Array, relevance: jax.Array) -> jax.Array:
+    """The softmax rule: ``R_x_i = x_i (R_i - s_i sum_j R_j)`` for ``s = fn(x)``, as ``x * vjp(fn)(R / s)`` (which
+    is that sum for any layout of the softmax's axes)."""
+    s, vjp_fn = jax.vjp(fn, x)
+    return x * vjp_fn(safe_divide(relevance, s))[0]
+
+
 # (layer, its input x, the relevance of its output) -> the relevance of x: every rule above.
 Rule = Callable[[Affine, jax.Array, jax.Array], jax.Array]
+ProductRule = Union[UniformProduct, ConstantAttention]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +331,8 @@ class Composite:
     """Which rule each affine layer gets: ``by_name`` > ``first``/``last`` > ``by_kind`` > ``default``.
 
     ``first`` is for the layers that see the images (no affine layer before them), ``last`` for those with no
-    affine layer after them (the classifier); ``sums`` is the rule of residual additions.
+    affine layer after them (the classifier); ``sums`` is the rule of residual additions and differences,
+    ``products`` that of products of two input-dependent values (attention, gates).
     """
 
     default: Rule = AlphaBeta()
@@ -267,6 +341,7 @@ class Composite:
     last: Rule | None = None
     by_name: Mapping[str, Rule] = dataclasses.field(default_factory=dict)
     sums: SumRule = SumRule()
+    products: ProductRule = UniformProduct()
 
     def __post_init__(self):
         unknown = sorted(set(self.by_kind) - set(KINDS))
@@ -277,6 +352,8 @@ class Composite:
             if rule is not None and not callable(rule):
                 raise ValueError(f"the rule for {where!r} must be a rule object (e.g. AlphaBeta(), Epsilon()), got "
                                  f"{rule!r}")
+        if not isinstance(self.products, (UniformProduct, ConstantAttention)):
+            raise ValueError(f"products must be UniformProduct() or ConstantAttention(), got {self.products!r}")
 
     def resolve(self, graph: Graph) -> dict[Affine, Rule]:
         """The rule of every affine layer of ``graph``; raises if ``by_name`` names a layer it does not have."""
@@ -310,6 +387,13 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon_gamma_box": Composite(default=Epsilon(), by_kind={"conv": Gamma(0.25)}, first=ZBox()),
     "epsilon_alpha2_beta1": Composite(default=Epsilon(), by_kind={"conv": AlphaBeta(2.0, 1.0)}),
     "excitation_backprop": Composite(default=WinningProbability(), sums=SumRule(positive=True)),
+    # Transformers. AttnLRP: epsilon everywhere, LayerNorm's scale held, the softmax rule, the uniform rule for
+    # products; signed sums (LayerNorm's centring is a difference).
+    "attnlrp": Composite(default=Epsilon(), products=UniformProduct()),
+    # CP-LRP: as AttnLRP, with the attention probabilities held constant (relevance flows through the values only).
+    "cp_lrp": Composite(default=Epsilon(), products=ConstantAttention()),
+    # AttnLRP with the gamma rule in the dense layers, which gives less noisy maps on vision transformers.
+    "attnlrp_gamma": Composite(default=Epsilon(), by_kind={"dense": Gamma(0.25)}, products=UniformProduct()),
 }
 """Preset composites by name (``lrp(..., composite="epsilon_plus")``); ``"paper"`` is the paper's LRP."""
 
@@ -323,6 +407,6 @@ def resolve_composite(composite: str | Composite) -> Composite:
     return COMPOSITES[composite]
 
 
-__all__ = ["AlphaBeta", "Bounds", "COMPOSITES", "Composite", "Epsilon", "Flat", "Gamma", "KINDS", "SumRule",
-           "WSquare", "WinningProbability", "ZBox", "linearized", "per_image_sum", "resolve_composite",
-           "safe_divide"]
+__all__ = ["AlphaBeta", "Bounds", "COMPOSITES", "Composite", "ConstantAttention", "Epsilon", "Flat", "Gamma", "KINDS",
+           "ProductRule", "SumRule", "UniformProduct", "WSquare", "WinningProbability", "ZBox", "linearized",
+           "per_image_sum", "resolve_composite", "safe_divide", "softmax_relevance"]
