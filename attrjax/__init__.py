@@ -26,9 +26,9 @@ from attrjax import _deprecation  # noqa: E402 - after the version check, which 
 
 _deprecation.install()
 
-from attrjax.attribution import (COMPOSITES, METHODS, AlphaBeta, Composite, Epsilon, Flat, Gamma,  # noqa: E402
-                                 SumRule, UnsupportedOp, WinningProbability, WSquare, ZBox, class_maps,
-                                 excitation_backprop, grad_cam, grad_cam_all_classes, guided_backprop,
+from attrjax.attribution import (COMPOSITES, METHODS, AlphaBeta, Composite, ConstantAttention,  # noqa: E402
+                                 Epsilon, Flat, Gamma, SumRule, UniformProduct, UnsupportedOp, WinningProbability,
+                                 WSquare, ZBox, attention_rollout, class_maps, excitation_backprop, gradient_rollout, grad_cam, grad_cam_all_classes, guided_backprop,
                                  input_x_gradient, integrated_gradients, lrp, minmax_normalize, rap, resize_maps,
                                  saliency, smooth_grad, top1_target)
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
@@ -46,10 +46,10 @@ __all__ = [
     # attribution
     "METHODS", "class_maps", "grad_cam", "grad_cam_all_classes", "top1_target", "resize_maps", "minmax_normalize",
     "saliency", "input_x_gradient", "integrated_gradients", "smooth_grad", "guided_backprop",
-    "lrp", "excitation_backprop", "rap", "UnsupportedOp",
+    "lrp", "excitation_backprop", "rap", "UnsupportedOp", "attention_rollout", "gradient_rollout",
     # rules and composites
     "COMPOSITES", "Composite", "Epsilon", "Gamma", "AlphaBeta", "Flat", "WSquare", "ZBox", "WinningProbability",
-    "SumRule",
+    "SumRule", "UniformProduct", "ConstantAttention",
     # any model
     "ModelLike", "as_split_model", "logits_fn", "SplitModel", "FunctionalSplitModel", "LinenSplitModel",
     "NNXSplitModel",

@@ -8,7 +8,7 @@ import pytest
 from tests import draws
 from attrjax.attribution import (excitation_backprop, grad_cam, guided_backprop, input_x_gradient,
                                  integrated_gradients, lrp, rap, saliency, smooth_grad)
-from attrjax.attribution._methods import METHODS, class_maps
+from attrjax.attribution._methods import class_maps, resolve_methods
 from attrjax._evaluation import localization_report
 from attrjax.models import VGG, init_variables, vgg
 
@@ -35,6 +35,8 @@ def one_class_map(method, model, variables, images, classes):
         return lrp(model, variables, images, classes)
     if method == "rap":
         return rap(model, variables, images, classes)
+    if method in ("attnlrp", "cp_lrp"):  # on a CNN: the epsilon rule everywhere
+        return lrp(model, variables, images, classes, composite=method)
     if method == "saliency":
         return saliency(logit_fn, images, classes)
     if method == "input_x_gradient":
@@ -48,7 +50,7 @@ def one_class_map(method, model, variables, images, classes):
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", resolve_methods("all"))
 def test_all_classes_equal_one_class_at_a_time(tiny, method):
     model, variables, images = tiny
     maps, logits = jax.jit(lambda v, x: class_maps(model, v, x, method, layer=LAYER, class_chunk=2))(variables, images)

@@ -9,13 +9,18 @@ with the paper's per-method conventions:
 | ``ebp`` | Excitation Backprop's marginal winning probability at ``layer``, clamped at 0 |
 | ``lrp`` | LRP alpha1-beta0, z^B at the input conv (each image's min/max as bounds), read at the input |
 | ``rap`` | RAP at the input, positive relevance only |
+| ``attnlrp`` | LRP with the ``"attnlrp"`` composite (transformers: LayerNorm held, softmax rule, uniform products), at the input |
+| ``cp_lrp`` | LRP with the ``"cp_lrp"`` composite (attention probabilities held constant), at the input |
+| ``rollout`` | attention rollout over the patch grid (transformers; the same map for every class) |
+| ``gradient_rollout`` | gradient-weighted attention rollout over the patch grid (transformers) |
 | ``saliency`` | max over colour channels of abs(gradient) |
 | ``input_x_gradient`` | colour-channel sum of x * gradient |
 | ``integrated_gradients`` | colour-channel sum of integrated gradients from the zero (mean-colour) image |
 | ``smooth_grad`` | max over colour channels of abs(SmoothGrad's mean gradient) |
 | ``guided_backprop`` | max over colour channels of abs(guided gradient) |
 
-Maps live at the resolution of the layer they are read at (``gradcam``/``ebp``) or of the image (the others);
+Maps live at the resolution of the layer they are read at (``gradcam``/``ebp``), of the patch grid (the rollouts)
+or of the image (the others);
 evaluation resizes them to the image and min-max normalises them. Methods other than Grad-CAM attribute one class
 per pass: classes go in groups of ``class_chunk`` (vmapped inside a group, groups one after another with
 ``attrjax._chunking.chunked_map``), so memory is bounded by class_chunk x B images' activations while the forward
@@ -30,6 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from attrjax.attribution._attention import attention_rollout, gradient_rollout
 from attrjax.attribution._gradcam import grad_cam_all_classes_from_vjp
 from attrjax.attribution._gradients import (guided_backprop, input_x_gradient, integrated_gradients, saliency,
                                            smooth_grad, sum_channels)
@@ -59,6 +65,18 @@ def _rap(model, variables, images, classes, layer, **options):
     return rap(model, variables, images, classes, **options)
 
 
+def _attnlrp(model, variables, images, classes, layer, **options):
+    return lrp(model, variables, images, classes, composite="attnlrp", **options)
+
+
+def _cp_lrp(model, variables, images, classes, layer, **options):
+    return lrp(model, variables, images, classes, composite="cp_lrp", **options)
+
+
+def _gradient_rollout(model, variables, images, classes, layer, **options):
+    return gradient_rollout(model, variables, images, classes, **options)
+
+
 def _saliency(model, variables, images, classes, layer, **options):
     return saliency(logits_fn(model, variables), images, classes, **options)
 
@@ -84,14 +102,19 @@ PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
     "rap": _rap,
+    "attnlrp": _attnlrp,
+    "cp_lrp": _cp_lrp,
+    "gradient_rollout": _gradient_rollout,
     "saliency": _saliency,
     "input_x_gradient": _input_x_gradient,
     "integrated_gradients": _integrated_gradients,
     "smooth_grad": _smooth_grad,
     "guided_backprop": _guided_backprop,
 }
-METHODS = ("gradcam",) + tuple(PER_CLASS_METHODS)
+METHODS = ("gradcam", "rollout") + tuple(PER_CLASS_METHODS)
 """Every method ``class_maps`` computes, by name."""
+ATTENTION_METHODS = ("rollout", "gradient_rollout")
+"""The methods that read a transformer's attention (the others work on any model)."""
 PAPER_METHODS = ("gradcam", "lrp", "rap", "ebp")
 """The four methods the original evaluation scores."""
 
@@ -103,9 +126,10 @@ def check_method(method: str) -> None:
 
 
 def resolve_methods(spec: str) -> tuple[str, ...]:
-    """Method names from ``"all"``, ``"paper"`` (Grad-CAM, LRP, RAP, EBP) or comma-separated names, each checked."""
+    """Method names from ``"all"`` (every method that works on any model: all but ``ATTENTION_METHODS``),
+    ``"paper"`` (Grad-CAM, LRP, RAP, EBP) or comma-separated names, each checked."""
     if spec == "all":
-        return METHODS
+        return tuple(method for method in METHODS if method not in ATTENTION_METHODS)
     if spec == "paper":
         return PAPER_METHODS
     methods = tuple(name.strip() for name in spec.split(","))
@@ -142,6 +166,9 @@ def class_maps(model: ModelLike, variables: dict, images: jax.Array, method: str
         lin = as_split_model(model, images).linearize(variables, images, layer)
         return grad_cam_all_classes_from_vjp(lin.vjp, lin.activations, lin.logits), lin.logits
     logits = logits_fn(model, variables)(images)
+    if method == "rollout":  # class-independent: one map, repeated for every class
+        maps = attention_rollout(model, variables, images, **options)
+        return jnp.broadcast_to(maps[:, None], (maps.shape[0], logits.shape[1], *maps.shape[1:])), logits
     batch, num_classes = logits.shape
     one_class = functools.partial(PER_CLASS_METHODS[method], model, variables, images, layer=layer, **options)
     per_class = chunked_map(lambda k: one_class(jnp.full((batch,), k)), jnp.arange(num_classes), class_chunk)
