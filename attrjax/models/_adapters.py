@@ -9,26 +9,33 @@ import jax
 
 from flax import nnx
 
-from attrjax.models._split import LinenSplitModel, NNXSplitModel, SplitModel
+from attrjax.models._split import LinenSplitModel, NNXSplitModel, OutputSelector, SplitModel
 from attrjax.models._vgg import VGG, vgg_split_model
 
 ModelLike = Union[SplitModel, nn.Module, nnx.Module]
 """What every function that takes a ``model`` accepts: a split model, or a Flax linen or NNX classifier."""
 
 
-def as_split_model(model: ModelLike, example_images: jax.Array) -> SplitModel:
+def as_split_model(model: ModelLike, example_images: jax.Array, *, token_grid: tuple[int, int] | None = None,
+                   output: OutputSelector | None = None) -> SplitModel:
     """A ``SplitModel`` as it is, attrjax's ``VGG`` through its own features/head, any other Flax linen module
     through ``LinenSplitModel``, a Flax NNX module through ``NNXSplitModel.from_module`` (its variables are then
     ``{"params": nnx.Param state, "batch_stats": nnx.BatchStat state}``). ``example_images`` (B,S,S,3): images of the
-    size the model takes."""
-    if isinstance(model, SplitModel):
-        return model
-    if isinstance(model, VGG):
-        return vgg_split_model(model)
+    size the model takes.
+
+    For a Flax module: ``token_grid=(h, w)`` declares the patch grid of token sequences whose grid cannot be traced
+    from the images, and ``output`` picks the logits (B,K) out of what a module returns when that is more than the
+    logits (an index, a key or attribute name, or a function ``out -> logits``; see ``LinenSplitModel``)."""
+    if isinstance(model, (SplitModel, VGG)):
+        given = [f"{name}=" for name, value in (("token_grid", token_grid), ("output", output)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to a Flax linen or NNX module, not to a "
+                             f"{type(model).__name__}; build the split model with them instead")
+        return model if isinstance(model, SplitModel) else vgg_split_model(model)
     if isinstance(model, nn.Module):
-        return LinenSplitModel(model, example_images[:1])
+        return LinenSplitModel(model, example_images[:1], token_grid=token_grid, output=output)
     if isinstance(model, nnx.Module):
-        return NNXSplitModel.from_module(model, example_images)
+        return NNXSplitModel.from_module(model, example_images, token_grid=token_grid, output=output)
     raise TypeError(f"cannot attribute a {type(model).__name__}: pass a Flax linen or NNX module or an "
                     "attrjax.models.SplitModel (FunctionalSplitModel wraps plain features/head functions)")
 
