@@ -85,3 +85,20 @@ def test_input_pipeline_benchmark_on_synthetic_and_voc_images(tmp_path, capsys):
     assert result["source"] == "voc2012 train" and all(rate > 0 for rate in result["images_per_s"].values())
     assert list(result["images_per_s"]) == [f"workers=1,threads={threads},{storage}" for threads in (1, 2)
                                             for storage in ("disk", "memory")]
+
+
+def test_transformer_benchmark(tmp_path, capsys):
+    from benchmarks import transformer
+
+    result = _run(transformer.main, ["--model", "tiny", "--rounds", "1", "--methods", "gradcam", "rollout"], tmp_path,
+                  capsys)  # AttnLRP and CP-LRP are timed in the single-map part either way
+    for name in ("forward", "saliency", "attnlrp", "cp_lrp"):
+        timing = result["single_map"][name]
+        assert min(timing["ms"], timing["compile_s"], timing["gflop"], timing["mb_accessed"]) > 0, name
+    for key in ("attnlrp_over_saliency", "cp_lrp_over_saliency", "saliency_over_forward", "attnlrp_over_forward"):
+        assert result[key] > 0, key
+    assert set(result["evaluation"]) == {"gradcam", "rollout"}
+    for method, timing in result["evaluation"].items():
+        assert timing["batched_ms"] > 0 and timing["pairs_per_s"] > 0 and timing["compile_s"] > 0, method
+    assert result["config"]["gradcam_layer"] == "block0" and result["config"]["tokens"] == 16
+    assert result["compiles_during_timing"] == 0 and result["all_finite"]
