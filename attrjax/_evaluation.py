@@ -68,9 +68,9 @@ def make_predict_fn(model) -> Callable:
     return jax.jit(lambda variables, images: logits_fn(model, variables)(images))
 
 
-def _all_class_maps(model, layer: str, method: str, options: dict | None, class_chunk: int = 8) -> Callable:
+def _all_class_maps(model, layer: str | None, method: str, options: dict | None, class_chunk: int = 8) -> Callable:
     """``(variables, images) -> (maps (B,K,h,w), logits (B,K))``: ``method``'s map of every class."""
-    check_method(method)
+    check_method(method, layer)
     return functools.partial(class_maps, model, method=method, layer=layer, class_chunk=class_chunk,
                              **(options or {}))
 
@@ -80,7 +80,7 @@ def evaluation_maps(raw_maps: jax.Array, image_size: int) -> jax.Array:
     return minmax_normalize(resize_maps(raw_maps, image_size))
 
 
-def make_attribution_fn(model, layer: str, method: str = "gradcam", method_options: dict | None = None, *,
+def make_attribution_fn(model, layer: str | None, method: str = "gradcam", method_options: dict | None = None, *,
                         class_chunk: int = 8) -> Callable:
     """``attribute(variables, images) -> (maps (B,K,S,S), logits (B,K))``, jitted.
 
@@ -196,7 +196,7 @@ class AttributionEvaluator:
 
     Args:
       model: anything ``attrjax.models.as_split_model`` takes.
-      layer: the layer Grad-CAM (and any layer-based method) attributes at.
+      layer: the layer Grad-CAM and EBP attribute at (required for them; the other methods need none).
       method: the attribution method's name (``attrjax.attribution.class_maps``).
       method_options: its keyword arguments.
       tolerance: the pointing game's tolerance in pixels.
@@ -208,7 +208,7 @@ class AttributionEvaluator:
         a multiple of their count.
     """
 
-    def __init__(self, model: ModelLike, *, layer: str, prediction_rule: str, method: str = "gradcam",
+    def __init__(self, model: ModelLike, *, prediction_rule: str, layer: str | None = None, method: str = "gradcam",
                  method_options: dict | None = None, tolerance: float = 0, faithfulness_steps: int = 0,
                  devices: Sequence[jax.Device] | None = None):
         if isinstance(faithfulness_steps, bool) or not isinstance(faithfulness_steps, int) or faithfulness_steps < 0:

@@ -418,7 +418,11 @@ class _Tracer:
         elif all(dep in self.statistics for dep in deps):
             self.statistics[out] = dataclasses.replace(self.statistics[deps[0]],
                                                        batch=any(self.statistics[d].batch for d in deps))
-        if name in _POINTWISE and all(eqn.invars[i].aval.shape == eqn.outvars[0].aval.shape for i in acts):
+        # A constant shift of a value that is not yet a pointwise function of another is a bias, the end of the
+        # layer before (fold_affine merges it there): the pointwise functions of its output start after it.
+        bias = name in ("add", "sub") and len(acts) == 1 and deps[0] not in self.pointwise
+        if (name in _POINTWISE and not bias
+                and all(eqn.invars[i].aval.shape == eqn.outvars[0].aval.shape for i in acts)):
             sources = {self.source(dep)[0] for dep in deps}
             if len(sources) == 1 and not all(dep in self.statistics for dep in deps):
                 pieces = {i: self.source(ins[i])[1] for i in acts}

@@ -119,10 +119,18 @@ PAPER_METHODS = ("gradcam", "lrp", "rap", "ebp")
 """The four methods the original evaluation scores."""
 
 
-def check_method(method: str) -> None:
-    """Raises, naming the available methods, unless ``method`` is one of ``METHODS``."""
+LAYER_METHODS = ("gradcam", "ebp")
+"""The methods that read their maps at a layer (``layer=`` is required for them)."""
+
+
+def check_method(method: str, layer: str | None = "") -> None:
+    """Raises, naming the available methods, unless ``method`` is one of ``METHODS``; and, when ``layer`` is None,
+    unless the method needs no layer."""
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; available: {', '.join(METHODS)}")
+    if method in LAYER_METHODS and layer is None:
+        raise ValueError(f"method {method!r} reads its map at a layer; pass layer= (e.g. the last conv, or a "
+                         "transformer block)")
 
 
 def resolve_methods(spec: str) -> tuple[str, ...]:
@@ -149,14 +157,12 @@ def class_maps(model: ModelLike, variables: dict, images: jax.Array, method: str
       images: (B,S,S,3) normalised images.
       method: one of ``METHODS`` (see the module docstring).
       layer: where ``gradcam`` and ``ebp`` read their maps (required for them; the other methods attribute the
-        input).
+        input or, the rollouts, the patch grid).
       class_chunk: classes attributed together by the per-class methods (memory vs speed).
       **options: keyword arguments of the method's function (e.g. ``steps=16`` for integrated gradients,
         ``samples=8`` for SmoothGrad, ``composite="epsilon_plus"`` for LRP); Grad-CAM takes none.
     """
-    check_method(method)
-    if method in ("gradcam", "ebp") and layer is None:
-        raise ValueError(f"method {method!r} reads its map at a layer; pass layer= (e.g. the last conv)")
+    check_method(method, layer)
     if class_chunk < 1:
         raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
     if method == "gradcam":

@@ -1,0 +1,191 @@
+"""Attribution of transformers: AttnLRP / CP-LRP against a float64 NumPy reference, conservation, differentiability,
+attention rollout against hand computations, and every method on ViTs written in linen, NNX and plain-function
+idioms (tests/transformer_zoo.py)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attrjax.attribution import (UnsupportedOp, attention_rollout, class_maps, excitation_backprop, propagation_graph,
+                                 gradient_rollout, lrp, rap)
+from attrjax.models import as_split_model
+from tests import transformer_reference as reference
+from tests import transformer_zoo as zoo
+
+TARGET = jnp.array([0, 2])
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The bias-free plain-function ViT of the reference (mean pooling, no class token)."""
+    return zoo.make_plain_vit(jax.random.key(6))
+
+
+@pytest.mark.parametrize("composite, cp", [("attnlrp", False), ("cp_lrp", True)])
+def test_relevance_matches_the_numpy_reference(plain, composite, cp):
+    apply_fn, params, images = plain
+    maps = lrp(apply_fn, params, images, TARGET, composite=composite)
+    expected = reference.attnlrp_reference(params, np.asarray(images), np.asarray(TARGET), cp=cp)
+    chex.assert_shape(maps, images.shape[:3])
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(maps, expected, atol=1e-4 * scale)
+    # The reference is sharp: another softmax rule, or LayerNorm's scale not held, is far off the engine's maps.
+    for mutation in ({"softmax_rule": "gradient"}, {"hold_norm_scale": False}):
+        mutated = reference.attnlrp_reference(params, np.asarray(images), np.asarray(TARGET), cp=cp, **mutation)
+        if cp and "softmax_rule" in mutation:
+            continue  # under CP-LRP no relevance reaches the softmax
+        assert float(np.abs(np.asarray(maps) - mutated).max()) > 0.05 * scale, mutation
+
+
+def test_cp_lrp_conserves_the_target_logit_and_attnlrp_does_not(plain):
+    apply_fn, params, images = plain
+    logits = apply_fn(params, images)[jnp.arange(2), TARGET]
+    cp = lrp(apply_fn, params, images, TARGET, composite="cp_lrp").sum((1, 2))
+    np.testing.assert_allclose(cp, logits, rtol=1e-4)
+    # AttnLRP's softmax rule drops its bias term: its total differs, by what the reference's differs.
+    attn = lrp(apply_fn, params, images, TARGET, composite="attnlrp").sum((1, 2))
+    expected = reference.attnlrp_reference(params, np.asarray(images), np.asarray(TARGET)).sum((1, 2))
+    assert float(jnp.abs(attn - logits).max()) > 1e-2
+    np.testing.assert_allclose(attn, expected, rtol=1e-4)
+
+
+def test_attnlrp_maps_are_differentiable_in_the_parameters(plain):
+    """The gradient of a loss of AttnLRP maps (so they can be matched) along a random direction in parameter space,
+    against a central difference."""
+    apply_fn, params, images = plain
+    rng = np.random.default_rng(3)
+    fixed = jnp.asarray(rng.normal(0.0, 0.01, images.shape[:3]), jnp.float32)
+
+    def loss(p):
+        return jnp.sum((lrp(apply_fn, p, images, TARGET, composite="attnlrp") - fixed) ** 2)
+
+    direction = jax.tree.map(lambda p: jnp.asarray(rng.normal(0.0, 1.0, p.shape), jnp.float32) * jnp.std(p), params)
+    grad = jax.jit(jax.grad(loss))(params)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    h = 1e-2
+    shifted = [float(loss(jax.tree.map(lambda p, d, s=s: p + s * h * d, params, direction))) for s in (1.0, -1.0)]
+    numeric = (shifted[0] - shifted[1]) / (2 * h)
+    assert abs(analytic) > 1e-3
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
+
+def test_rollouts_match_the_reference(plain):
+    apply_fn, params, images = plain
+    attentions = [np.asarray(a) for a in zoo.plain_vit_attentions(params, images)]
+    np.testing.assert_allclose(attention_rollout(apply_fn, params, images),
+                               reference.rollout_reference(attentions, 0, (4, 4)), rtol=1e-5, atol=1e-7)
+    offsets = [jnp.zeros_like(a) for a in attentions]
+    weights = jax.nn.one_hot(TARGET, 3)
+    grads = jax.grad(lambda o: jnp.sum(weights * zoo.plain_vit_apply(params, images, attention_offsets=o)))(offsets)
+    np.testing.assert_allclose(gradient_rollout(apply_fn, params, images, TARGET),
+                               reference.grad_rollout_reference(attentions, [np.asarray(g) for g in grads], 0, (4, 4)),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_a_final_log_softmax_starts_relevance_at_the_logits(plain):
+    apply_fn, params, images = plain
+
+    def log_probabilities(p, x):
+        return jax.nn.log_softmax(apply_fn(p, x))
+
+    np.testing.assert_array_equal(lrp(log_probabilities, params, images, TARGET, composite="cp_lrp"),
+                                  lrp(apply_fn, params, images, TARGET, composite="cp_lrp"))
+
+
+@pytest.mark.parametrize("method", [excitation_backprop, rap])
+def test_methods_for_relu_networks_refuse_a_transformer(plain, method):
+    apply_fn, params, images = plain
+    with pytest.raises(UnsupportedOp, match="assume non-negative activations.*attnlrp"):
+        method(apply_fn, params, images, TARGET)
+
+
+ZOO = {
+    "big_vision (linen, tuple output)": lambda: (*zoo.make_bigvision_vit(jax.random.key(1)), {"output": 0}),
+    "hf (linen, dict output)": lambda: (*zoo.make_hf_vit(jax.random.key(2)), {"output": "logits"}),
+    "nnx": lambda: (*zoo.make_nnx_vit(jax.random.key(3)), {}),
+    "plain functions": lambda: (*zoo.make_plain_vit(jax.random.key(4), cls_token=True, biases=True, pool="tok"), {}),
+}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_method_runs_on_every_idiom(name):
+    model, variables, images, options = ZOO[name]()
+    split = as_split_model(model, images, **options)
+    logits = split.apply(variables, images)[0]
+    for method in ("attnlrp", "cp_lrp", "gradient_rollout", "rollout"):
+        maps, method_logits = class_maps(split, variables, images, method)
+        grid = (16, 16) if method.endswith("lrp") else (4, 4)
+        chex.assert_shape(maps, (2, 3, *grid))
+        chex.assert_tree_all_finite(maps)
+        np.testing.assert_allclose(method_logits, logits, rtol=1e-5, atol=1e-6)
+        assert float(jnp.abs(maps).max()) > 0, method
+
+
+def _conv_then(activation, use_bias=False):
+    """A conv -> ``activation`` -> mean -> dense classifier."""
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = activation(nn.Conv(4, (3, 3), use_bias=use_bias, name="conv")(x))
+            return nn.Dense(3, use_bias=False, name="head")(jnp.mean(x, axis=(1, 2)))
+
+    model = Model()
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    return model, model.init(jax.random.key(1), images), images
+
+
+@pytest.mark.parametrize("activation", [jax.nn.gelu, lambda x: jax.nn.gelu(x, approximate=False), jax.nn.silu,
+                                        lambda x: x * jax.nn.sigmoid(x)],
+                         ids=["gelu-tanh", "gelu-erf", "silu", "silu-by-hand"])
+def test_gated_activations_pass_relevance(activation):
+    model, variables, images = _conv_then(activation)
+    (node,) = [node for node in propagation_graph(model, variables, images).nodes if getattr(node, "composed", False)]
+    maps = lrp(model, variables, images, TARGET, composite="attnlrp")
+    logits = model.apply(variables, images)[jnp.arange(2), TARGET]
+    np.testing.assert_allclose(maps.sum((1, 2)), logits, rtol=1e-4)  # bias-free epsilon rules: conserved
+    # After a biased layer, the activation is still one unit, applied to the conv's output with its bias.
+    model, variables, images = _conv_then(activation, use_bias=True)
+    graph = propagation_graph(model, variables, images)
+    (node,) = [node for node in graph.nodes if getattr(node, "composed", False)]
+    (conv,) = [node for node in graph.affine_nodes if node.kind == "conv"]
+    assert node.input == conv.output and conv.bias is not None
+
+
+def _bias_free_attention_model(attention):
+    """Patch embedding, LayerNorm (no bias) or RMSNorm, one attention layer of ``attention``'s kind, mean pool."""
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (4, 4), strides=4, use_bias=False, name="embed")(x)
+            x = x.reshape(x.shape[0], -1, 8)
+            if attention == "flax":
+                y = nn.LayerNorm(use_bias=False, name="norm")(x)
+                x = x + nn.MultiHeadDotProductAttention(2, use_bias=False, name="attn")(y)
+            else:
+                y = nn.RMSNorm(name="norm")(x)
+                q, k, v = (nn.DenseGeneral((2, 4), use_bias=False, name=n)(y) for n in "qkv")
+                o = jax.nn.dot_product_attention(q, k, v)
+                x = x + nn.DenseGeneral(8, axis=(-2, -1), use_bias=False, name="out")(o)
+            return nn.Dense(3, use_bias=False, name="head")(jnp.mean(x, axis=1))
+
+    model = Model()
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    return model, model.init(jax.random.key(1), images), images
+
+
+@pytest.mark.parametrize("attention", ["flax", "jax.nn.dot_product_attention"])
+def test_cp_lrp_conserves_through_norms_and_attention_functions(attention):
+    model, variables, images = _bias_free_attention_model(attention)
+    graph = propagation_graph(model, variables, images)
+    kinds = [getattr(node, "kind", type(node).__name__) for node in graph.nodes]
+    assert {"norm", "softmax", "product"} <= set(kinds), kinds
+    logits = model.apply(variables, images)[jnp.arange(2), TARGET]
+    np.testing.assert_allclose(lrp(model, variables, images, TARGET, composite="cp_lrp").sum((1, 2)), logits,
+                               rtol=1e-4)
+    chex.assert_tree_all_finite(lrp(model, variables, images, TARGET, composite="attnlrp"))
