@@ -5,17 +5,32 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from tests import draws
-from attrjax.attribution import class_maps, grad_cam, weighted_collapse
+from attrjax.attribution import class_maps, weighted_collapse
 from attrjax.models import as_split_model
 from attrjax.models._layout import IMAGE_AXES, describe, traced_axes
 from attrjax.models._split import LinenSplitModel, NNXSplitModel, format_layers
 
 IMAGES = draws.normal(jax.random.key(0), (2, 8, 8, 3))  # 2 x 2 patches: a 4 x 4 grid of 16 patch tokens
 WIDTH, CLASSES = 8, 3
+
+
+def _random_like(abstract):
+    """Normal(0, 0.5) arrays shaped like the leaves of ``abstract``, from one flat draw: the models' own
+    initialisers draw each 4-D kernel separately, which XLA:CPU takes many seconds to compile."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    offsets = np.cumsum([0] + [leaf.size for leaf in leaves])
+    flat = 0.5 * np.asarray(draws.normal(jax.random.key(1), (int(offsets[-1]),)))
+    return treedef.unflatten([jnp.asarray(flat[start:stop].reshape(leaf.shape))
+                              for start, stop, leaf in zip(offsets, offsets[1:], leaves)])
+
+
+def _variables(split):
+    return _random_like(jax.eval_shape(split.init, jax.random.key(0), IMAGES))
 
 
 class Block(nn.Module):
@@ -56,7 +71,8 @@ class ViT(nn.Module):
 
 def _vit(prefix=1):
     model = ViT(prefix)
-    return model, LinenSplitModel(model, IMAGES[:1]), jax.jit(model.init)(jax.random.key(1), IMAGES)
+    split = LinenSplitModel(model, IMAGES[:1])
+    return model, split, _variables(split)
 
 
 def _patch_head(model, variables, prefix_tokens):
@@ -69,28 +85,32 @@ def _patch_head(model, variables, prefix_tokens):
 
 def test_grad_cam_at_a_token_layer_equals_a_hand_written_vjp_over_the_patch_tokens():
     model, split, variables = _vit()
-    cotangent = draws.normal(jax.random.key(3), (2, CLASSES))
-    perturbation = draws.normal(jax.random.key(4), (2, 4, 4, WIDTH))
     target = jnp.array([1, 2])
+    cotangents = jnp.stack([draws.normal(jax.random.key(3), (2, CLASSES)), jax.nn.one_hot(target, CLASSES)])
+    perturbation = draws.normal(jax.random.key(4), (2, 4, 4, WIDTH))
 
     @jax.jit  # (one compilation, not hundreds of eager ops)
     def split_and_hand_written(variables):
         lin = split.linearize(variables, IMAGES, "block0")
-        cam = weighted_collapse(lin.activations, jnp.sum(lin.vjp(jax.nn.one_hot(target, CLASSES)), axis=(1, 2)))
+        gradients = jax.vmap(lin.vjp)(cotangents)
+        cam = weighted_collapse(lin.activations, jnp.sum(gradients[1], axis=(1, 2)))
         perturbed = split.apply_perturbed(variables, IMAGES, {"block0": perturbation})[0]
         block0 = model.apply(variables, IMAGES, method=lambda m, x: m.block0(m.embed(x)))
-        patches = block0[:, 1:].reshape(2, 4, 4, WIDTH)
+        patches = block0[:, 1:].reshape(2, 4, 4, WIDTH)  # the class token held fixed
         head = _patch_head(model, variables, block0[:, :1])
         logits, vjp = jax.vjp(head, patches)
-        return ((lin.activations, lin.logits, lin.vjp(cotangent), cam, perturbed),
-                (patches, logits, vjp(cotangent)[0], grad_cam(head, patches, target), head(patches + perturbation)))
+        (hand_gradients,) = jax.vmap(vjp)(cotangents)
+        channel_weights = jnp.sum(hand_gradients[1], axis=(1, 2))
+        hand_cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", patches, channel_weights))
+        return ((lin.activations, lin.logits, gradients, cam, perturbed),
+                (patches, logits, hand_gradients, hand_cam, head(patches + perturbation)))
 
     from_split, by_hand = split_and_hand_written(variables)
     chex.assert_trees_all_close(from_split, by_hand, atol=1e-5)
     chex.assert_trees_all_close(from_split[3], by_hand[3], atol=1e-6)
     assert float(jnp.max(from_split[3])) > 1e-3
     chex.assert_equal(split.activation_shape(variables, IMAGES, "block0"), (2, 4, 4, WIDTH))
-    maps, _ = class_maps(model, variables, IMAGES, "gradcam", layer="block0")  # the evaluation's entry point
+    maps, _ = jax.jit(lambda v: class_maps(model, v, IMAGES, "gradcam", layer="block0"))(variables)  # (evaluation)
     chex.assert_trees_all_close(maps[jnp.arange(2), target], from_split[3], atol=1e-6)
 
 
@@ -137,7 +157,8 @@ def test_two_prefix_tokens_are_inferred():
 class NNXBlock(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.norm1 = nnx.LayerNorm(WIDTH, rngs=rngs)
-        self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=WIDTH, decode=False, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=WIDTH, decode=False, keep_rngs=False,
+                                                rngs=rngs)
         self.norm2 = nnx.LayerNorm(WIDTH, rngs=rngs)
         self.fc1, self.fc2 = nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs), nnx.Linear(2 * WIDTH, WIDTH, rngs=rngs)
 
@@ -166,7 +187,8 @@ class NNXViT(nnx.Module):
 
 
 def test_an_nnx_transformers_blocks_are_layers_and_linearise_like_a_hand_written_vjp():
-    module = NNXViT(nnx.Rngs(0))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: NNXViT(nnx.Rngs(0))))
+    module = nnx.merge(graphdef, _random_like(params))
     split = NNXSplitModel.from_module(module, IMAGES)
     assert {"blocks.0", "blocks.1", "blocks.0.attention.out"} <= set(split.layers)
     assert "per-head attention projections" in split.not_feature_maps["blocks.0.attention.query"]
@@ -220,7 +242,7 @@ def test_a_patchify_reshape_gives_a_grid_and_transposed_outputs_are_still_refuse
     with pytest.raises(ValueError, match=r"layer 'feature_major' outputs \(B, 8, 16\) with axes \(batch, channels, "
                                          r"tokens\(4x4\)\)"):
         split.check_layer("feature_major")
-    variables = jax.jit(split.init)(jax.random.key(1), IMAGES)
+    variables = _variables(split)
     lin = split.linearize(variables, IMAGES, "embed")
     chex.assert_shape(lin.vjp(jnp.ones((2, CLASSES))), (2, 4, 4, WIDTH))
 
@@ -301,7 +323,7 @@ class ExtrasViT(nn.Module):
 def test_a_block_that_returns_a_tuple_offers_its_token_sequence():
     split = LinenSplitModel(ExtrasViT(), IMAGES[:1], output=0)
     assert split.layers == ("patches", "block.fc", "block")
-    variables = jax.jit(split.init)(jax.random.key(1), IMAGES)
+    variables = _variables(split)
     lin = split.linearize(variables, IMAGES, "block")
     perturbation = draws.normal(jax.random.key(2), (2, 4, 4, WIDTH))
     logits, _ = split.apply_perturbed(variables, IMAGES, {"block": perturbation})
@@ -323,7 +345,7 @@ class DictOutput(nn.Module):
 
 def test_a_model_that_returns_more_than_logits_needs_an_output_selector():
     model = ExtrasViT()
-    variables = jax.jit(LinenSplitModel(model, IMAGES[:1], output=0).init)(jax.random.key(1), IMAGES)
+    variables = _variables(LinenSplitModel(model, IMAGES[:1], output=0))
     with pytest.raises(ValueError, match=r"ExtrasViT returns a tuple of 2 \(array \(B,3\), dict\), not logits "
                                          r"\(B,K\); pass output=0"):
         as_split_model(model, IMAGES).apply(variables, IMAGES)
@@ -336,6 +358,6 @@ def test_a_model_that_returns_more_than_logits_needs_an_output_selector():
     with pytest.raises(ValueError, match=r"pass output='logits'"):
         as_split_model(dict_model, IMAGES).layers
     split = as_split_model(dict_model, IMAGES, output="logits")
-    variables = jax.jit(split.init)(jax.random.key(1), IMAGES)
+    variables = _variables(split)
     chex.assert_trees_all_close(split.linearize(variables, IMAGES, "conv").logits,
                                 dict_model.apply(variables, IMAGES)["logits"], atol=1e-6)

@@ -27,10 +27,11 @@ def as_split_model(model: ModelLike, example_images: jax.Array, *, token_grid: t
     from the images, and ``output`` picks the logits (B,K) out of what a module returns when that is more than the
     logits (an index, a key or attribute name, or a function ``out -> logits``; see ``LinenSplitModel``)."""
     if isinstance(model, (SplitModel, VGG)):
-        given = [f"{name}=" for name, value in (("token_grid", token_grid), ("output", output)) if value is not None]
+        given = [f"{name}={value!r}" for name, value in (("token_grid", token_grid), ("output", output))
+                 if value is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} apply to a Flax linen or NNX module, not to a "
-                             f"{type(model).__name__}; build the split model with them instead")
+            raise ValueError(f"token_grid= and output= are for a Flax linen or NNX module; a {type(model).__name__} "
+                             f"takes neither (got {', '.join(given)}): build the split model with them instead")
         return model if isinstance(model, SplitModel) else vgg_split_model(model)
     if isinstance(model, nn.Module):
         return LinenSplitModel(model, example_images[:1], token_grid=token_grid, output=output)

@@ -4,10 +4,10 @@ axes, traced through its jaxpr.
 A feature map is an output whose axes are, in this order, the images' batch, height and width axes and a channel
 axis. A token sequence is an output whose axes are the batch, a tokens axis and a channel axis, the tokens being
 ``prefix`` tokens (class, distillation, register tokens) followed by an h x w grid of patch tokens, row-major; its
-tokens axis is labelled ``tokens(h x w)`` or ``tokens(prefix+h x w)``, e.g. ``tokens(1+4x4)``. Both are properties of
-how the output was computed, not of its shape (an NCHW transpose of an 8 x 8 map with 8 channels has the same shape),
-so they are read off the network's jaxpr: every value that depends on the images gets a label per axis, starting
-from the images (batch, height, width, channels), and each primitive says what its output axes are:
+tokens axis is labelled ``tokens(4x4)`` (a 4 x 4 grid), or ``tokens(1+4x4)`` after one prefix token. Both are
+properties of how the output was computed, not of its shape (an NCHW transpose of an 8 x 8 map with 8 channels has
+the same shape), so they are read off the network's jaxpr: every value that depends on the images gets a label per
+axis, starting from the images (batch, height, width, channels), and each primitive says what its output axes are:
 
 - elementwise primitives keep their operands' axes (an operand broadcast along an axis leaves it as it is);
 - a convolution keeps the batch and the spatial axes it slides over, and its output feature axis is channels when
@@ -24,7 +24,8 @@ from the images (batch, height, width, channels), and each primitive says what i
   height and width, and mixes anything else; concatenating image-independent tokens (a class token) before a tokens
   axis adds them to its prefix, and a slice keeps a tokens axis when it keeps the whole grid; calls (``jit``,
   ``custom_jvp``) are traced into;
-- any other primitive mixes all its output axes, so an output is never taken for a map without a reason.
+- any other primitive mixes all its output axes, so an output is never taken for a map or a token sequence without
+  a reason.
 
 Values that do not depend on the images (parameters, constants, random draws) have no labels.
 """
@@ -79,7 +80,7 @@ def is_feature_map(axes: Axes) -> bool:
 
 
 class TokenGrid(NamedTuple):
-    """The layout of a tokens axis: ``prefix`` tokens, then an ``height`` x ``width`` grid of patch tokens,
+    """The layout of a tokens axis: ``prefix`` tokens, then a ``height`` x ``width`` grid of patch tokens,
     row-major."""
 
     prefix: int
@@ -259,8 +260,8 @@ def _is_patch_grid(axes: tuple[str, ...]) -> bool:
     height and width (``height[0/2]``, ``width[0/2]``: the patch grid of a patchify reshape) in this order."""
     if axes == SPATIAL:
         return True
-    pieces = [re.fullmatch(rf"{side}\[0/(\d+)\]", label) for side, label in zip(SPATIAL, axes)]
-    return len(axes) == 2 and all(pieces) and pieces[0][1] == pieces[1][1]
+    counts = [match[1] for side, label in zip(SPATIAL, axes) if (match := re.fullmatch(rf"{side}\[0/(\d+)\]", label))]
+    return len(axes) == len(counts) == 2 and counts[0] == counts[1]
 
 
 def _region(axes: tuple[str, ...], starts: Sequence[int], limits: Sequence[int]) -> tuple[str, ...]:

@@ -201,12 +201,13 @@ def _describe_value(value, depth: int = 0) -> str:
         return (f"a {type(value).__name__} of {len(value)} "
                 f"({', '.join(_describe_value(item, 1) for item in value)})")
     if isinstance(value, Mapping):
-        return (f"a {type(value).__name__} "
-                f"{{{', '.join(f'{key!r}: {_describe_value(item, 1)}' for key, item in value.items())}}}")
-    fields = {name: item for name, item in vars(value).items() if not name.startswith("_")} if hasattr(
-        value, "__dict__") else {}
-    return (f"a {type(value).__name__} with "
-            f"{', '.join(f'{name}={_describe_value(item, 1)}' for name, item in fields.items()) or 'no fields'}")
+        items = dict(value)
+    elif dataclasses.is_dataclass(value):
+        items = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+    else:
+        return f"a {type(value).__name__}"
+    fields = ", ".join(f"{key!r}: {_describe_value(item, 1)}" for key, item in items.items())
+    return f"a {type(value).__name__} {{{fields}}}"
 
 
 def _is_logits(value) -> bool:
@@ -215,6 +216,7 @@ def _is_logits(value) -> bool:
 
 def _suggested_output(out) -> str:
     """``output=0``, ``output='logits'``: a selector that would pick the logits out of ``out``, for the error."""
+    found: list[int | str]
     if isinstance(out, (tuple, list)):
         found = [index for index, item in enumerate(out) if _is_logits(item)]
     elif isinstance(out, Mapping):
@@ -224,7 +226,7 @@ def _suggested_output(out) -> str:
     return f"output={found[0]!r}" if found else "output="
 
 
-def select_logits(out, output: OutputSelector | None, model_name: str) -> jax.Array:
+def _select_logits(out, output: OutputSelector | None, model_name: str) -> jax.Array:
     """The logits (B,K) among what a model returned: ``out`` itself when ``output`` is None, else ``out[output]``
     (an index or key), ``getattr(out, output)`` (an attribute name) or ``output(out)``. Raises ValueError, showing
     what the model returned, when ``out`` is not an array and no ``output`` is given, or when the selected output is
@@ -236,8 +238,12 @@ def select_logits(out, output: OutputSelector | None, model_name: str) -> jax.Ar
                          f"{_suggested_output(out)} to pick them: an index, a key or attribute name, or a function "
                          "out -> logits")
     try:
-        logits = (output(out) if callable(output) else out[output] if isinstance(out, (tuple, list, Mapping))
-                  else getattr(out, output))
+        if callable(output):
+            logits = output(out)
+        elif isinstance(out, (tuple, list, Mapping)):
+            logits = out[output]  # type: ignore[index]  # (an index or key: what the container takes)
+        else:
+            logits = getattr(out, str(output))
     except (IndexError, KeyError, AttributeError, TypeError) as error:
         raise ValueError(f"output={output!r} does not pick anything out of what {model_name} returns, "
                          f"{_describe_value(out)}: {error!r}") from error
@@ -250,7 +256,7 @@ def select_logits(out, output: OutputSelector | None, model_name: str) -> jax.Ar
 def _check_adapter_options(token_grid, output) -> None:
     """Raises ValueError unless ``token_grid`` is None or two positive ints and ``output`` an ``OutputSelector`` or
     None."""
-    if token_grid is not None and not (len(tuple(token_grid)) == 2 and all(
+    if token_grid is not None and not (isinstance(token_grid, (tuple, list)) and len(token_grid) == 2 and all(
             isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0 for size in token_grid)):
         raise ValueError(f"token_grid must be (h, w), the patch grid's height and width in tokens, got {token_grid!r}")
     if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str)) and not callable(output)):
@@ -593,7 +599,7 @@ class LinenSplitModel(_TracedLayersModel):
         mutable = list(self.state_collections) if train else False
         out = self.module.apply(variables, images, rngs=rngs, mutable=mutable, **self._mode(train))
         out, state = out if train else (out, {})
-        return select_logits(out, self.output, type(self.module).__name__), state
+        return _select_logits(out, self.output, type(self.module).__name__), state
 
     def _trace_layers(self, images):
         calls: list[tuple[str, list]] = []
@@ -802,7 +808,7 @@ class NNXSplitModel(_TracedLayersModel):
         observe, outputs = self._observed(tuple(perturbations), perturbations)
         with (_calls_observed([submodules[layer] for layer in perturbations],
                               lambda module, out: observe(names[id(module)], out)), _calls_named(model)):
-            logits = select_logits(model(images), self.output, type(model).__name__)
+            logits = _select_logits(model(images), self.output, type(model).__name__)
         state = {"batch_stats": nnx.state(model, nnx.BatchStat)} if train else {}
         return logits, _single_outputs(outputs), state
 
@@ -820,7 +826,7 @@ class NNXSplitModel(_TracedLayersModel):
                 return out
 
             with _calls_observed([module for path, module in model.iter_modules() if path], record):
-                select_logits(model(images), self.output, type(model).__name__)
+                _select_logits(model(images), self.output, type(model).__name__)
             return [array for _, candidates in calls for _, array in candidates]
 
         return _layers_of(forward, images, self.initial_variables, calls, self.token_grid)
