@@ -465,16 +465,17 @@ def _layout_of(what: str, shape: tuple[int, ...], axes: Axes, declared: tuple[in
                          "token after the grid, an op it does not follow). If its last h*w tokens are an h x w grid of "
                          "patch tokens, row-major, declare it: token_grid=(h, w) (the tokens before them are prefix "
                          "tokens)")
-    has_tokens = axes is not None and any(tokens_axis_grid(label) for label in axes)
-    raise _NotALayer(
-        f"{header}: its axes, traced from the images through the network, are neither the images' batch, height and "
-        "width with channels last nor the batch, the patch tokens and channels, so a map of it would be read along the "
-        + ("wrong axes. It has a tokens axis: per-head attention projections (B,T,heads,head_dim) and attention "
-           "scores (B,heads,T,T) are not token sequences; split at the attention's output projection or at a "
-           "block's output" if has_tokens else
-           "wrong axes. Split at a layer that keeps the images' layout (a convolution, or a normalisation or "
-           "activation after one) or at a transformer block's output; transpose a channels-first output to "
-           "channels-last in the model; per-head attention projections and attention scores are neither"))
+    if axes is not None and any(tokens_axis_grid(label) for label in axes):
+        hint = ("It has a tokens axis: per-head attention projections (B,T,heads,head_dim) and attention scores "
+                "(B,heads,T,T) are not token sequences; split at the attention's output projection or at a block's "
+                "output")
+    else:
+        hint = ("Split at a layer that keeps the images' layout (a convolution, or a normalisation or activation "
+                "after one) or at a transformer block's output; transpose a channels-first output to channels-last "
+                "in the model; per-head attention projections and attention scores are neither")
+    raise _NotALayer(f"{header}: its axes, traced from the images through the network, are neither the images' "
+                     "batch, height and width with channels last nor the batch, the patch tokens and channels, so a "
+                     f"map of it would be read along the wrong axes. {hint}")
 
 
 def _call_view(name: str, candidates: list[tuple[int | None, tuple[int, ...], Axes]],
@@ -525,6 +526,7 @@ def _layers_of(forward: Callable, images: jax.Array, variables: Variables,
 
 
 def _description(outcome: _LayerView | LayerDescription) -> LayerDescription:
+    """A layer's row of ``describe_layers`` from its view (a refusal is its own row)."""
     if isinstance(outcome, LayerDescription):
         return outcome
     name, _, tokens, shape = outcome
@@ -532,6 +534,7 @@ def _description(outcome: _LayerView | LayerDescription) -> LayerDescription:
         return LayerDescription(name, "map", shape, shape, 0, None, "")
     prefix, height, width = tokens
     return LayerDescription(name, "tokens", shape, (shape[0], height, width, shape[-1]), prefix, (height, width), "")
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinenSplitModel(_TracedLayersModel):
