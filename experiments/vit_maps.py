@@ -1,0 +1,251 @@
+"""Train a small Vision Transformer on the synthetic shapes and score every transformer attribution method on it:
+sample mAP on the val split, pointing game and mask AUC per method on the localisation split, and a figure of the
+maps (images x methods).
+
+    python -m experiments.vit_maps --workdir runs/vit_maps [--steps N] [--images N] [--evidence docs/evidence/vit_maps]
+        [--figure docs/vit_methods.png]
+
+The data, batches, task loss, optimizer and evaluators are the demo's (``experiments.configs.quick``); only the
+model (``attrjax.models.vit_small``), its schedule and the methods differ. Nothing is checkpointed: a rerun trains
+again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from attrjax import data as attr_data  # noqa: E402
+from attrjax._evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
+from attrjax._files import write_json  # noqa: E402
+from attrjax.attribution import UnsupportedOp  # noqa: E402
+from attrjax.models import vit_small  # noqa: E402
+from attrjax.training import RunOptions, make_optimizer, optimizer_schedule, train  # noqa: E402
+from benchmarks.common import environment, matmul_peak_gflops  # noqa: E402
+from experiments import datasets, models, runs  # noqa: E402
+from experiments.configs import quick  # noqa: E402
+from experiments.evaluate import first_images  # noqa: E402
+
+RUN_NAME = "vit_small"
+DEFAULT_STEPS = 1000
+DEFAULT_IMAGES = 200
+FIGURE_IMAGES = 4
+# Column name -> (method, layer). Grad-CAM reads a block's tokens as an 8x8 map; the other methods attribute the
+# input or the patch grid and ignore the layer, which the evaluator still asks for.
+METHODS = {
+    "gradcam@block3": ("gradcam", "block3"),
+    "gradcam@block2": ("gradcam", "block2"),
+    "attnlrp": ("attnlrp", "block3"),
+    "cp_lrp": ("cp_lrp", "block3"),
+    "rollout": ("rollout", "block3"),
+    "gradient_rollout": ("gradient_rollout", "block3"),
+    "saliency": ("saliency", "block3"),
+    "integrated_gradients": ("integrated_gradients", "block3"),
+}
+# AdamW with linear warm-up and cosine decay; ViTs trained from scratch want the warm-up and a stronger weight decay
+# than the CNN teacher's, and clipping keeps the first steps of attention from blowing up.
+OPTIMIZER = dict(name="adamw", learning_rate=1e-3, weight_decay=0.05, schedule="cosine", warmup_steps=100)
+CLIP_NORM = 1.0
+
+
+def vit_config(steps: int, images: int):
+    """The demo's quick preset (data, batches, evaluation batch size) with this run's steps, optimizer and number
+    of localisation images; the evaluation batch never exceeds the images, so a tiny run computes no padding."""
+    config = quick.get_config()
+    config.vit = dict(num_steps=steps, optimizer=dict(OPTIMIZER, warmup_steps=min(OPTIMIZER["warmup_steps"], steps)),
+                      clip_norm=CLIP_NORM)
+    config.eval.localization_images = images
+    config.eval.batch_size = min(config.eval.batch_size, images)
+    config.eval.figure_images = min(FIGURE_IMAGES, images)
+    return config
+
+
+def optimizer(config) -> optax.GradientTransformation:
+    """Global-norm clipping, then the demo's optimizer factory (AdamW, warm-up + cosine) over ``num_steps``."""
+    return optax.chain(optax.clip_by_global_norm(config.vit.clip_norm),
+                       make_optimizer(config.vit.optimizer, config.vit.num_steps))
+
+
+def train_vit(config, train_split) -> tuple[object, dict, float]:
+    """Trains ``vit_small`` on the task loss from a fresh initialisation; returns (model, variables, seconds)."""
+    model = vit_small(config.data.num_classes)
+    init_key, step_key = runs.run_keys(RUN_NAME, config)
+    variables = model.init(init_key, models.example_images(config))
+    batches = functools.partial(datasets.train_batches, train_split, config)
+    options = RunOptions(log_every=max(1, min(config.log_every, config.vit.num_steps)), name=RUN_NAME,
+                         learning_rate=optimizer_schedule(config.vit.optimizer, config.vit.num_steps))
+    started = time.perf_counter()
+    state, _ = train(model, variables, optimizer(config), models.make_objective(config), batches,
+                     config.vit.num_steps, rng=step_key, run=options)
+    return model, jax.device_get(state.variables), time.perf_counter() - started
+
+
+def prediction_rule(config) -> str:
+    """Which (image, class) pairs count: the predicted ones, by the label kind's rule."""
+    return "top1" if config.data.labels == "single" else "positive_logit"
+
+
+def score_method(model, variables, arrays: dict, method: str, layer: str, config) -> tuple[dict, dict]:
+    """One method's localisation summary (plus ``eval_s``) and its first figure images' maps; a method whose rules
+    the model's ops refuse is recorded with its ``error`` instead of stopping the other methods."""
+    started = time.perf_counter()
+    evaluator = AttributionEvaluator(model, layer=layer, method=method, prediction_rule=prediction_rule(config),
+                                     method_options=config.eval.method_options.get(method),
+                                     tolerance=config.eval.tolerance)
+    try:
+        summary, examples = evaluator.evaluate(variables, datasets.eval_batches(arrays, config),
+                                               keep_maps=config.eval.figure_images)
+    except UnsupportedOp as error:
+        return {"error": f"{type(error).__name__}: {error}"}, {}
+    return {**summary, "eval_s": time.perf_counter() - started}, examples
+
+
+def score_methods(model, variables, arrays: dict, config) -> tuple[dict, dict]:
+    """``{column: summary}`` and ``{column: examples}`` over ``METHODS``, with a line per method as it finishes."""
+    summaries, examples = {}, {}
+    for column, (method, layer) in METHODS.items():
+        summaries[column], examples[column] = score_method(model, variables, arrays, method, layer, config)
+        summary = summaries[column]
+        print(f"[{column}] " + (summary["error"][:200] if "error" in summary else
+                                f"pointing {summary['pointing_accuracy']:.3f}, mask AUC {summary['mean_auc']:.3f} "
+                                f"({summary['num_counted']} pairs, {summary['eval_s']:.1f} s)"))
+    return summaries, examples
+
+
+def figure_classes(examples: dict, num_classes: int) -> np.ndarray:
+    """Per figure row, the class present in the image's mask that the model scores highest."""
+    present = attr_data.present_classes(examples["mask"], num_classes)
+    return np.argmax(np.where(present, examples["logits"], -np.inf), axis=-1)
+
+
+def method_figure(examples: dict, path: str, config, class_names) -> None:
+    """Saves images (rows) x methods (columns): each method's upsampled, min-max normalised map of the row's class
+    over the image, the class's mask outlined and the map's maximum circled (white inside the mask, red outside).
+
+    ``experiments.figures.attribution_grid`` draws the same cells but titles its figure as Grad-CAM of several
+    models; here the columns are methods of one model."""
+    drawn = {column: kept for column, kept in examples.items() if kept}
+    first = next(iter(drawn.values()))
+    classes = figure_classes(first, config.data.num_classes)
+    norm = datasets.normalization(config)
+    display = np.clip(first["image"] * np.asarray(norm.std) + np.asarray(norm.mean), 0.0, 1.0)
+    rows, cols = len(display), 1 + len(drawn)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows), squeeze=False, layout="constrained")
+    for n in range(rows):
+        target = first["mask"][n] == classes[n] + 1
+        axes[n, 0].imshow(display[n])
+        axes[n, 0].set_title(class_names[classes[n]], fontsize=8)
+        for col, (column, kept) in enumerate(drawn.items(), start=1):
+            heat = kept["maps"][n, classes[n]]
+            row, x = np.unravel_index(np.argmax(heat), heat.shape)
+            axes[n, col].imshow(display[n])
+            axes[n, col].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            axes[n, col].plot(x, row, marker="o", markersize=7, markerfacecolor="none",
+                              markeredgecolor="white" if target[row, x] else "red", markeredgewidth=2)
+            if n == 0:
+                axes[n, col].set_title(column, fontsize=8)
+        for ax in axes[n]:
+            ax.contour(target, levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("ViT-small on the synthetic shapes: white line = object mask, circle = map maximum "
+                 "(white inside, red outside)", fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    """The facts a timing needs beside it: CPU, cores, the backend and its fp32 matmul peak (measured now)."""
+    return {**environment(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "matmul_gflops": round(matmul_peak_gflops(), 1)}
+
+
+def markdown(result: dict) -> str:
+    """The evidence as Markdown: classification, training, the per-method table and how it was produced."""
+    lines = [
+        "# ViT-small on the synthetic shapes: attribution methods", "",
+        f"Command: `{result['command']}`", "",
+        f"Model: `attrjax.models.vit_small` ({result['params']:,} parameters), trained {result['steps']} steps "
+        f"(batch {result['batch_size']}, AdamW, warm-up + cosine, clipping at {CLIP_NORM}) in "
+        f"{result['train_s']:.0f} s.", "",
+        f"Val split ({result['classification']['num_images']} images): sample mAP "
+        f"{result['classification']['sample_map']:.3f}, class mAP {result['classification']['class_map']:.3f}, "
+        f"F1 {result['classification']['f1']:.3f}.", "",
+        f"Localisation split: the first {result['localization_images']} images; pointing and mask AUC over the "
+        "(image, class) pairs whose class is in the mask and predicted (logit > 0); `pairs` counts them, so a "
+        "weak model that predicts few classes is scored on few pairs. A failed method is left out of the figure "
+        "(`docs/vit_methods.png`) and its error is in results.json.", "",
+        "| method | pointing acc. | mask AUC | pairs | eval s |", "|---|---|---|---|---|"]
+    for column, summary in result["methods"].items():
+        if "error" in summary:
+            lines.append(f"| {column} | failed: {summary['error'].split(';')[0]} | | | |")
+        else:
+            lines.append(f"| {column} | {summary['pointing_accuracy']:.3f} | {summary['mean_auc']:.3f} | "
+                         f"{summary['num_counted']} | {summary['eval_s']:.1f} |")
+    facts = ", ".join(f"{key} {value}" for key, value in result["machine"].items())
+    lines += ["", f"Machine: {facts}. Other processes shared the CPU, so the seconds are indicative.", ""]
+    return "\n".join(lines)
+
+
+def write_evidence(result: dict, directory: str) -> None:
+    """results.json and results.md in ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    write_json(os.path.join(directory, "results.json"), result)
+    with open(os.path.join(directory, "results.md"), "w") as f:
+        f.write(markdown(result))
+
+
+def run(config, workdir: str, evidence: str, figure: str) -> dict:
+    """Loads the data, trains, evaluates every method, and writes the evidence and the figure; returns the
+    evidence's dict. ``config``: ``vit_config``'s."""
+    steps, images = config.vit.num_steps, config.eval.localization_images
+    splits = datasets.load_splits(config, workdir)
+    model, variables, train_s = train_vit(config, splits["train"])
+    classification = dict(ClassificationEvaluator(model).run(variables, datasets.eval_batches(splits["val"], config)))
+    print(f"[{RUN_NAME}] val sample mAP {classification['sample_map']:.3f} after {steps} steps ({train_s:.0f} s)")
+    localization = first_images(splits["localization"], images)
+    summaries, examples = score_methods(model, variables, localization, config)
+    result = {"command": " ".join(["python -m experiments.vit_maps", *sys.argv[1:]]), "steps": steps,
+              "batch_size": config.data.batch_size, "params": int(sum(leaf.size for leaf in
+                                                                      jax.tree.leaves(variables["params"]))),
+              "optimizer": config.vit.to_dict(), "train_s": train_s, "classification": classification,
+              "localization_images": len(localization["image"]), "methods": summaries, "machine": machine()}
+    write_evidence(result, evidence)
+    method_figure(examples, figure, config, datasets.class_names(config, workdir))
+    print(f"wrote {evidence}/results.json, results.md and {figure}")
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="where the synthetic dataset is built (or found)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="localisation images to score")
+    parser.add_argument("--evidence", default="docs/evidence/vit_maps", help="where results.json/.md go")
+    parser.add_argument("--figure", default="docs/vit_methods.png", help="the images x methods figure")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # As the demo does: identical programs (every evaluator's scoring, reruns) compile once.
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    run(vit_config(args.steps, args.images), args.workdir, args.evidence, args.figure)
+
+
+if __name__ == "__main__":
+    main()
