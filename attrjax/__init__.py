@@ -28,9 +28,10 @@ _deprecation.install()
 
 from attrjax.attribution import (COMPOSITES, METHODS, AlphaBeta, Composite, ConstantAttention,  # noqa: E402
                                  Epsilon, Flat, Gamma, SumRule, UniformProduct, UnsupportedOp, WinningProbability,
-                                 WSquare, ZBox, attention_rollout, class_maps, excitation_backprop, gradient_rollout, grad_cam, grad_cam_all_classes, guided_backprop,
-                                 input_x_gradient, integrated_gradients, lrp, minmax_normalize, rap, resize_maps,
-                                 saliency, smooth_grad, top1_target)
+                                 WSquare, ZBox, attention_rollout, class_maps, excitation_backprop, gradient_rollout,
+                                 grad_cam, grad_cam_all_classes, guided_backprop, input_x_gradient,
+                                 integrated_gradients, lrp, minmax_normalize, rap, resize_maps, saliency, smooth_grad,
+                                 top1_target)
 from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
 from attrjax.models import (FunctionalSplitModel, LinenSplitModel, ModelLike, NNXSplitModel,  # noqa: E402
                             SplitModel, as_split_model, logits_fn)

@@ -342,11 +342,16 @@ class DeterministicKeywordCNN(nn.Module):
         return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
 
 
-def test_an_inverted_mode_keyword_is_not_offered_as_the_train_argument():
-    # deterministic=True is eval mode: passing it as train_argument would train in eval mode and evaluate in train
-    # mode, so the error asks for a wrapper instead.
-    with pytest.raises(ValueError, match=r"wrap the module .*'deterministic' is True in eval mode"):
+def test_an_inverted_mode_keyword_gets_the_opposite_of_train():
+    # deterministic=True is eval mode: the error names it, and as train_argument it gets `not train`.
+    with pytest.raises(ValueError, match=r"pass train_argument='deterministic'"):
         LinenSplitModel(DeterministicKeywordCNN(), IMAGES[:1])
+    split = LinenSplitModel(DeterministicKeywordCNN(), IMAGES[:1], train_argument="deterministic")
+    variables = split.init(jax.random.key(0), IMAGES)
+    evaluated = [split.apply(variables, IMAGES)[0] for _ in range(2)]
+    trained = [split.apply(variables, IMAGES, train=True, rng=jax.random.key(seed))[0] for seed in range(2)]
+    np.testing.assert_array_equal(evaluated[0], evaluated[1])  # eval mode: no dropout
+    assert float(jnp.abs(trained[0] - trained[1]).max()) > 1e-3  # train mode: dropout, a draw per rng
 
 
 class ChannelsFirst(nn.Module):
@@ -375,8 +380,8 @@ def test_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refused_
     split = LinenSplitModel(model, IMAGES[:1])
     chex.assert_equal(split.layers, ("conv",))
     variables = jax.eval_shape(split.init, jax.random.key(1), IMAGES)  # refused before anything is computed
-    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, mixed, mixed, "
-                                         r"mixed\), not a feature map \(batch, height, width, channels\)"):
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, tokens\(8x8\), "
+                                         r"mixed, mixed\), not a feature map \(batch, height, width, channels\)"):
         class_maps(model, variables, IMAGES, "gradcam", layer="query")
     with pytest.raises(ValueError, match=r"layer 'query_4d' outputs \(B, 8, 2, 3\) with axes \(batch, height, "
                                          r"mixed, mixed\)"):
@@ -408,7 +413,7 @@ def test_nnx_rank4_outputs_that_are_not_feature_maps_are_not_layers_and_are_refu
     split = NNXSplitModel.from_module(NNXTokenHeads(nnx.Rngs(0)), IMAGES)
     chex.assert_equal(split.layers, ("conv",))
     variables = split.init(None, IMAGES)
-    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, mixed"):
+    with pytest.raises(ValueError, match=r"layer 'query' outputs \(B, 64, 2, 3\) with axes \(batch, tokens"):
         class_maps(split, variables, IMAGES, "gradcam", layer="query")
     with pytest.raises(ValueError, match=r"layer 'nchw' outputs \(B, 8, 8, 8\) with axes \(batch, channels"):
         split.linearize(variables, IMAGES, "nchw")

@@ -30,10 +30,10 @@ and is evaluated on the spot; every equation that depends on the images becomes 
   raises ``UnsupportedOp`` naming the op and where it is: parts of the computation that relevance never reaches
   (the variance of a LayerNorm, whose scale is held constant) need no rule.
 
-A *statistic* is a value computed from a reduction (a mean, a variance, a maximum) and only from reductions; a
-``mul``/``div`` of a value by a statistic is a ``norm`` node (the statistic held constant), a ``sub`` of a statistic
-is a ``Sum``. A value that reduces over the batch axis is a batch statistic: it couples the images, and relevance
-through it is refused.
+A *statistic* of a value is computed from a reduction of it (its mean, variance or maximum, up to pointwise
+functions and centring); a ``mul``/``div`` of a value by a statistic of itself is a ``norm`` node (the statistic
+held constant), a ``sub`` is a ``Sum``. A statistic over the batch axis couples the images, and relevance through it
+is refused.
 
 Why the jaxpr and not layer interception: it sees every op, including those written with plain ``jnp`` between
 layers (a flatten, a mean, a residual ``+``, an attention einsum), with no model-specific code, for linen, NNX and
@@ -424,7 +424,7 @@ class _Tracer:
         if (name in _POINTWISE and not bias
                 and all(eqn.invars[i].aval.shape == eqn.outvars[0].aval.shape for i in acts)):
             sources = {self.source(dep)[0] for dep in deps}
-            if len(sources) == 1 and not all(dep in self.statistics for dep in deps):
+            if len(sources) == 1:
                 pieces = {i: self.source(ins[i])[1] for i in acts}
                 self.pointwise[out] = (sources.pop(), _composed(eqn, ins, pieces))
         node = self.producer[out]
@@ -464,6 +464,7 @@ class _Tracer:
             dims = params["dimension_numbers"]
             conv_axes = ((dims.out_spec[1], dims.rhs_spec[0]),)
             kernel = const[1]
+            assert kernel is not None  # acts == [0]: the kernel is a constant
 
             def conv(x, w, eqn=eqn):
                 return bind(eqn, [x, w])[0]
@@ -482,6 +483,7 @@ class _Tracer:
             offset = len(batch[0]) + (x_free if act == 0 else 0)
             dense_axes = tuple((offset + k, axis) for k, axis in enumerate(free))
             weight = const[weight_side]
+            assert weight is not None  # one input-dependent operand: the other is a constant
 
             def dense(x, w, eqn=eqn, act=act):
                 return bind(eqn, [x, w] if act == 0 else [w, x])[0]
@@ -519,30 +521,31 @@ class _Tracer:
     def combination(self, eqn, ins: list, stack: str) -> int:
         """``add``, ``sub``, ``mul``, ``div``, ``max`` or ``min`` of two input-dependent values."""
         name, (a, b) = eqn.primitive.name, ins
-        statistic = [value in self.statistics for value in ins]
-        batch = any(self.statistics[value].batch for value in ins if value in self.statistics)
+        held = [self.statistic_of(a, b), self.statistic_of(b, a)]  # each: a statistic of the other operand
+        batch = any(self.statistics[value].batch for value, is_held in zip(ins, held) if is_held)
         if name in ("max", "min"):
             if name == "max":
                 return self.add(lambda out: Transport((a, b), out, "", "max", lambda x, y, e=eqn: bind(e, [x, y])[0]),
                                 stack)
             return self.opaque(eqn, ins, [0, 1], stack, "it has no propagation rule")
-        if name == "mul" and not any(statistic) and self.self_gated(a, b):
+        if name == "mul" and not any(held) and self.self_gated(a, b):
             source = self.source(a)[0]
             fn = _composed(eqn, ins, {0: self.source(a)[1], 1: self.source(b)[1]})
             return self.add(lambda out: Activation(source, out, "", fn, composed=True), stack)
-        if batch and statistic[0] != statistic[1]:
+        if batch:
             return self.opaque(eqn, ins, [0, 1], stack, "it combines a value with statistics over the batch "
-                               "(train-mode BatchNorm?), which couples the images: propagate the eval-mode forward pass")
+                               "(train-mode BatchNorm?), which couples the images: propagate the eval-mode forward "
+                               "pass")
         if name in ("add", "add_any"):
             return self.add(lambda out: Sum((a, b), out, ""), stack)
         if name == "sub":
             return self.add(lambda out: Sum((a, b), out, "", (1.0, -1.0)), stack)
-        if name == "mul" and statistic[0] != statistic[1]:
-            value, scale = (b, a) if statistic[0] else (a, b)
+        if name == "mul" and any(held):
+            value, scale = (b, a) if held[0] else (a, b)
             return self.norm(eqn, value, scale, stack)
         if name == "mul":
             return self.product(eqn, ins, stack)
-        if statistic[1] and not statistic[0]:  # div by a statistic
+        if held[1]:  # div by a statistic of the numerator
             softmax = self.softmax_pattern(a, b)
             if softmax is not None:
                 return softmax(stack)
@@ -551,6 +554,31 @@ class _Tracer:
             self.statistics[reciprocal] = self.statistics[b]
             return self.norm(eqn, a, reciprocal, stack)
         return self.opaque(eqn, ins, [0, 1], stack, "it divides by an input-dependent value")
+
+    def base(self, value: int) -> int:
+        """The value ``value`` is computed from by pointwise functions, constant scales and shifts and centring
+        (``v - mean(v)``): the value whose statistics a normalisation of ``value`` takes."""
+        while True:
+            value = self.source(value)[0]
+            node = self.producer.get(value)
+            if isinstance(node, Affine) and node.kind == "elementwise":
+                value = node.input
+            elif (uncentred := self.uncentred(value)) != value:
+                value = uncentred
+            else:
+                return value
+
+    def uncentred(self, value: int) -> int:
+        """``v`` for ``value = v - s`` with ``s`` a statistic of ``v`` (its mean, its maximum), else ``value``."""
+        node = self.producer.get(value)
+        if isinstance(node, Sum) and node.signs == (1.0, -1.0) and self.statistic_of(node.inputs[1], node.inputs[0]):
+            return node.inputs[0]
+        return value
+
+    def statistic_of(self, statistic: int, value: int) -> bool:
+        """Whether ``statistic`` was reduced from ``value`` (up to pointwise functions and centring): LayerNorm's
+        mean and scale of its input, a softmax's sum of its exponentials, a gate computed from a pooled input."""
+        return statistic in self.statistics and self.base(self.statistics[statistic].root) == self.base(value)
 
     def norm(self, eqn, value: int, scale: int, stack: str) -> int:
         """``value * scale`` with ``scale`` a statistic, held constant at the current input."""
@@ -567,11 +595,7 @@ class _Tracer:
         statistic, exp = self.statistics[denominator], self.producer.get(numerator)
         if statistic.root != numerator or not (isinstance(exp, Opaque) and exp.primitive == "exp"):
             return None
-        (scores,) = exp.inputs
-        shifted = self.producer.get(scores)
-        if (isinstance(shifted, Sum) and shifted.signs == (1.0, -1.0) and shifted.inputs[1] in self.statistics
-                and self.statistics[shifted.inputs[1]].root == shifted.inputs[0]):
-            scores = shifted.inputs[0]
+        scores = self.uncentred(exp.inputs[0])
         axes = statistic.axes
 
         def make(stack: str) -> int:
@@ -718,9 +742,8 @@ def _unnormalised(tracer: _Tracer, output: int) -> int:
         node = tracer.producer.get(output)
         if isinstance(node, Softmax):
             output = node.input
-        elif (isinstance(node, Sum) and node.signs == (1.0, -1.0) and node.inputs[1] in tracer.statistics
-              and tracer.source(tracer.statistics[node.inputs[1]].root)[0] == node.inputs[0]):
-            output = node.inputs[0]
+        elif tracer.uncentred(output) != output:
+            output = tracer.uncentred(output)
         else:
             return output
 

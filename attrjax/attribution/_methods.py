@@ -9,7 +9,7 @@ with the paper's per-method conventions:
 | ``ebp`` | Excitation Backprop's marginal winning probability at ``layer``, clamped at 0 |
 | ``lrp`` | LRP alpha1-beta0, z^B at the input conv (each image's min/max as bounds), read at the input |
 | ``rap`` | RAP at the input, positive relevance only |
-| ``attnlrp`` | LRP with the ``"attnlrp"`` composite (transformers: LayerNorm held, softmax rule, uniform products), at the input |
+| ``attnlrp`` | LRP, ``"attnlrp"`` composite (LayerNorm held, softmax rule, uniform products), at the input |
 | ``cp_lrp`` | LRP with the ``"cp_lrp"`` composite (attention probabilities held constant), at the input |
 | ``rollout`` | attention rollout over the patch grid (transformers; the same map for every class) |
 | ``gradient_rollout`` | gradient-weighted attention rollout over the patch grid (transformers) |

@@ -5,9 +5,10 @@ No hooks and no second model definition: the model's eval-mode forward pass is t
 activations, max-pools, layout ops; for transformers LayerNorm with its scale held constant, softmax units and
 products of two input-dependent values), a composite assigns a rule to every affine layer (``attrjax.attribution``'s
 rules and ``Composite``), and ``propagate`` sends relevance back through the graph once, from the logits to
-the images or to a named layer (a token layer's relevance comes back as its (B,h,w,D) map). LRP, Excitation Backprop and RAP (``attrjax.attribution.rap``) are that one loop with
-different rules and start signals. Everything is batched over images, jit-able and differentiable with respect to
-the variables: ``jax.jit(functools.partial(lrp, model, composite="composite"))(variables, images, target)``.
+the images or to a named layer (a token layer's relevance comes back as its (B,h,w,D) map). LRP, Excitation
+Backprop and RAP (``attrjax.attribution.rap``) are that one loop with different rules and start signals. Everything
+is batched over images, jit-able and differentiable with respect to the variables:
+``jax.jit(functools.partial(lrp, model, composite="composite"))(variables, images, target)``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def propagate(graph: Graph, values: dict[int, jax.Array], relevance: jax.Array, 
     result = incoming.get(stop, jnp.zeros_like(values[stop]))
     if graph.point_layout is None:
         return result
+    assert graph.marker_shape is not None  # set with point_layout
     zeros = jnp.zeros(graph.marker_shape.shape, graph.marker_shape.dtype)
     return jax.vjp(graph.point_layout, zeros)[1](result)[0]
 

@@ -304,7 +304,7 @@ class ConstantAttention:
     def __call__(self, node: Product, xs: tuple[jax.Array, jax.Array], relevance: jax.Array) -> tuple:
         if node.probabilities is None:
             return UniformProduct(self.epsilon)(node, xs, relevance)
-        held, other = node.probabilities, 1 - node.probabilities
+        other = 1 - node.probabilities
 
         def linear(x):
             return node.fn(*((x, xs[1]) if other == 0 else (xs[0], x)))

@@ -49,7 +49,7 @@ from attrjax.models._layout import token_grid as tokens_axis_grid
 
 Variables = Mapping[str, Any]
 # Keywords that switch a linen module's training mode under another name than ``train`` (named in errors); the
-# inverted ones are True in eval mode, so they cannot serve as ``train_argument``.
+# inverted ones are True in eval mode: as ``train_argument`` they get ``not train``.
 _MODE_ARGUMENTS = ("training", "is_training", "train_mode")
 _INVERTED_MODE_ARGUMENTS = ("deterministic", "use_running_average")
 # What picks the logits (B,K) out of what a model returns: an index (tuple, list), a key (dict) or attribute name
@@ -557,6 +557,7 @@ class LinenSplitModel(_TracedLayersModel):
         3))``).
       train_argument: the keyword of ``module.__call__`` that switches training mode (``None``: the module has none;
         the default ``"train"`` also becomes ``None`` for a module whose ``__call__`` has no mode argument at all).
+        ``"deterministic"`` (HF's) and ``"use_running_average"`` are True in eval mode: they get ``not train``.
       state_collections: the mutable collections training updates (e.g. BatchNorm's ``batch_stats``).
       rng_collection: the rng collection dropout draws from.
       token_grid: ``(h, w)``, the patch grid of token sequences (B,T,D) whose grid cannot be traced from the images:
@@ -587,15 +588,16 @@ class LinenSplitModel(_TracedLayersModel):
         if self.train_argument == "train" and not mode_like and not inverted:
             object.__setattr__(self, "train_argument", None)  # a module without a training mode
             return
-        hint = (f"pass train_argument={mode_like[0]!r}" if mode_like else
-                f"wrap the module so that a keyword switches training mode ({inverted[0]!r} is True in eval mode)"
-                if inverted else "name the keyword that switches training mode")
+        hint = (f"pass train_argument={(mode_like or inverted)[0]!r}" if mode_like or inverted else
+                "name the keyword that switches training mode")
         raise ValueError(f"{type(self.module).__name__}.__call__ has no {self.train_argument!r} argument (its "
                          f"arguments: {', '.join(parameters)}); {hint}, or train_argument=None if it has no "
                          "training mode")
 
     def _mode(self, train: bool) -> dict:
-        return {} if self.train_argument is None else {self.train_argument: train}
+        if self.train_argument is None:
+            return {}
+        return {self.train_argument: not train if self.train_argument in _INVERTED_MODE_ARGUMENTS else train}
 
     def _call(self, variables, images, train, rng):
         rngs = {self.rng_collection: rng} if rng is not None else {}
