@@ -28,12 +28,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from attrjax import data as attr_data  # noqa: E402
-from attrjax._evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
+from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
 from attrjax._files import write_json  # noqa: E402
 from attrjax.attribution import UnsupportedOp  # noqa: E402
 from attrjax.models import vit_small  # noqa: E402
 from attrjax.training import RunOptions, make_optimizer, optimizer_schedule, train  # noqa: E402
-from benchmarks.common import environment, matmul_peak_gflops  # noqa: E402
 from experiments import datasets, models, runs  # noqa: E402
 from experiments.configs import quick  # noqa: E402
 from experiments.evaluate import first_images  # noqa: E402
@@ -168,9 +167,10 @@ def method_figure(examples: dict, path: str, config, class_names) -> None:
 
 
 def machine() -> dict:
-    """The facts a timing needs beside it: CPU, cores, the backend and its fp32 matmul peak (measured now)."""
-    return {**environment(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "matmul_gflops": round(matmul_peak_gflops(), 1)}
+    """The facts a timing needs beside it: CPU, cores, the backend and the versions."""
+    return {"backend": jax.default_backend(), "devices": jax.device_count(), "jax": jax.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
 
 
 def markdown(result: dict) -> str:

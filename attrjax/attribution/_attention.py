@@ -113,12 +113,14 @@ def attention_rollout(model: ModelLike, variables: Mapping, images: jax.Array, *
     """Attention rollout maps (B,h,w) of any transformer in eval mode (class-independent).
 
     Args:
-      model: anything ``attrjax.models.as_split_model`` takes; variables: its variables.
+      model: anything ``attrjax.models.as_split_model`` takes.
+      variables: its variables.
       images: (B,S,S,3) normalised images.
       residual: the share of each block's flow that the residual connection carries (``Ahat = (1 - residual) Abar
         + residual I``); 0.5 as published.
-      prefix_tokens, grid: the number of tokens before the patch grid and the grid (h, w); None: traced from the
-        images (a conv or reshape patch embedding, class tokens concatenated before the patches).
+      prefix_tokens: the number of tokens before the patch grid; None: traced from the images (class tokens
+        concatenated before a conv or reshape patch embedding), or all tokens but the grid's.
+      grid: the patch grid (h, w); None: traced from the images.
 
     Returns:
       (B,h,w) float32, each row of the rolled-out flow summing to 1 over all tokens.
@@ -143,10 +145,13 @@ def gradient_rollout(model: ModelLike, variables: Mapping, images: jax.Array, ta
     """Gradient-weighted attention rollout maps (B,h,w) of any transformer in eval mode.
 
     Args:
-      model, variables, images: as ``attention_rollout``.
+      model: anything ``attrjax.models.as_split_model`` takes.
+      variables: its variables.
+      images: (B,S,S,3) normalised images.
       target: (B,) int classes, (B,K) weights or a callable of the logits (``target_weights``); the gradients are
         those of ``sum_k t_k logit_k``.
-      prefix_tokens, grid: as ``attention_rollout``.
+      prefix_tokens: as ``attention_rollout``.
+      grid: as ``attention_rollout``.
 
     Returns:
       (B,h,w) float32, non-negative.

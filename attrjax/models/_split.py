@@ -52,9 +52,9 @@ Variables = Mapping[str, Any]
 # inverted ones are True in eval mode: as ``train_argument`` they get ``not train``.
 _MODE_ARGUMENTS = ("training", "is_training", "train_mode")
 _INVERTED_MODE_ARGUMENTS = ("deterministic", "use_running_average")
-# What picks the logits (B,K) out of what a model returns: an index (tuple, list), a key (dict) or attribute name
-# (an output dataclass), or a function ``out -> logits``.
 OutputSelector = Union[int, str, Callable[[Any], jax.Array]]
+"""What picks the logits (B,K) out of what a model returns: an index (tuple, list), a key (dict) or attribute name
+(an output dataclass), or a function ``out -> logits``."""
 _LAYER_RANKS = (3, 4, 5)  # submodule outputs checked for being a layer (and listed with a reason when not)
 
 

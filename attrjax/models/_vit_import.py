@@ -272,6 +272,7 @@ _LAYOUTS = {
                           pos="pos_embedding", cls="cls", torch_layout=False),
 }
 VIT_LAYOUTS = tuple(_LAYOUTS)
+"""The checkpoint layouts ``import_vit`` reads (``layout=``): timm, torchvision, Hugging Face and big_vision."""
 
 
 def detect_vit_layout(state_dict: Mapping[str, np.ndarray]) -> str:
