@@ -47,7 +47,7 @@ from qwix._src.utils import flax_util
 
 from attrjax._files import write_bytes, write_json
 from attrjax.models._adapters import as_split_model
-from attrjax.models._split import Linearization, SplitModel, Variables, check_images
+from attrjax.models._split import LayerDescription, Linearization, SplitModel, Variables, check_images
 from attrjax._paths import path_name
 from attrjax.pruning._counting import storage_bytes
 
@@ -242,6 +242,9 @@ class QuantizedModel(SplitModel):
     @property
     def not_feature_maps(self) -> Mapping[str, str]:
         return self._inner.not_feature_maps
+
+    def describe_layers(self, example_images: jax.Array) -> tuple[LayerDescription, ...]:
+        return self._inner.describe_layers(example_images)
 
     def init(self, rng, images):
         return {name: value for name, value in self._inner.init(rng, images).items() if name != QUANT_STATS}

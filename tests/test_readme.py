@@ -64,3 +64,14 @@ def test_readme_propagation_example_runs():
         chex.assert_shape(namespace[name], (4, 32, 32))
         chex.assert_tree_all_finite(namespace[name])
     chex.assert_shape(namespace["ebp"], (4, 16, 16))  # layer2_0's map
+
+
+def test_readme_vit_example_runs():
+    namespace = _run("vit", {})
+    chex.assert_shape(namespace["gradcam"], (8, 5, 4, 4))
+    for name in ("attnlrp", "cp_lrp"):
+        chex.assert_shape(namespace[name], (8, 32, 32))
+        chex.assert_tree_all_finite(namespace[name])
+    chex.assert_shape(namespace["rollout"], (8, 4, 4))
+    chex.assert_shape(namespace["rollouts"], (8, 5, 4, 4))
+    assert int(namespace["state"].step) == 4 and float(namespace["history"][-1]["matching_loss"]) > 0
