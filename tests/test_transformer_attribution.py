@@ -118,26 +118,30 @@ def test_methods_for_relu_networks_refuse_a_transformer(plain, method):
 def _nnx(model, state, images):
     """attrjax's variables of an NNX module: its params and BatchNorm statistics, as ``NNXSplitModel`` splits them."""
     del state
-    return model, as_split_model(model, images).initial_variables, images, {}
+    return model, as_split_model(model, images).initial_variables, images, {}, "encoder.layers.0"
 
 
-ZOO = {
-    "big_vision (linen, tuple output)": lambda: (*zoo.make_bigvision_vit(jax.random.key(1)), {"output": 0}),
-    "hf (linen, dict output)": lambda: (*zoo.make_hf_vit(jax.random.key(2)), {"output": "logits",
-                                                                               "train_argument": "deterministic"}),
+ZOO = {  # (model, variables, images, adapter options, a block)
+    "big_vision (linen, tuple output)": lambda: (*zoo.make_bigvision_vit(jax.random.key(1)), {"output": 0},
+                                                 "Transformer.encoderblock_0"),
+    "hf (linen, dict output)": lambda: (*zoo.make_hf_vit(jax.random.key(2)),
+                                        {"output": "logits", "train_argument": "deterministic"}, "vit.encoder.layer.0"),
     "nnx": lambda: _nnx(*zoo.make_nnx_vit(jax.random.key(3))),
-    "plain functions": lambda: (*zoo.make_plain_vit(jax.random.key(4), cls_token=True, biases=True, pool="tok"), {}),
+    "plain functions": lambda: (*zoo.make_plain_vit(jax.random.key(4), cls_token=True, biases=True, pool="tok"), {},
+                                None),
 }
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_every_method_runs_on_every_idiom(name):
-    model, variables, images, options = ZOO[name]()
+    """Every transformer method, and Grad-CAM at the first block, on ViTs written in four idioms, adapted by naming
+    a layer (and, for models that return more than logits, an output selector)."""
+    model, variables, images, options, block = ZOO[name]()
     split = (LinenSplitModel(model, images, **options) if "train_argument" in options
              else as_split_model(model, images, **options))
     logits = split.apply(variables, images)[0]
-    for method in ("attnlrp", "cp_lrp", "gradient_rollout", "rollout"):
-        maps, method_logits = class_maps(split, variables, images, method)
+    for method in ("attnlrp", "cp_lrp", "gradient_rollout", "rollout") + (("gradcam",) if block else ()):
+        maps, method_logits = class_maps(split, variables, images, method, layer=block)
         grid = (16, 16) if method.endswith("lrp") else (4, 4)
         chex.assert_shape(maps, (2, 3, *grid))
         chex.assert_tree_all_finite(maps)
