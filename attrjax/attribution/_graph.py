@@ -136,15 +136,13 @@ class Sum:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Activation:
-    """An elementwise nonlinearity; relevance passes through unchanged. ``composed``: a pointwise function of its
-    input built from several ops (GELU, SiLU), rather than one activation op."""
+class _Unary:
+    """``y = fn(x)`` of one input-dependent value."""
 
     input: int
     output: int
     name: str
     fn: Callable[[jax.Array], jax.Array]
-    composed: bool = False
 
     @property
     def inputs(self) -> tuple[int, ...]:
@@ -152,6 +150,14 @@ class Activation:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fn(x)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Activation(_Unary):
+    """An elementwise nonlinearity; relevance passes through unchanged. ``composed``: a pointwise function of its
+    input built from several ops (GELU, SiLU), rather than one activation op."""
+
+    composed: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,21 +191,10 @@ class Product:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Softmax:
+class Softmax(_Unary):
     """A softmax as one unit: ``fn`` maps its input (the scores) to its output (the probabilities)."""
 
-    input: int
-    output: int
-    name: str
-    fn: Callable[[jax.Array], jax.Array]
     kind: str = "softmax"
-
-    @property
-    def inputs(self) -> tuple[int, ...]:
-        return (self.input,)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fn(x)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
