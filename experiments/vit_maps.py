@@ -112,7 +112,8 @@ def train_vit(config, train_split) -> tuple[object, dict, float]:
     seconds)."""
     model = make_vit(config)
     init_key, step_key = runs.run_keys(RUN_NAME, config)
-    variables = model.init(init_key, models.example_images(config))
+    # Compiled: op by op, the initialisers' draws took seconds, most of a tiny run's time.
+    variables = jax.jit(model.init)(init_key, models.example_images(config))
     batches = functools.partial(datasets.train_batches, train_split, config)
     options = RunOptions(log_every=max(1, min(config.log_every, config.vit.num_steps)), name=RUN_NAME,
                          learning_rate=optimizer_schedule(config.vit.optimizer, config.vit.num_steps))
