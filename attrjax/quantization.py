@@ -42,12 +42,14 @@ import qwix
 from qwix._src import averaging
 from qwix._src.core import conv_general as qwix_conv
 from qwix._src.core import dot_general as qwix_dot
+from qwix._src.core import einsum as qwix_einsum
 from qwix._src.core import qarray
 from qwix._src.utils import flax_util
 
 from attrjax._files import write_bytes, write_json
 from attrjax.models._adapters import as_split_model
-from attrjax.models._split import LayerDescription, Linearization, SplitModel, Variables, check_images
+from attrjax.models._split import (LayerDescription, LinenSplitModel, Linearization, SplitModel, Variables,
+                                   check_images)
 from attrjax._paths import path_name
 from attrjax.pruning._counting import storage_bytes
 
@@ -147,9 +149,26 @@ class StraightThroughProvider(qwix.QtProvider):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
+    def einsum(self, einsum_str, *operands, precision=None, preferred_element_type=None,
+               _dot_general=jax.lax.dot_general, out_sharding=None):
+        """Both operands of a two-operand einsum quantized in the einsum's own layout and under its own name
+        (``einsum0``), as qwix's PTQ quantizes them (weights and activations alike: a dense kernel, attention's
+        ``Q Kᵀ`` and ``A V``), then the einsum of the quantized values. Quantizing before ``jnp.einsum`` rather than
+        inside it matters: ``jnp.einsum`` is a jitted function whose trace JAX caches, so an interception inside it
+        would act on its first trace only."""
+        rule, op_id = self._get_current_rule_and_op_id("einsum")
+        if rule is not None and rule.weight_qtype is not None and len(operands) == 2:
+            lhs, rhs = operands
+            how = functools.partial(qwix_einsum.get_how_to_quantize, einsum_str=einsum_str,
+                                    ndims=(lhs.ndim, rhs.ndim), tile_size=None)
+            operands = (self._operand(lhs, rule, op_id, "lhs", functools.partial(how, for_lhs=True)),
+                        self._operand(rhs, rule, op_id, "rhs", functools.partial(how, for_lhs=False)))
+        return jnp.einsum(einsum_str, *operands, precision=precision, preferred_element_type=preferred_element_type,
+                          _dot_general=_dot_general, out_sharding=out_sharding)
+
     def get_intercept_map(self):
         intercept_map = super().get_intercept_map()
-        del intercept_map["jax.numpy.einsum"], intercept_map["jax.lax.ragged_dot"]  # einsum lowers to dot_general
+        del intercept_map["jax.lax.ragged_dot"]
         return intercept_map
 
 
@@ -276,7 +295,8 @@ def _check_calibration_batch(batch: jax.Array, index: int) -> None:
 def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array],
               quantization: Quantization = Quantization()) -> QuantizedModel:
     """The quantized ``model`` with activation ranges calibrated on ``images`` (an iterable of (B,S,S,3) batches,
-    e.g. training images), run through the float weights in eval mode.
+    e.g. training images), run through the float weights in eval mode (``train=False`` for a module whose
+    ``__call__`` has a ``train`` keyword, whatever its default).
 
     Raises ValueError when ``images`` yields no batch; when a batch is not floating point (e.g. uint8 images not yet
     normalised), holds a NaN or inf, or is constant; and when a calibrated range comes out zero or non-finite
@@ -286,9 +306,11 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
     module = _quantized_module(model, StraightThroughProvider(quantization.rules()))
     stats, example = None, None
 
+    mode: dict = {}
+
     @jax.jit
     def update(variables, stats, batch):
-        _, updated = module.apply({**variables, QUANT_STATS: stats}, batch, mutable=[QUANT_STATS])
+        _, updated = module.apply({**variables, QUANT_STATS: stats}, batch, mutable=[QUANT_STATS], **mode)
         return updated[QUANT_STATS]
 
     for index, batch in enumerate(images):
@@ -296,7 +318,8 @@ def calibrate(model: nn.Module, variables: Variables, images: Iterable[jax.Array
         _check_calibration_batch(batch, index)
         if stats is None:
             example = batch[:1]
-            stats = jax.jit(lambda images: module.init(jax.random.key(0), images)[QUANT_STATS])(example)
+            mode = LinenSplitModel(model, example)._mode(False)  # the eval mode its split model applies it in
+            stats = jax.jit(lambda images: module.init(jax.random.key(0), images, **mode)[QUANT_STATS])(example)
         stats = update(variables, stats, batch)
     if example is None:
         raise ValueError("calibration needs at least one batch of images (e.g. a few hundred training images)")

@@ -370,3 +370,41 @@ def test_a_refused_quantization_rerun_leaves_every_deployed_network_as_it_was(ti
     aside, = tmp_path.glob(f"{quantize.PTQ}.replaced-*")
     assert {name: (aside / name).read_bytes() for name in written} == written
     assert json.loads((run / "deployed.npz.json").read_text())["bits"] == 4
+
+
+def _stats_paths(quantized) -> list[str]:
+    return sorted("/".join(str(key.key) for key in path[:-1])
+                  for path, _ in jax.tree_util.tree_flatten_with_path(quantized.quant_stats)[0])
+
+
+def test_a_vit_s_attention_einsums_are_quantized_the_same_every_time():
+    """A linen ViT's attention (``Q Kᵀ`` and ``A V`` through ``jnp.einsum``) is quantized on both operands, with
+    ranges calibrated the same in every call (``jnp.einsum``'s cached trace once hid it after the first), and the
+    deployed integer network computes the fake-quantized model's logits."""
+    from attrjax.models import ViT
+
+    vit = ViT(num_classes=3, image_size=16, patch=4, width=16, depth=1, num_heads=2, mlp_dim=32)
+    images = draws.normal(jax.random.key(0), (4, 16, 16, 3))
+    variables = vit.init(jax.random.key(1), images)
+    first, second = (quant.calibrate(vit, variables, [images], quant.Quantization(8)) for _ in range(2))
+    assert {"block0/einsum0_lhs", "block0/einsum0_rhs", "block0/einsum1_lhs", "block0/einsum1_rhs"} <= set(
+        _stats_paths(first))
+    chex.assert_trees_all_equal(first.quant_stats, second.quant_stats)
+    fake_quantized = first.apply(variables, images)[0]
+    np.testing.assert_allclose(quant.deploy(first, variables).apply(images), fake_quantized, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(fake_quantized - vit.apply(variables, images)).max()) > 1e-4  # the einsums are quantized
+
+
+def test_calibration_runs_in_eval_mode_whatever_the_module_s_default():
+    class TrainByDefault(nn.Module):  # flax's ImageNet ResNet's convention: train defaults to True
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Conv(4, (3, 3))(x)))  # no rng: fails in train mode
+            return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+    model = TrainByDefault()
+    images = draws.normal(jax.random.key(2), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(3), images, train=False)
+    quantized = quant.calibrate(model, variables, [images], quant.Quantization(8))
+    np.testing.assert_allclose(quantized.apply(variables, images)[0], model.apply(variables, images, train=False),
+                               rtol=0.1, atol=0.1)
