@@ -36,18 +36,20 @@ class _Attention(NamedTuple):
     """Where a graph's attention probabilities are and how to read them."""
 
     node: Softmax
+    value: jax.ShapeDtypeStruct  # the probabilities' shape and dtype
     batch_axis: int
     tokens: TokenGrid | None  # the tokens' layout, traced from the images; None where it could not be
 
 
-def _attentions(model: ModelLike, variables: Mapping, images: jax.Array) -> tuple[Graph, dict, list[_Attention]]:
-    """The graph, its values for ``images`` and its self-attention probabilities: the softmax outputs whose last two
-    axes are tokens x tokens, the axes traced from the images (``attrjax.models``' layout tracing); raises if there
-    are none."""
+def _attentions(model: ModelLike, variables: Mapping, images: jax.Array) -> tuple[Graph, list[_Attention]]:
+    """The graph and its self-attention probabilities: the softmax outputs whose last two axes are tokens x tokens,
+    the axes traced from the images (``attrjax.models``' layout tracing); raises if there are none. Nothing is
+    computed."""
     graph = propagation_graph(model, variables, images)
-    values = graph.forward(images)
-    nodes = [node for node in graph.nodes if isinstance(node, Softmax) and values[node.output].ndim >= 3
-             and values[node.output].shape[-1] == values[node.output].shape[-2] > 1]
+    softmaxes = [node for node in graph.nodes if isinstance(node, Softmax)]
+    shapes = dict(zip(softmaxes, jax.eval_shape(lambda x: [graph.forward(x)[node.output] for node in softmaxes],
+                                                images)))
+    nodes = [node for node, value in shapes.items() if value.ndim >= 3 and value.shape[-1] == value.shape[-2] > 1]
     if not nodes:
         raise ValueError("the model computes no self-attention (no softmax over a tokens x tokens matrix in its "
                          "forward pass); attention rollout needs a transformer")
@@ -56,8 +58,8 @@ def _attentions(model: ModelLike, variables: Mapping, images: jax.Array) -> tupl
     positions = [graph.nodes.index(node) for node in nodes]
     probed = [probe.nodes[position] for position in positions]
     axes = traced_axes(lambda x: [probe.forward(x)[node.output] for node in probed], images)
-    return graph, values, [_Attention(node, _batch_axis(node_axes, values[node.output].shape), _tokens(node_axes))
-                           for node, node_axes in zip(nodes, axes)]
+    return graph, [_Attention(node, shapes[node], _batch_axis(node_axes, shapes[node].shape), _tokens(node_axes))
+                   for node, node_axes in zip(nodes, axes)]
 
 
 def _batch_axis(axes: Axes, shape: tuple[int, ...]) -> int:
@@ -128,8 +130,9 @@ def attention_rollout(model: ModelLike, variables: Mapping, images: jax.Array, *
     if not 0.0 <= residual <= 1.0:
         raise ValueError(f"residual must lie in [0, 1], got {residual}")
     images = images.astype(jnp.float32)
-    _, values, attentions = _attentions(model, variables, images)
-    tokens = values[attentions[0].node.output].shape[-1]
+    graph, attentions = _attentions(model, variables, images)
+    values = graph.forward(images)
+    tokens = attentions[0].value.shape[-1]
     prefix, grid = _tokens_layout(attentions, tokens, prefix_tokens, grid)
     identity = jnp.eye(tokens, dtype=jnp.float32)
     flow = jnp.broadcast_to(identity, (images.shape[0], tokens, tokens))
@@ -157,12 +160,18 @@ def gradient_rollout(model: ModelLike, variables: Mapping, images: jax.Array, ta
       (B,h,w) float32, non-negative.
     """
     images = images.astype(jnp.float32)
-    graph, values, attentions = _attentions(model, variables, images)
-    tokens = values[attentions[0].node.output].shape[-1]
-    prefix, grid = _tokens_layout(attentions, tokens, prefix_tokens, grid)
-    zeros = {attention.node.output: jnp.zeros_like(values[attention.node.output]) for attention in attentions}
-    logits, vjp_fn = jax.vjp(lambda perturbations: graph.forward(images, perturbations)[graph.output], zeros)
+    graph, attentions = _attentions(model, variables, images)
+    zeros = {attention.node.output: jnp.zeros(attention.value.shape, attention.value.dtype)
+             for attention in attentions}
+
+    def forward(perturbations):  # the logits, and every value (the perturbations are zeros: the forward pass)
+        values = graph.forward(images, perturbations)
+        return values[graph.output], values
+
+    logits, vjp_fn, values = jax.vjp(forward, zeros, has_aux=True)
     gradients = vjp_fn(target_weights(target, logits))[0]
+    tokens = attentions[0].value.shape[-1]
+    prefix, grid = _tokens_layout(attentions, tokens, prefix_tokens, grid)
     identity = jnp.eye(tokens, dtype=jnp.float32)
     flow = jnp.broadcast_to(identity, (images.shape[0], tokens, tokens))
     for attention in attentions:

@@ -376,10 +376,7 @@ class _Tracer:
         body = call_body(eqn)
         if body is not None and eqn.primitive.name == "custom_jvp_call" and _body_name(eqn) in _SOFTMAX_CALLS:
             jaxpr, consts = body
-            out = self.add(lambda out: Softmax(ins[0], out, "", lambda x: jax.core.eval_jaxpr(jaxpr, consts, x)[0]),
-                           stack)
-            self.probabilities.add(out)
-            return [out]
+            return [self.softmax(ins[0], lambda x: jax.core.eval_jaxpr(jaxpr, consts, x)[0], stack)]
         if body is not None:
             return self.run(*body, ins, stack)
         acts = [i for i, value in enumerate(ins) if not isinstance(value, _Const)]
@@ -520,8 +517,8 @@ class _Tracer:
         batch = any(self.statistics[value].batch for value, is_held in zip(ins, held) if is_held)
         if name in ("max", "min"):
             if name == "max":
-                return self.add(lambda out: Transport((a, b), out, "", "max", lambda x, y, e=eqn: bind(e, [x, y])[0]),
-                                stack)
+                maximum = _substituted(eqn, [None, None], [0, 1])
+                return self.add(lambda out: Transport((a, b), out, "", "max", maximum), stack)
             return self.opaque(eqn, ins, [0, 1], stack, "it has no propagation rule")
         if name == "mul" and not any(held) and self.self_gated(a, b):
             source = self.source(a)[0]
@@ -543,7 +540,8 @@ class _Tracer:
         if held[1]:  # div by a statistic of the numerator
             softmax = self.softmax_pattern(a, b)
             if softmax is not None:
-                return softmax(stack)
+                scores, axes = softmax
+                return self.softmax(scores, lambda x: jax.nn.softmax(x, axis=axes), stack)
             reciprocal = self.add(lambda out: Opaque((b,), out, "", lambda s: 1 / s, "div", _where(eqn, stack),
                                                      "a normalising scale"), stack)
             self.statistics[reciprocal] = self.statistics[b]
@@ -584,21 +582,19 @@ class _Tracer:
 
         return self.add(lambda out: Affine(value, out, "", "norm", multiply, jnp.ones((), dtype), held=scale), stack)
 
-    def softmax_pattern(self, numerator: int, denominator: int) -> Callable[[str], int] | None:
-        """``exp(z) / sum(exp(z))`` (``z = x - max(x)`` or any ``z``) as a ``Softmax`` of ``x``; None if the division
-        is not one."""
+    def softmax_pattern(self, numerator: int, denominator: int) -> tuple[int, tuple[int, ...]] | None:
+        """``(x, axes)`` when ``numerator / denominator`` is ``exp(z) / sum(exp(z))`` over ``axes`` (``z = x - max(x)``
+        or any ``z = x``): a softmax of ``x``; None if the division is not one."""
         statistic, exp = self.statistics[denominator], self.producer.get(numerator)
         if statistic.root != numerator or not (isinstance(exp, Opaque) and exp.primitive == "exp"):
             return None
-        scores = self.uncentred(exp.inputs[0])
-        axes = statistic.axes
+        return self.uncentred(exp.inputs[0]), statistic.axes
 
-        def make(stack: str) -> int:
-            out = self.add(lambda out: Softmax(scores, out, "", lambda x: jax.nn.softmax(x, axis=axes)), stack)
-            self.probabilities.add(out)
-            return out
-
-        return make
+    def softmax(self, scores: int, fn: Callable[[jax.Array], jax.Array], stack: str) -> int:
+        """A softmax unit of ``scores``; its output is attention probabilities (``Product.probabilities``)."""
+        out = self.add(lambda out: Softmax(scores, out, "", fn), stack)
+        self.probabilities.add(out)
+        return out
 
     def elementwise_affine(self, eqn, ins, acts, const, stack) -> int:
         name, dtype = eqn.primitive.name, eqn.outvars[0].aval.dtype
@@ -639,13 +635,18 @@ def _module_path(stack: str, root: str | None) -> str:
     return ".".join(parts)
 
 
+def node_kind(node: Node) -> str:
+    """``conv``, ``dense``, ``norm``, ``softmax``, ``product``, ``sum``, ``activation``, ...: what a node is."""
+    return getattr(node, "kind", type(node).__name__.lower())
+
+
 def _name_nodes(nodes: list[Node], stacks: list[str]) -> list[Node]:
     firsts = [stack.split("/")[0] for stack in stacks if stack]
     root = firsts[0] if firsts and len(set(firsts)) == 1 and "." not in firsts[0] else None
     counts: dict[str, int] = {}
     named = []
     for node, stack in zip(nodes, stacks):
-        kind = getattr(node, "kind", type(node).__name__.lower())
+        kind = node_kind(node)
         name = _module_path(stack, root)
         if not name:
             name = f"{kind}{counts.get(kind, 0)}"

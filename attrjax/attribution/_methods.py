@@ -65,14 +65,6 @@ def _rap(model, variables, images, classes, layer, **options):
     return rap(model, variables, images, classes, **options)
 
 
-def _attnlrp(model, variables, images, classes, layer, **options):
-    return lrp(model, variables, images, classes, composite="attnlrp", **options)
-
-
-def _cp_lrp(model, variables, images, classes, layer, **options):
-    return lrp(model, variables, images, classes, composite="cp_lrp", **options)
-
-
 def _gradient_rollout(model, variables, images, classes, layer, **options):
     return gradient_rollout(model, variables, images, classes, **options)
 
@@ -102,8 +94,8 @@ PER_CLASS_METHODS: dict[str, ClassMapFn] = {
     "ebp": _ebp,
     "lrp": _lrp,
     "rap": _rap,
-    "attnlrp": _attnlrp,
-    "cp_lrp": _cp_lrp,
+    "attnlrp": functools.partial(_lrp, composite="attnlrp"),
+    "cp_lrp": functools.partial(_lrp, composite="cp_lrp"),
     "gradient_rollout": _gradient_rollout,
     "saliency": _saliency,
     "input_x_gradient": _input_x_gradient,

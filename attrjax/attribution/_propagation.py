@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from attrjax.attribution._gradcam import Target, target_weights
 from attrjax.attribution._graph import (Activation, Affine, Graph, Node, Opaque, Product, Softmax, Sum, Transport,
-                                       UnsupportedOp, trace_graph)
+                                       UnsupportedOp, node_kind, trace_graph)
 from attrjax.attribution._rules import Composite, resolve_composite, softmax_relevance
 from attrjax.models import ModelLike, as_split_model
 
@@ -171,8 +171,7 @@ def _check_rules_apply(graph: Graph, rules: Mapping) -> None:
     found = transformer_nodes(graph)
     if not assuming or not found:
         return
-    listed = ", ".join(dict.fromkeys(f"{getattr(node, 'kind', type(node).__name__.lower())} {node.name!r}"
-                                     for node in found[:4]))
+    listed = ", ".join(dict.fromkeys(f"{node_kind(node)} {node.name!r}" for node in found[:4]))
     raise UnsupportedOp(
         f"the rules {', '.join(assuming)} assume non-negative activations (ReLU networks), but this model has "
         f"nodes where that does not hold or that multiply input-dependent values ({listed}, ...): their "
