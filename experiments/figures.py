@@ -11,14 +11,16 @@ import numpy as np  # noqa: E402
 
 
 def attribution_grid(images: np.ndarray, masks: np.ndarray, classes: np.ndarray, maps: dict[str, np.ndarray],
-                     path: str, *, class_names=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+                     path: str, *, class_names=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                     title: str = "Grad-CAM"):
     """Saves a grid with one row per image.
 
     Args:
       images: (N,S,S,3) normalised images (un-normalised with ``mean``/``std`` for display).
       masks: (N,S,S) int segmentation (0 background, c+1 class c).
       classes: (N,) the class attributed in each row.
-      maps: model name -> (N,K,S,S) maps; each row shows class ``classes[n]``.
+      maps: column name (a model, a method) -> (N,K,S,S) maps; each row shows class ``classes[n]``.
+      title: what the columns show, ahead of the legend in the figure's title.
     """
     rows, cols = len(images), 1 + len(maps)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows), squeeze=False, layout="constrained")
@@ -42,7 +44,7 @@ def attribution_grid(images: np.ndarray, masks: np.ndarray, classes: np.ndarray,
             ax.contour(target, levels=[0.5], colors="white", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("Grad-CAM: white line = object mask, circle = map maximum (white inside, red outside)", fontsize=8)
+    fig.suptitle(f"{title}: white line = object mask, circle = map maximum (white inside, red outside)", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -21,22 +21,18 @@ import sys
 import time
 
 import jax
-import matplotlib
+import numpy as np
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from attrjax import data as attr_data  # noqa: E402
-from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator  # noqa: E402
-from attrjax._files import write_json  # noqa: E402
-from attrjax.attribution import UnsupportedOp  # noqa: E402
-from attrjax.models import ViT  # noqa: E402
-from attrjax.training import RunOptions, make_optimizer, optimizer_schedule, train  # noqa: E402
-from experiments import datasets, models, runs  # noqa: E402
-from experiments.configs import quick  # noqa: E402
-from experiments.evaluate import first_images  # noqa: E402
+from attrjax import data as attr_data
+from attrjax.evaluation import AttributionEvaluator, ClassificationEvaluator
+from attrjax._files import write_json
+from attrjax.attribution import UnsupportedOp
+from attrjax.models import ViT
+from attrjax.training import RunOptions, make_optimizer, optimizer_schedule, train
+from experiments import datasets, figures, models, runs
+from experiments.configs import quick
+from experiments.evaluate import first_images
 
 RUN_NAME = "vit"
 DEFAULT_STEPS = 1800  # about 5 minutes of training on 2 shared CPU cores
@@ -164,39 +160,14 @@ def figure_classes(examples: dict, num_classes: int) -> np.ndarray:
 
 def method_figure(examples: dict, path: str, config, class_names) -> None:
     """Saves images (rows) x methods (columns): each method's upsampled, min-max normalised map of the row's class
-    over the image, the class's mask outlined and the map's maximum circled (white inside the mask, red outside).
-
-    ``experiments.figures.attribution_grid`` draws the same cells but titles its figure as Grad-CAM of several
-    models; here the columns are methods of one model."""
-    drawn = {column: kept for column, kept in examples.items() if kept}
-    first = next(iter(drawn.values()))
-    classes = figure_classes(first, config.data.num_classes)
+    over the image, the class's mask outlined and the map's maximum circled (white inside the mask, red outside)."""
+    drawn = {column: kept["maps"] for column, kept in examples.items() if kept}
+    first = next(kept for kept in examples.values() if kept)
     norm = datasets.normalization(config)
-    display = np.clip(first["image"] * np.asarray(norm.std) + np.asarray(norm.mean), 0.0, 1.0)
-    rows, cols = len(display), 1 + len(drawn)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.9 * rows), squeeze=False, layout="constrained")
-    for n in range(rows):
-        target = first["mask"][n] == classes[n] + 1
-        axes[n, 0].imshow(display[n])
-        axes[n, 0].set_title(class_names[classes[n]], fontsize=8)
-        for col, (column, kept) in enumerate(drawn.items(), start=1):
-            heat = kept["maps"][n, classes[n]]
-            row, x = np.unravel_index(np.argmax(heat), heat.shape)
-            axes[n, col].imshow(display[n])
-            axes[n, col].imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            axes[n, col].plot(x, row, marker="o", markersize=7, markerfacecolor="none",
-                              markeredgecolor="white" if target[row, x] else "red", markeredgewidth=2)
-            if n == 0:
-                axes[n, col].set_title(column, fontsize=8)
-        for ax in axes[n]:
-            ax.contour(target, levels=[0.5], colors="white", linewidths=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("ViT on the synthetic shapes: white line = object mask, circle = map maximum "
-                 "(white inside, red outside)", fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.attribution_grid(first["image"], first["mask"], figure_classes(first, config.data.num_classes), drawn,
+                             path, class_names=class_names, mean=norm.mean, std=norm.std,
+                             title="ViT on the synthetic shapes")
 
 
 def machine() -> dict:
